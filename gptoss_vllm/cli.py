@@ -1,0 +1,105 @@
+"""The ``gptoss-vllm`` command: one entry point for building checkpoints, converting them and serving.
+
+Bad arguments exit with code 2 and a message naming the argument; runtime failures exit with code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+log = logging.getLogger("gptoss_vllm")
+
+
+def _make_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from gptoss_vllm.checkpoints.builder import write_checkpoint
+    from gptoss_vllm.checkpoints.config import ConfigError, build_config, parse_override
+
+    try:
+        overrides = dict(parse_override(item) for item in args.set)
+        config = build_config(args.preset, overrides)
+    except ConfigError as exc:
+        parser.error(f"{'--set' if args.set else '--preset'}: {exc}")
+    try:
+        out = write_checkpoint(args.out, config, seed=args.seed, dtype=args.dtype, force=args.force)
+    except FileExistsError as exc:
+        parser.error(f"--out: {exc}")
+    print(f"wrote {args.dtype} gpt-oss checkpoint ({args.preset}, seed {args.seed}) to {out}")
+    return 0
+
+
+def _quantize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from gptoss_vllm.quant.convert import CheckpointError, quantize_checkpoint
+
+    try:
+        out = quantize_checkpoint(args.src, args.dst)
+    except (CheckpointError, FileExistsError) as exc:
+        parser.error(str(exc))
+    print(f"wrote MXFP4 checkpoint to {out}")
+    return 0
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``gptoss-vllm`` (exposed for docs and tests)."""
+    from gptoss_vllm.checkpoints.config import PRESETS
+
+    parser = argparse.ArgumentParser(prog="gptoss-vllm", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    mm = sub.add_parser(
+        "make-model",
+        help="write a gpt-oss checkpoint (HF layout, MXFP4 or bf16 experts) with deterministic weights",
+        description="Write a gpt-oss checkpoint in the exact HF layout of openai/gpt-oss-20b, "
+        "with weights drawn deterministically from --seed.",
+    )
+    mm.add_argument("--out", required=True, help="directory to create")
+    mm.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="base configuration (default: tiny)")
+    mm.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a GptOssConfig field, e.g. --set num_hidden_layers=2 (repeatable; values are YAML)",
+    )
+    mm.add_argument("--seed", type=_non_negative_int, default=0, help="weight seed (default: 0)")
+    mm.add_argument("--dtype", choices=["mxfp4", "bf16"], default="mxfp4", help="expert weight format")
+    mm.add_argument("--force", action="store_true", help="replace --out if it exists")
+    mm.set_defaults(handler=_make_model, subparser=mm)
+
+    qz = sub.add_parser(
+        "quantize",
+        help="convert a bf16 gpt-oss checkpoint to MXFP4 experts",
+        description="Convert a bf16 HF gpt-oss checkpoint (single or sharded safetensors) to the MXFP4 "
+        "layout of openai/gpt-oss, streaming tensor by tensor.",
+    )
+    qz.add_argument("src", help="bf16 checkpoint directory")
+    qz.add_argument("dst", help="new directory for the MXFP4 checkpoint")
+    qz.set_defaults(handler=_quantize, subparser=qz)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return args.handler(args, args.subparser)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
