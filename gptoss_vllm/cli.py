@@ -66,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
         "with weights drawn deterministically from --seed.",
     )
     mm.add_argument("--out", required=True, help="directory to create")
-    mm.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="base configuration (default: tiny)")
+    mm.add_argument(
+        "--preset", default="tiny", choices=sorted(PRESETS), help="base configuration (default: tiny)"
+    )
     mm.add_argument(
         "--set",
         action="append",

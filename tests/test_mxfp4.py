@@ -79,7 +79,9 @@ def test_quantize_follows_the_ocp_rule(values: list[float], shift: int) -> None:
     # Nearest grid value (saturation at +-6 included) ...
     assert torch.all(err <= best + 1e-12 * 2.0**shared)
     # ... within half a grid step of the element's magnitude, or clipped by less than 2 steps.
-    bound = torch.where(v.abs() <= 2, 0.25, torch.where(v.abs() <= 4, 0.5, torch.where(v.abs() <= 6, 1.0, 2.0)))
+    bound = torch.where(
+        v.abs() <= 2, 0.25, torch.where(v.abs() <= 4, 0.5, torch.where(v.abs() <= 6, 1.0, 2.0))
+    )
     assert torch.all(err <= bound * 2.0**shared)
     # Error relative to the block maximum stays under a quarter of it (the worst case is saturation).
     assert torch.all(err <= x[0].abs().max().double() / 4 + 1e-30)
@@ -123,6 +125,9 @@ def test_representable_values_round_trip_exactly(codes: list[int], peak: float, 
     x = torch.ldexp(values, torch.tensor(exp)).reshape(1, 32)
     blocks, scales = mxfp4.quantize(x)
     assert scales.item() == exp + 127
+    codes[7] = mxfp4.FP4_VALUES.index(peak)
+    expected = [codes[i] | (codes[i + 1] << 4) for i in range(0, 32, 2)]
+    assert blocks.reshape(-1).tolist() == expected  # byte for byte, -0.0 included
     assert torch.equal(mxfp4.dequantize(blocks, scales), x)
     again = mxfp4.quantize(mxfp4.dequantize(blocks, scales))
     assert torch.equal(again[0], blocks) and torch.equal(again[1], scales)
@@ -159,5 +164,5 @@ def test_dequantize_rejects_bad_input() -> None:
         mxfp4.dequantize(blocks, torch.zeros(2, 3, dtype=torch.int32))
     with pytest.raises(mxfp4.MXFP4FormatError, match=r"\[\.\.\., K/32, 16\]"):
         mxfp4.dequantize(torch.zeros(2, 3, 8, dtype=torch.uint8), torch.zeros(2, 3, dtype=torch.uint8))
-    with pytest.raises(mxfp4.MXFP4FormatError, match="cannot dequantise MXFP4 to torch.int8"):
+    with pytest.raises(mxfp4.MXFP4FormatError, match=r"cannot dequantise MXFP4 to torch\.int8"):
         mxfp4.dequantize(blocks, torch.zeros(2, 3, dtype=torch.uint8), torch.int8)

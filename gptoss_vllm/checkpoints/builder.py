@@ -119,7 +119,9 @@ def write_checkpoint(
         _write_json(staging / "generation_config.json", generation_config(config))
         install_tokenizer(staging, min(config["vocab_size"], 201088))
         specs = checkpoint_specs(config, dtype)
-        bar = tqdm(total=len(specs), desc=description or f"building {out.name}", unit="tensor", disable=not progress)
+        bar = tqdm(
+            total=len(specs), desc=description or f"building {out.name}", unit="tensor", disable=not progress
+        )
 
         def counted() -> Iterator[tuple[str, torch.Tensor]]:
             for item in generate_tensors(config, seed, dtype):

@@ -134,15 +134,22 @@ def build_config(preset: str = "tiny", overrides: dict[str, Any] | None = None) 
     allowed = settable_keys()
     for key in overrides:
         if key not in allowed:
-            raise ConfigError(f"unknown gpt-oss config key {key!r}; settable keys: {', '.join(sorted(allowed))}")
+            raise ConfigError(
+                f"unknown gpt-oss config key {key!r}; settable keys: {', '.join(sorted(allowed))}"
+            )
     # The two spellings of top-k stay equal; setting either sets both.
     for a, b in (("num_experts_per_tok", "experts_per_token"), ("experts_per_token", "num_experts_per_tok")):
         if a in overrides and b not in overrides:
             overrides[b] = overrides[a]
     config.update(overrides)
-    if "layer_types" not in overrides or config.get("layer_types") is None:
+    layers = config["num_hidden_layers"]
+    if (
+        ("layer_types" not in overrides or config.get("layer_types") is None)
+        and _is_int(layers)
+        and layers > 0
+    ):
         # gpt-oss alternates sliding and full attention, starting with sliding at layer 0.
-        config["layer_types"] = [LAYER_TYPES[i % 2] for i in range(config["num_hidden_layers"])]
+        config["layer_types"] = [LAYER_TYPES[i % 2] for i in range(layers)]
     validate_config(config)
     return config
 
@@ -186,7 +193,10 @@ def validate_config(c: dict[str, Any]) -> None:
         f"vocab_size={c['vocab_size']} is too small for the harmony tokenizer (needs >= {MIN_VOCAB_SIZE})",
     )
     sw = c.get("sliding_window")
-    _require(sw is None or (_is_int(sw) and sw > 0), f"sliding_window must be a positive integer or null, got {sw!r}")
+    _require(
+        sw is None or (_is_int(sw) and sw > 0),
+        f"sliding_window must be a positive integer or null, got {sw!r}",
+    )
     lt = c["layer_types"]
     _require(
         isinstance(lt, list) and len(lt) == c["num_hidden_layers"] and all(t in LAYER_TYPES for t in lt),
@@ -210,7 +220,9 @@ def validate_config(c: dict[str, Any]) -> None:
     for key in ("attention_bias", "tie_word_embeddings"):
         _require(isinstance(c.get(key), bool), f"{key} must be true or false, got {c.get(key)!r}")
     _require(c["attention_bias"], "attention_bias=false is not a gpt-oss model: q/k/v/o carry biases")
-    _require(not c["tie_word_embeddings"], "tie_word_embeddings=true is not a gpt-oss model: lm_head is separate")
+    _require(
+        not c["tie_word_embeddings"], "tie_word_embeddings=true is not a gpt-oss model: lm_head is separate"
+    )
 
 
 def quantized_config(config: dict[str, Any]) -> dict[str, Any]:

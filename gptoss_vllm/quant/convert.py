@@ -97,7 +97,9 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, progress
         raise CheckpointError(f"{src} is not a checkpoint directory: {config_path} is missing")
     config = json.loads(config_path.read_text())
     if config.get("model_type") != "gpt_oss":
-        raise CheckpointError(f"{config_path}: model_type is {config.get('model_type')!r}, expected 'gpt_oss'")
+        raise CheckpointError(
+            f"{config_path}: model_type is {config.get('model_type')!r}, expected 'gpt_oss'"
+        )
     if config.get("quantization_config"):
         raise CheckpointError(
             f"{config_path}: already quantised ({config['quantization_config'].get('quant_method')}); "
@@ -115,13 +117,19 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, progress
     staging.chmod(0o755)  # mkdtemp makes it private; a checkpoint is meant to be read by servers
     try:
         weight_map: dict[str, str] = {}
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"quantizing {src.name}", disable=not progress) as bar:
+        with tqdm(
+            total=total, unit="B", unit_scale=True, desc=f"quantizing {src.name}", disable=not progress
+        ) as bar:
             for shard in shards:
                 specs = _output_specs(src / shard)
                 write_streaming(staging / shard, specs, _converted(src / shard, bar))
                 weight_map.update({s.name: shard for s in specs})
         for item in src.iterdir():
-            if item.is_file() and not item.name.endswith(".safetensors") and item.name not in (INDEX_FILE, "config.json"):
+            if (
+                item.is_file()
+                and not item.name.endswith(".safetensors")
+                and item.name not in (INDEX_FILE, "config.json")
+            ):
                 shutil.copy2(item, staging / item.name)
         if (src / INDEX_FILE).is_file():
             size = sum((staging / s).stat().st_size for s in shards)

@@ -66,7 +66,8 @@ def e2m1_codes(v: torch.Tensor) -> torch.Tensor:
     for mid, up in zip(_MIDPOINTS, _TIE_ROUNDS_UP, strict=True):
         code += (mag >= mid if up else mag > mid).to(torch.uint8)
     # Saturation is implicit: everything above 5 is code 7 (6.0). NaN compares false: code 0.
-    code |= (v < 0).to(torch.uint8) << 3
+    # signbit, not v < 0: -0.0 keeps its sign, so quantize(dequantize(q)) reproduces q byte for byte.
+    code |= torch.signbit(v).to(torch.uint8) << 3
     return code
 
 
@@ -122,7 +123,9 @@ def dequantize(
     """
     _check_packed(blocks, scales)
     if dtype not in _FLOAT_DTYPES:
-        raise MXFP4FormatError(f"cannot dequantise MXFP4 to {dtype}; use float32, bfloat16, float16 or float64")
+        raise MXFP4FormatError(
+            f"cannot dequantise MXFP4 to {dtype}; use float32, bfloat16, float16 or float64"
+        )
     lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=blocks.device)
     *prefix, groups, _ = blocks.shape
     values = torch.empty(*prefix, groups, BLOCK_SIZE, dtype=torch.float32, device=blocks.device)
@@ -138,5 +141,7 @@ def packed_shapes(shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, .
     """Shapes of ``(blocks, scales)`` for a float tensor of ``shape``."""
     *prefix, k = shape
     if k % BLOCK_SIZE:
-        raise MXFP4FormatError(f"last dimension {k} of shape {tuple(shape)} is not a multiple of {BLOCK_SIZE}")
+        raise MXFP4FormatError(
+            f"last dimension {k} of shape {tuple(shape)} is not a multiple of {BLOCK_SIZE}"
+        )
     return (*prefix, k // BLOCK_SIZE, BYTES_PER_BLOCK), (*prefix, k // BLOCK_SIZE)

@@ -100,7 +100,9 @@ def build_tokenizer(out_dir: str | os.PathLike, vocab_size: int = VOCAB_SIZE) ->
     for token_id in (NUM_BPE_TOKENS, vocab_size - 1):
         got = backend.token_to_id(special_token_name(token_id))
         if got != token_id:
-            raise RuntimeError(f"special token {special_token_name(token_id)} landed at id {got}, not {token_id}")
+            raise RuntimeError(
+                f"special token {special_token_name(token_id)} landed at id {got}, not {token_id}"
+            )
     tok = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token=BOS_TOKEN,
