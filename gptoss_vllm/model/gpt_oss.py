@@ -1,0 +1,186 @@
+"""The plugin's ``GptOssForCausalLM``: vLLM's gpt-oss model with the MoE block owned by the plugin.
+
+Everything but the experts is vLLM's (attention with sinks and alternating sliding window, YaRN rope,
+qkv/o linears, RMSNorm, embedding, logits, sampler, and its weight loading for those). Where vLLM has a
+native MoE for the platform and checkpoint, the model is vLLM's own, unchanged. Elsewhere the MoE blocks
+are ``MXFP4MoEBlock`` and the expert tensors are loaded by the plugin, staying MXFP4 in memory.
+Either way, every checkpoint tensor is checked against the gpt-oss layout before it is loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+from vllm.model_executor.models import gpt_oss as vllm_gpt_oss
+from vllm.model_executor.models.utils import maybe_prefix
+
+from gptoss_vllm.checkpoints.config import LAYER_TYPES
+from gptoss_vllm.checkpoints.layout import TensorSpec, checkpoint_specs
+from gptoss_vllm.model.backend import announce, resolve_for_vllm
+from gptoss_vllm.model.moe import MXFP4MoEBlock
+
+log = logging.getLogger("vllm." + __name__)  # under vLLM's logger: its handler, level and format
+
+_EXPERT_NAME = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\w+)$")
+_LAYOUT_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "vocab_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "num_local_experts",
+    "num_hidden_layers",
+)
+
+
+class CheckpointLayoutError(ValueError):
+    """A checkpoint tensor is missing, unexpected or mis-shaped for the model's config.json."""
+
+
+class MXFP4TransformerBlock(vllm_gpt_oss.TransformerBlock):
+    mlp_cls = MXFP4MoEBlock
+
+
+class MXFP4GptOssModel(vllm_gpt_oss.GptOssModel):
+    block_cls = MXFP4TransformerBlock
+
+
+def _is_mxfp4(hf_config) -> bool:
+    quant = getattr(hf_config, "quantization_config", None) or {}
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    return method in ("mxfp4", "gpt_oss_mxfp4")
+
+
+def _check_layer_types(hf_config) -> None:
+    layer_types = getattr(hf_config, "layer_types", None)
+    expected = [LAYER_TYPES[i % 2] for i in range(hf_config.num_hidden_layers)]
+    if layer_types is not None and list(layer_types) != expected:
+        raise ValueError(
+            "config.json layer_types must alternate sliding_attention/full_attention starting with sliding "
+            "(vLLM's gpt-oss attention applies the window to even layers); got "
+            f"{list(layer_types)}"
+        )
+
+
+class GptOssForCausalLM(vllm_gpt_oss.GptOssForCausalLM):
+    """vLLM's gpt-oss with a platform-chosen MoE backend (see ``gptoss_vllm.model.backend``)."""
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        config = vllm_config.model_config.hf_config
+        _check_layer_types(config)
+        backend, platform = resolve_for_vllm(vllm_config)
+        announce(backend, platform)
+        if backend == "native":
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+        else:
+            # vLLM's constructor with the plugin's model body.
+            nn.Module.__init__(self)
+            self.vllm_config = vllm_config
+            self.config = config
+            self.model = MXFP4GptOssModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
+            self.lm_head = ParallelLMHead(
+                config.vocab_size, config.hidden_size, prefix=maybe_prefix(prefix, "lm_head")
+            )
+            self.logits_processor = LogitsProcessor(config.vocab_size)
+            self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
+        self.moe_backend = backend
+        self._mxfp4_checkpoint = _is_mxfp4(config)
+
+    # ----------------------------------------------------------------- weights
+    def _expected_tensors(self) -> dict[str, TensorSpec]:
+        layout = {k: getattr(self.config, k) for k in _LAYOUT_KEYS}
+        dtype = "mxfp4" if self._mxfp4_checkpoint else "bf16"
+        return {s.name: s for s in checkpoint_specs(layout, dtype)}
+
+    def _checked(
+        self, weights: Iterable[tuple[str, torch.Tensor]], expected: dict[str, TensorSpec], seen: set[str]
+    ):
+        for name, tensor in weights:
+            spec = expected.get(name)
+            if spec is None:
+                raise CheckpointLayoutError(
+                    f"checkpoint tensor {name} (shape {tuple(tensor.shape)}) is not part of the gpt-oss layout for "
+                    f"this config.json ({self.config.num_hidden_layers} layers, "
+                    f"{'MXFP4' if self._mxfp4_checkpoint else 'bf16'} experts)"
+                )
+            if tuple(tensor.shape) != spec.shape:
+                raise CheckpointLayoutError(
+                    f"checkpoint tensor {name} has shape {tuple(tensor.shape)}; the gpt-oss layout for this "
+                    f"config.json expects {spec.shape}"
+                )
+            if spec.dtype == torch.uint8 and tensor.dtype != torch.uint8:
+                raise CheckpointLayoutError(
+                    f"checkpoint tensor {name} must be uint8 (MXFP4), got {tensor.dtype}"
+                )
+            seen.add(name)
+            yield name, tensor
+
+    def _load_expert(self, layer: int, suffix: str, tensor: torch.Tensor) -> set[str]:
+        if not self.model.start_layer <= layer < self.model.end_layer:
+            return set()  # another pipeline stage owns this layer
+        experts = self.model.layers[layer].mlp.experts
+        return {
+            f"model.layers.{layer}.mlp.experts.{p}" for p in experts.load_checkpoint_tensor(suffix, tensor)
+        }
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        expected = self._expected_tensors()
+        seen: set[str] = set()
+        checked = self._checked(weights, expected, seen)
+        if self.moe_backend == "native":
+            loaded = super().load_weights(checked)
+        else:
+            expert_params: set[str] = set()
+
+            def non_expert() -> Iterator[tuple[str, torch.Tensor]]:
+                for name, tensor in checked:
+                    match = _EXPERT_NAME.match(name)
+                    if match:
+                        expert_params.update(self._load_expert(int(match[1]), match[2], tensor))
+                    else:
+                        yield name, tensor
+
+            rest = non_expert()
+            loaded = set(super().load_weights(rest))
+            for name, _ in rest:  # vLLM's loader stops early only on a bug; never skip a tensor silently
+                raise CheckpointLayoutError(
+                    f"checkpoint tensor {name} was not consumed by vLLM's gpt-oss loader"
+                )
+            loaded |= expert_params
+        for _ in checked:
+            pass
+        missing = [spec for name, spec in expected.items() if name not in seen]
+        if missing:
+            shown = ", ".join(f"{s.name} {s.shape}" for s in missing[:5])
+            raise CheckpointLayoutError(
+                f"checkpoint is missing {len(missing)} tensor(s) of the gpt-oss layout for this config.json, "
+                f"e.g. {shown}"
+            )
+        self._log_expert_memory()
+        return loaded
+
+    def expert_resident_bytes(self) -> int:
+        """Bytes held by expert weights and biases on this rank."""
+        total = 0
+        for name, param in self.named_parameters():
+            if ".mlp.experts." in name:
+                total += param.numel() * param.element_size()
+        return total
+
+    def _log_expert_memory(self) -> None:
+        nbytes = self.expert_resident_bytes()
+        fmt = "MXFP4" if (self.moe_backend != "native" or self._mxfp4_checkpoint) else "bf16"
+        log.info(
+            "gpt-oss expert weights resident: %.1f MiB (%d bytes, %s, backend %s)",
+            nbytes / 2**20,
+            nbytes,
+            fmt,
+            self.moe_backend,
+        )
