@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, Mxfp4Config
 
 from gptoss_vllm.quant import mxfp4
+
+from .support.engines import run_offline
 
 PROMPT = torch.randint(
     0, 199_000, (1, 70), generator=torch.Generator().manual_seed(11)
@@ -56,21 +54,11 @@ def test_stock_vllm_serves_the_bf16_twin(hf_models, tiny_checkpoint_dirs) -> Non
         "model": str(tiny_checkpoint_dirs["bf16"]),
         "engine": {"dtype": "bfloat16"},
         "prompts": [prompt],
-        "sampling": {"max_tokens": 6, "temperature": 0.0, "prompt_logprobs": 0},
+        "phases": [{"name": "run", "sampling": {"max_tokens": 6, "prompt_logprobs": 0}}],
     }
-    env = {**os.environ, "VLLM_PLUGINS": ""}  # stock vLLM: no plugin loaded
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.support.vllm_offline"],
-        input=json.dumps(job),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        cwd=Path(__file__).parent.parent,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
-    out = json.loads(line[len("RESULT ") :])["outputs"][0]
+    run = run_offline(job, env={"VLLM_PLUGINS": ""})  # stock vLLM: no plugin loaded
+    assert run.returncode == 0, run.log[-4000:]
+    out = run.result["run"][0]
     assert len(out["token_ids"]) == 6
     # vLLM's prompt log-probabilities agree with transformers' (same bf16 weights, different kernels).
     with torch.no_grad():

@@ -7,6 +7,7 @@ MXFP4 experts are stored as ``(out, in/32, 16)`` blocks with ``(out, in/32)`` sc
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,3 +80,48 @@ def checkpoint_specs(config: dict[str, Any], dtype: str) -> list[TensorSpec]:
         TensorSpec("lm_head.weight", (v, h), bf16),
     ]
     return specs
+
+
+class CheckpointLayoutError(ValueError):
+    """A checkpoint tensor is missing, unexpected or mis-shaped for the model's config.json."""
+
+
+class LayoutChecker:
+    """Checks a stream of checkpoint tensors against ``specs`` as it passes; ``finish`` reports what is missing."""
+
+    def __init__(self, specs: list[TensorSpec], description: str) -> None:
+        self.expected = {s.name: s for s in specs}
+        self.description = description
+        self.seen: set[str] = set()
+
+    def check(self, name: str, tensor: torch.Tensor) -> None:
+        spec = self.expected.get(name)
+        if spec is None:
+            raise CheckpointLayoutError(
+                f"checkpoint tensor {name} (shape {tuple(tensor.shape)}) is not part of the gpt-oss layout "
+                f"for {self.description}"
+            )
+        if tuple(tensor.shape) != spec.shape:
+            raise CheckpointLayoutError(
+                f"checkpoint tensor {name} has shape {tuple(tensor.shape)}; the gpt-oss layout for "
+                f"{self.description} expects {spec.shape}"
+            )
+        if spec.dtype == torch.uint8 and tensor.dtype != torch.uint8:
+            raise CheckpointLayoutError(f"checkpoint tensor {name} must be uint8 (MXFP4), got {tensor.dtype}")
+        if name in self.seen:
+            raise CheckpointLayoutError(f"checkpoint tensor {name} appears twice")
+        self.seen.add(name)
+
+    def stream(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in weights:
+            self.check(name, tensor)
+            yield name, tensor
+
+    def finish(self) -> None:
+        missing = [spec for name, spec in self.expected.items() if name not in self.seen]
+        if missing:
+            shown = ", ".join(f"{s.name} {s.shape}" for s in missing[:5])
+            raise CheckpointLayoutError(
+                f"checkpoint is missing {len(missing)} tensor(s) of the gpt-oss layout for {self.description}, "
+                f"e.g. {shown}"
+            )

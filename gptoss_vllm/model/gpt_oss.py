@@ -21,7 +21,7 @@ from vllm.model_executor.models import gpt_oss as vllm_gpt_oss
 from vllm.model_executor.models.utils import maybe_prefix
 
 from gptoss_vllm.checkpoints.config import LAYER_TYPES
-from gptoss_vllm.checkpoints.layout import TensorSpec, checkpoint_specs
+from gptoss_vllm.checkpoints.layout import CheckpointLayoutError, LayoutChecker, checkpoint_specs
 from gptoss_vllm.model.backend import announce, resolve_for_vllm
 from gptoss_vllm.model.moe import MXFP4MoEBlock
 
@@ -38,10 +38,6 @@ _LAYOUT_KEYS = (
     "num_local_experts",
     "num_hidden_layers",
 )
-
-
-class CheckpointLayoutError(ValueError):
-    """A checkpoint tensor is missing, unexpected or mis-shaped for the model's config.json."""
 
 
 class MXFP4TransformerBlock(vllm_gpt_oss.TransformerBlock):
@@ -94,33 +90,14 @@ class GptOssForCausalLM(vllm_gpt_oss.GptOssForCausalLM):
         self._mxfp4_checkpoint = _is_mxfp4(config)
 
     # ----------------------------------------------------------------- weights
-    def _expected_tensors(self) -> dict[str, TensorSpec]:
+    def _layout_checker(self) -> LayoutChecker:
         layout = {k: getattr(self.config, k) for k in _LAYOUT_KEYS}
         dtype = "mxfp4" if self._mxfp4_checkpoint else "bf16"
-        return {s.name: s for s in checkpoint_specs(layout, dtype)}
-
-    def _checked(
-        self, weights: Iterable[tuple[str, torch.Tensor]], expected: dict[str, TensorSpec], seen: set[str]
-    ):
-        for name, tensor in weights:
-            spec = expected.get(name)
-            if spec is None:
-                raise CheckpointLayoutError(
-                    f"checkpoint tensor {name} (shape {tuple(tensor.shape)}) is not part of the gpt-oss layout for "
-                    f"this config.json ({self.config.num_hidden_layers} layers, "
-                    f"{'MXFP4' if self._mxfp4_checkpoint else 'bf16'} experts)"
-                )
-            if tuple(tensor.shape) != spec.shape:
-                raise CheckpointLayoutError(
-                    f"checkpoint tensor {name} has shape {tuple(tensor.shape)}; the gpt-oss layout for this "
-                    f"config.json expects {spec.shape}"
-                )
-            if spec.dtype == torch.uint8 and tensor.dtype != torch.uint8:
-                raise CheckpointLayoutError(
-                    f"checkpoint tensor {name} must be uint8 (MXFP4), got {tensor.dtype}"
-                )
-            seen.add(name)
-            yield name, tensor
+        description = (
+            f"this config.json ({self.config.num_hidden_layers} layers, {self.config.num_local_experts} experts, "
+            f"{'MXFP4' if self._mxfp4_checkpoint else 'bf16'} experts)"
+        )
+        return LayoutChecker(checkpoint_specs(layout, dtype), description)
 
     def _load_expert(self, layer: int, suffix: str, tensor: torch.Tensor) -> set[str]:
         if not self.model.start_layer <= layer < self.model.end_layer:
@@ -131,11 +108,10 @@ class GptOssForCausalLM(vllm_gpt_oss.GptOssForCausalLM):
         }
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        expected = self._expected_tensors()
-        seen: set[str] = set()
-        checked = self._checked(weights, expected, seen)
+        checker = self._layout_checker()
+        checked = checker.stream(weights)
         if self.moe_backend == "native":
-            loaded = super().load_weights(checked)
+            loaded = set(super().load_weights(checked))
         else:
             expert_params: set[str] = set()
 
@@ -154,15 +130,9 @@ class GptOssForCausalLM(vllm_gpt_oss.GptOssForCausalLM):
                     f"checkpoint tensor {name} was not consumed by vLLM's gpt-oss loader"
                 )
             loaded |= expert_params
-        for _ in checked:
+        for _ in checked:  # validate anything the loader left unread
             pass
-        missing = [spec for name, spec in expected.items() if name not in seen]
-        if missing:
-            shown = ", ".join(f"{s.name} {s.shape}" for s in missing[:5])
-            raise CheckpointLayoutError(
-                f"checkpoint is missing {len(missing)} tensor(s) of the gpt-oss layout for this config.json, "
-                f"e.g. {shown}"
-            )
+        checker.finish()
         self._log_expert_memory()
         return loaded
 

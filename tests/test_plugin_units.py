@@ -1,0 +1,194 @@
+"""Plugin parts that need no engine: registration, backend choice, the MoE ops, TP slicing, layout checks."""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+import pytest
+import torch
+
+from gptoss_vllm.checkpoints.config import build_config
+from gptoss_vllm.checkpoints.layout import CheckpointLayoutError, LayoutChecker, checkpoint_specs
+from gptoss_vllm.kernels.reference import mxfp4_moe_reference
+from gptoss_vllm.model.backend import BackendUnavailableError, Platform, choose_backend
+from gptoss_vllm.model.moe import MXFP4Experts
+from gptoss_vllm.quant import mxfp4
+
+AMX_CPU = Platform("cpu", cpu_has_amx=True, mxfp4_checkpoint=True)
+PLAIN_CPU = Platform("cpu", cpu_has_amx=False, mxfp4_checkpoint=True)
+
+
+def test_entry_point_and_repeated_registration() -> None:
+    eps = {e.name: e.value for e in importlib.metadata.entry_points(group="vllm.general_plugins")}
+    assert eps["gptoss_vllm"] == "gptoss_vllm.plugin:register"
+    from vllm import ModelRegistry
+
+    from gptoss_vllm.plugin import register
+
+    register()
+    register()  # vLLM may load plugins several times per process
+    model_cls = ModelRegistry._try_load_model_cls("GptOssForCausalLM")
+    assert model_cls.__module__ == "gptoss_vllm.model.gpt_oss"
+
+
+@pytest.mark.parametrize(
+    ("platform", "requested", "expected"),
+    [
+        (AMX_CPU, "auto", "native"),
+        (PLAIN_CPU, "auto", "cpu"),
+        (PLAIN_CPU, "reference", "reference"),
+        (AMX_CPU, "cpu", "cpu"),
+        (Platform("cuda", False, True), "auto", "native"),
+        (Platform("cpu", False, mxfp4_checkpoint=False), "auto", "native"),  # bf16 experts: vLLM's MoE
+        (PLAIN_CPU, " CPU ", "cpu"),
+    ],
+)
+def test_backend_choice(platform: Platform, requested: str, expected: str) -> None:
+    assert choose_backend(platform, requested) == expected
+
+
+def test_unavailable_backends_say_why_and_what_works(monkeypatch) -> None:
+    with pytest.raises(BackendUnavailableError) as err:
+        choose_backend(PLAIN_CPU, "native")
+    message = str(err.value)
+    assert "CPU without Intel AMX" in message and "needs Intel AMX" in message
+    assert "Backends that work here: cpu, reference" in message
+    with pytest.raises(BackendUnavailableError, match="runs on CPUs, not CUDA"):
+        choose_backend(Platform("cuda", False, True), "cpu")
+    with pytest.raises(BackendUnavailableError, match="expert parallelism"):
+        choose_backend(Platform("cpu", False, True, expert_parallel=True), "auto")
+    monkeypatch.setenv("GPTOSS_VLLM_MOE_BACKEND", "ultra")
+    with pytest.raises(
+        BackendUnavailableError, match=r"GPTOSS_VLLM_MOE_BACKEND='ultra'.*auto, native, cpu, reference"
+    ):
+        choose_backend(PLAIN_CPU)
+
+
+def _random_moe(e: int = 8, h: int = 128, i: int = 64, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    w13 = torch.randn(e, 2 * i, h, generator=g) / h**0.5
+    w2 = torch.randn(e, h, i, generator=g) / i**0.5
+    b13, s13 = mxfp4.quantize(w13)
+    b2, s2 = mxfp4.quantize(w2)
+    return {
+        "w13": w13,
+        "w2": w2,
+        "args": (
+            b13,
+            s13,
+            torch.randn(e, 2 * i, generator=g) * 0.1,
+            b2,
+            s2,
+            torch.randn(e, h, generator=g) * 0.1,
+        ),
+    }
+
+
+def _routing(t: int, e: int, k: int, seed: int = 1):
+    logits = torch.randn(t, e, generator=torch.Generator().manual_seed(seed))
+    values, ids = logits.topk(k)
+    return ids, values.softmax(-1)
+
+
+def test_reference_op_matches_a_dense_float64_computation() -> None:
+    moe = _random_moe()
+    x = torch.randn(9, 128, generator=torch.Generator().manual_seed(2))
+    ids, weights = _routing(9, 8, 4)
+    got = mxfp4_moe_reference(x, ids, weights, *moe["args"], 1.702, 7.0)
+    b13, s13, bias13, b2, s2, bias2 = moe["args"]
+    w13 = mxfp4.dequantize(b13, s13, torch.float64)
+    w2 = mxfp4.dequantize(b2, s2, torch.float64)
+    want = torch.zeros(9, 128, dtype=torch.float64)
+    for t in range(9):
+        for slot in range(4):
+            e = ids[t, slot]
+            h = w13[e] @ x[t].double() + bias13[e].double()
+            g, lin = h[0::2].clamp(max=7.0), h[1::2].clamp(-7.0, 7.0)
+            act = g * torch.sigmoid(1.702 * g) * (lin + 1)
+            want[t] += weights[t, slot].double() * (w2[e] @ act + bias2[e].double())
+    assert torch.allclose(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 64])
+def test_cpu_op_matches_reference_within_bf16_rounding(tokens: int) -> None:
+    moe = _random_moe()
+    x = torch.randn(tokens, 128, generator=torch.Generator().manual_seed(3)).bfloat16()
+    ids, weights = _routing(tokens, 8, 4)
+    got = torch.ops.gptoss_vllm.mxfp4_moe(x, ids, weights, *moe["args"], 1.702, 7.0)
+    want = mxfp4_moe_reference(x.float(), ids, weights, *moe["args"], 1.702, 7.0)
+    assert got.dtype == torch.bfloat16 and got.shape == (tokens, 128)
+    # bf16 keeps 8 significant bits: activations and products round at ~2**-9 relative, a few times over.
+    assert (got.float() - want).abs().max() <= 2**-6 * want.abs().max()
+
+
+def test_ops_pass_torch_library_checks() -> None:
+    moe = _random_moe(e=4, h=64, i=32)
+    x = torch.randn(5, 64).bfloat16()
+    ids, weights = _routing(5, 4, 2)
+    for op in (torch.ops.gptoss_vllm.mxfp4_moe.default, torch.ops.gptoss_vllm.mxfp4_moe_reference.default):
+        torch.library.opcheck(op, (x, ids, weights, *moe["args"], 1.702, 7.0))
+
+
+def test_tensor_parallel_shards_sum_to_the_whole() -> None:
+    """Two TP ranks, each holding half the intermediate dim in whole blocks, add up to one rank's result."""
+    e, h, i = 4, 64, 64
+    moe = _random_moe(e, h, i)
+    b13, s13, bias13, b2, s2, bias2 = moe["args"]
+    checkpoint = {
+        "gate_up_proj_blocks": b13,
+        "gate_up_proj_scales": s13,
+        "gate_up_proj_bias": bias13,
+        "down_proj_blocks": b2,
+        "down_proj_scales": s2,
+        "down_proj_bias": bias2,
+    }
+    x = torch.randn(6, h)
+    ids, weights = _routing(6, e, 2)
+    outs = []
+    for tp_size in (1, 2):
+        total = torch.zeros(6, h)
+        for rank in range(tp_size):
+            experts = MXFP4Experts(e, h, i, backend="reference", tp_rank=rank, tp_size=tp_size)
+            for suffix, tensor in checkpoint.items():
+                experts.load_checkpoint_tensor(suffix, tensor)
+            total += experts(x, ids, weights)
+        outs.append(total)
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+
+
+def test_bf16_expert_tensors_are_quantised_on_load() -> None:
+    e, h, i = 4, 64, 64
+    moe = _random_moe(e, h, i)
+    b13, s13, _, b2, s2, _ = moe["args"]
+    experts = MXFP4Experts(e, h, i, backend="cpu")
+    # bf16 checkpoints store gate_up as (E, H, 2I) and down as (E, I, H).
+    experts.load_checkpoint_tensor("gate_up_proj", mxfp4.dequantize(b13, s13).transpose(1, 2).bfloat16())
+    experts.load_checkpoint_tensor("down_proj", mxfp4.dequantize(b2, s2).transpose(1, 2).bfloat16())
+    assert torch.equal(experts.gate_up_blocks, b13) and torch.equal(experts.gate_up_scales, s13)
+    assert torch.equal(experts.down_blocks, b2) and torch.equal(experts.down_scales, s2)
+
+
+def test_tp_split_must_keep_whole_blocks() -> None:
+    with pytest.raises(ValueError, match=r"intermediate_size=96 cannot be split over tensor_parallel_size=2"):
+        MXFP4Experts(4, 64, 96, backend="cpu", tp_size=2)
+
+
+def test_layout_checker_names_the_tensor_and_expected_shape() -> None:
+    specs = checkpoint_specs(build_config("tiny"), "mxfp4")
+    name = "model.layers.2.mlp.experts.down_proj_blocks"
+    checker = LayoutChecker(specs, "tiny")
+    with pytest.raises(
+        CheckpointLayoutError, match=rf"{name} has shape \(8, 128, 4, 8\).*expects \(8, 128, 4, 16\)"
+    ):
+        checker.check(name, torch.zeros(8, 128, 4, 8, dtype=torch.uint8))
+    with pytest.raises(
+        CheckpointLayoutError, match=r"model\.layers\.9\.mlp\.router\.weight .* is not part of"
+    ):
+        checker.check("model.layers.9.mlp.router.weight", torch.zeros(8, 128))
+    with pytest.raises(CheckpointLayoutError, match="must be uint8"):
+        checker.check(name, torch.zeros(8, 128, 4, 16))
+    complete = LayoutChecker(specs, "tiny")
+    for spec in specs[:-1]:
+        complete.check(spec.name, torch.zeros(spec.shape, dtype=spec.dtype))
+    with pytest.raises(CheckpointLayoutError, match=r"missing 1 tensor\(s\).*lm_head.weight \(201088, 128\)"):
+        complete.finish()
