@@ -41,6 +41,22 @@ def _quantize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def _bench_moe(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from gptoss_vllm.bench.moe import format_table, run_bench
+
+    if args.json:
+        try:
+            with open(args.json, "a"):
+                pass
+        except OSError as exc:
+            parser.error(f"--json: cannot write {args.json}: {exc.strerror}")
+    report = run_bench(args.json, seed=args.seed)
+    print(format_table(report))
+    if args.json:
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _non_negative_int(text: str) -> int:
     try:
         value = int(text)
@@ -90,6 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("src", help="bf16 checkpoint directory")
     qz.add_argument("dst", help="new directory for the MXFP4 checkpoint")
     qz.set_defaults(handler=_quantize, subparser=qz)
+
+    bench = sub.add_parser("bench", help="benchmarks that print a table and write JSON")
+    bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    moe = bench_sub.add_parser(
+        "moe",
+        help="one gpt-oss-20b MoE layer: the CPU kernel vs the reference vs vLLM's bf16 MoE, M = 1..512",
+    )
+    moe.add_argument("--json", metavar="FILE", help="also write the figures as JSON to FILE")
+    moe.add_argument("--seed", type=_non_negative_int, default=0, help="weights and routing seed")
+    moe.set_defaults(handler=_bench_moe, subparser=moe)
     return parser
 
 

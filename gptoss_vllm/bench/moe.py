@@ -1,0 +1,162 @@
+"""``gptoss-vllm bench moe``: one gpt-oss-20b MoE layer on this CPU, three implementations side by side.
+
+In one process and one run, on the same MXFP4 weights and the same routing: the plugin's C++ kernel
+(``gptoss_cpu``), the float32 dequantise-and-matmul reference (``reference``), and vLLM's bf16
+``cpu_fused_moe`` (isa ``vec``, plus ``amx`` where the CPU has it) on dequantised bf16 copies. Probes of
+memory read bandwidth and bf16 GEMM speed give the machine's roofline. ``ms`` is the median over repeats
+of one full layer (both projections); ``weight_gbps`` counts the bytes of the distinct experts' weights the
+call reads in the implementation's own format; ``gflops`` counts the useful expert FLOPs.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from gptoss_vllm.kernels.cpu_moe import kernel_isa, mxfp4_moe
+from gptoss_vllm.kernels.reference import mxfp4_moe_reference
+from gptoss_vllm.quant import mxfp4
+
+HIDDEN = INTERMEDIATE = 2880
+EXPERTS, TOP_K = 32, 4
+TOKEN_COUNTS = (1, 4, 16, 64, 256, 512)
+ALPHA, LIMIT = 1.702, 7.0
+
+
+def _median_ms(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up: first-touch of weights and buffers
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def probe_read_gbps(nbytes: int = 1 << 30) -> float:
+    """Bytes per second that a reduction over a buffer larger than the caches reads."""
+    data = torch.ones(nbytes // 4, dtype=torch.float32)
+    ms = _median_ms(lambda: data.sum(), 5)
+    return nbytes / (ms / 1e3) / 1e9
+
+
+def probe_bf16_gemm_gflops(m: int = 512) -> float:
+    a = torch.randn(m, HIDDEN).bfloat16()
+    b = torch.randn(HIDDEN, 2 * INTERMEDIATE).bfloat16()
+    ms = _median_ms(lambda: torch.mm(a, b), 5)
+    return 2 * m * HIDDEN * 2 * INTERMEDIATE / (ms / 1e3) / 1e9
+
+
+def _weights(seed: int) -> dict[str, torch.Tensor]:
+    """Random MXFP4 experts with scales typical of trained weights (2**-9 .. 2**-5)."""
+    g = torch.Generator().manual_seed(seed)
+    e, h, i = EXPERTS, HIDDEN, INTERMEDIATE
+    return {
+        "w13_blocks": torch.randint(0, 256, (e, 2 * i, h // 32, 16), generator=g, dtype=torch.uint8),
+        "w13_scales": torch.randint(118, 123, (e, 2 * i, h // 32), generator=g, dtype=torch.uint8),
+        "w13_bias": torch.randn(e, 2 * i, generator=g) * 0.02,
+        "w2_blocks": torch.randint(0, 256, (e, h, i // 32, 16), generator=g, dtype=torch.uint8),
+        "w2_scales": torch.randint(118, 123, (e, h, i // 32), generator=g, dtype=torch.uint8),
+        "w2_bias": torch.randn(e, h, generator=g) * 0.02,
+    }
+
+
+def _vllm_bf16(w: dict[str, torch.Tensor], isa: str):
+    """vLLM's bf16 fused MoE on dequantised copies of ``w``; None when vLLM's CPU ops are missing."""
+    try:
+        from vllm import _custom_ops as ops
+    except Exception:
+        return None
+    w13 = torch.stack(
+        [mxfp4.dequantize(w["w13_blocks"][e], w["w13_scales"][e], torch.bfloat16) for e in range(EXPERTS)]
+    )
+    w2 = torch.stack(
+        [mxfp4.dequantize(w["w2_blocks"][e], w["w2_scales"][e], torch.bfloat16) for e in range(EXPERTS)]
+    )
+    try:
+        packed13, packed2 = ops.cpu_prepack_moe_weight(w13, isa), ops.cpu_prepack_moe_weight(w2, isa)
+    except Exception:
+        return None
+    del w13, w2
+    b13, b2 = w["w13_bias"].bfloat16(), w["w2_bias"].bfloat16()
+
+    def run(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(x)
+        ops.cpu_fused_moe(out, x, packed13, packed2, b13, b2, weights, ids.to(torch.int32), "swigluoai", isa)
+        return out
+
+    return run
+
+
+def run_bench(json_path: str | None = None, seed: int = 0, progress: bool = True) -> dict:
+    threads = torch.get_num_threads()
+    machine = {
+        "read_gbps": probe_read_gbps(),
+        "bf16_gemm_gflops": probe_bf16_gemm_gflops(),
+        "threads": threads,
+        "isa": kernel_isa(),
+        "cpu_has_amx": bool(torch.cpu._is_amx_tile_supported()),
+    }
+    w = _weights(seed)
+    args = (w["w13_blocks"], w["w13_scales"], w["w13_bias"], w["w2_blocks"], w["w2_scales"], w["w2_bias"])
+    impls: dict[str, Callable] = {
+        "gptoss_cpu": lambda x, ids, tw: mxfp4_moe(x, ids, tw, *args, ALPHA, LIMIT),
+        "reference": lambda x, ids, tw: mxfp4_moe_reference(x, ids, tw, *args, ALPHA, LIMIT),
+    }
+    for isa in ("vec", "amx") if machine["cpu_has_amx"] else ("vec",):
+        run = _vllm_bf16(w, isa)
+        if run is not None:
+            impls["vllm_bf16" if isa == "vec" else "vllm_bf16_amx"] = run
+    mx_bytes = 3 * HIDDEN * INTERMEDIATE * 17 // 32 + (3 * INTERMEDIATE) * 4  # per expert, with fp32 biases
+    bf_bytes = 3 * HIDDEN * INTERMEDIATE * 2 + (3 * INTERMEDIATE) * 2
+    results = []
+    g = torch.Generator().manual_seed(seed + 1)
+    steps = [(m, name) for m in TOKEN_COUNTS for name in impls]
+    for m, name in tqdm(steps, desc="bench moe", unit="run", disable=not progress):
+        x = torch.randn(m, HIDDEN, generator=torch.Generator().manual_seed(m)).bfloat16()
+        logits = torch.randn(m, EXPERTS, generator=g.manual_seed(seed + m))
+        top, ids = logits.topk(TOP_K, dim=-1)
+        tw = top.softmax(-1)
+        repeats = 1 if (name == "reference" and m >= 64) else 3 if name == "reference" else 7
+        ms = _median_ms(lambda name=name, x=x, ids=ids, tw=tw: impls[name](x, ids, tw), repeats)
+        distinct = int(ids.unique().numel())
+        per_expert = bf_bytes if name.startswith("vllm_bf16") else mx_bytes
+        results.append(
+            {
+                "m": m,
+                "impl": name,
+                "ms": ms,
+                "weight_gbps": distinct * per_expert / (ms / 1e3) / 1e9,
+                "gflops": 2 * m * TOP_K * 3 * HIDDEN * INTERMEDIATE / (ms / 1e3) / 1e9,
+                "distinct_experts": distinct,
+            }
+        )
+    report = {"machine": machine, "shape": {"hidden": HIDDEN, "intermediate": INTERMEDIATE, "experts": EXPERTS,
+                                             "top_k": TOP_K}, "results": results}  # fmt: skip
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def format_table(report: dict) -> str:
+    """The bench as a text table, with the kernel's speed-up over vLLM's bf16 MoE per M."""
+    machine = report["machine"]
+    lines = [
+        f"machine: read {machine['read_gbps']:.1f} GB/s, bf16 GEMM {machine['bf16_gemm_gflops']:.0f} GFLOP/s, "
+        f"{machine['threads']} threads, kernel isa {machine['isa']}",
+        f"{'M':>5} {'impl':<14} {'ms':>10} {'weight GB/s':>12} {'GFLOP/s':>9} {'vs vllm_bf16':>13}",
+    ]
+    by = {(r["m"], r["impl"]): r for r in report["results"]}
+    for r in report["results"]:
+        base = by.get((r["m"], "vllm_bf16"))
+        speedup = f"{base['ms'] / r['ms']:.2f}x" if base else "-"
+        lines.append(
+            f"{r['m']:>5} {r['impl']:<14} {r['ms']:>10.2f} {r['weight_gbps']:>12.1f} {r['gflops']:>9.1f} {speedup:>13}"
+        )
+    return "\n".join(lines)

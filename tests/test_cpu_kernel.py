@@ -1,0 +1,123 @@
+"""The C++ CPU MXFP4 MoE kernel against the float32 reference, on every ISA path this CPU can run.
+
+Bounds. The portable and AVX2 paths compute in fp32 from fp32 activations: sums of up to 2880 products
+round at 2**-24 each, so they stay within 1e-3 of the output's largest magnitude (a generous multiple of
+K * 2**-24). The AVX-512 path rounds the activations and the SwiGLU output to bf16 (8 significant bits,
+2**-9 relative) before fp32-accumulated dot products, so its bound is 2**-5 of the largest magnitude.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from gptoss_vllm.kernels import cpu_moe
+from gptoss_vllm.kernels.reference import mxfp4_moe_reference
+
+BOUNDS = {"portable": 1e-3, "avx2": 1e-3, "avx512_bf16": 2**-5}
+
+
+def _runnable_isas() -> list[str]:
+    os.environ.pop(cpu_moe.ISA_ENV, None)
+    best = cpu_moe.kernel_isa()
+    return [name for name, level in cpu_moe.ISAS.items() if level <= cpu_moe.ISAS[best]]
+
+
+ISAS = _runnable_isas()
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch) -> str:
+    monkeypatch.setenv(cpu_moe.ISA_ENV, request.param)
+    assert cpu_moe.kernel_isa() == request.param
+    return request.param
+
+
+def _problem(m: int, e: int, k: int, h: int, i: int, seed: int, scale_range=(118, 127)):
+    g = torch.Generator().manual_seed(seed)
+    w13 = torch.randint(0, 256, (e, 2 * i, h // 32, 16), generator=g, dtype=torch.uint8)
+    s13 = torch.randint(*scale_range, (e, 2 * i, h // 32), generator=g, dtype=torch.uint8)
+    w2 = torch.randint(0, 256, (e, h, i // 32, 16), generator=g, dtype=torch.uint8)
+    s2 = torch.randint(*scale_range, (e, h, i // 32), generator=g, dtype=torch.uint8)
+    b13, b2 = torch.randn(e, 2 * i, generator=g) * 0.1, torch.randn(e, h, generator=g) * 0.1
+    x = torch.randn(m, h, generator=g)
+    logits = torch.randn(m, e, generator=g)
+    top, ids = logits.topk(k, dim=-1)
+    return x, ids, top.softmax(-1), [w13, s13, b13, w2, s2, b2]
+
+
+def _compare(x, ids, tw, weights, isa: str) -> None:
+    # fp32 paths get fp32 activations; the bf16 path gets bf16 ones, as vLLM gives it.
+    xin = x.bfloat16() if isa == "avx512_bf16" else x
+    got = cpu_moe.mxfp4_moe(xin, ids, tw, *weights, 1.702, 7.0).float()
+    want = mxfp4_moe_reference(xin.float(), ids, tw, *weights, 1.702, 7.0)
+    assert got.shape == want.shape
+    assert torch.equal(got.isnan(), want.isnan())
+    finite = ~want.isnan()
+    scale = want[finite].abs().max().clamp(min=1e-6)
+    err = (got[finite] - want[finite]).abs().max()
+    assert err <= BOUNDS[isa] * scale, f"{isa}: max error {err:.3g} vs bound {BOUNDS[isa] * scale:.3g}"
+
+
+@pytest.mark.parametrize(
+    ("m", "e", "k", "h", "i"),
+    [
+        (1, 4, 1, 64, 32),
+        (2, 8, 2, 96, 64),
+        (7, 16, 4, 128, 96),
+        (13, 32, 4, 160, 128),
+        (97, 128, 4, 64, 64),
+        (600, 8, 3, 64, 32),
+        (5, 4, 4, 2880, 2880),
+    ],
+)
+def test_random_shapes(isa: str, m: int, e: int, k: int, h: int, i: int) -> None:
+    _compare(*_problem(m, e, k, h, i, seed=m * 1000 + e), isa)
+
+
+def test_all_zero_blocks_give_the_bias_path(isa: str) -> None:
+    x, ids, tw, weights = _problem(9, 4, 2, 64, 64, seed=1)
+    weights[0].zero_()
+    weights[3].zero_()
+    _compare(x, ids, tw, weights, isa)
+
+
+def test_nan_scales_poison_exactly_the_tokens_that_use_them(isa: str) -> None:
+    x, ids, tw, weights = _problem(11, 8, 2, 64, 64, seed=2)
+    weights[1][3, 5, 1] = 0xFF  # one gate_up block of expert 3
+    _compare(x, ids, tw, weights, isa)
+    users = (ids == 3).any(dim=1)
+    out = cpu_moe.mxfp4_moe(x, ids, tw, *weights, 1.702, 7.0)
+    assert out[users].isnan().all() and not out[~users].isnan().any()
+
+
+def test_extreme_scales(isa: str) -> None:
+    x, ids, tw, weights = _problem(6, 4, 2, 96, 64, seed=3)
+    # Tiny (2**-127, 2**-126) and huge (2**100) blocks in the same rows; SwiGLU's clamps keep outputs finite.
+    weights[1][:, :, 0] = 0
+    weights[1][:, :, 1] = 1
+    weights[1][:, ::7, 2] = 227
+    _compare(x, ids, tw, weights, isa)
+
+
+def test_bad_isa_name_is_rejected(monkeypatch) -> None:
+    monkeypatch.setenv(cpu_moe.ISA_ENV, "sse9")
+    with pytest.raises(ValueError, match=r"GPTOSS_VLLM_CPU_ISA='sse9'.*portable, avx2, avx512_bf16"):
+        cpu_moe.requested_isa()
+
+
+def test_op_passes_torch_library_checks() -> None:
+    x, ids, tw, weights = _problem(5, 4, 2, 64, 32, seed=4)
+    torch.library.opcheck(
+        torch.ops.gptoss_vllm.mxfp4_moe.default, (x.bfloat16(), ids, tw, *weights, 1.702, 7.0)
+    )
+
+
+def test_missing_compiler_is_reported(monkeypatch, tmp_path) -> None:
+    from gptoss_vllm.kernels import build
+
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(build.KernelBuildError, match="no C\\+\\+ compiler"):
+        build.cache_dir()
