@@ -121,3 +121,24 @@ def test_missing_compiler_is_reported(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     with pytest.raises(build.KernelBuildError, match="no C\\+\\+ compiler"):
         build.cache_dir()
+
+
+def test_without_the_gemm_path_results_do_not_depend_on_the_batch(monkeypatch) -> None:
+    """GPTOSS_VLLM_CPU_GEMM_MIN_TOKENS=0: a token's output is bit-identical alone or among 40 others."""
+    monkeypatch.setenv("GPTOSS_VLLM_CPU_GEMM_MIN_TOKENS", "0")
+    x, ids, tw, weights = _problem(41, 4, 2, 128, 64, seed=5)
+    xb = x.bfloat16()
+    together = cpu_moe.mxfp4_moe(xb, ids, tw, *weights, 1.702, 7.0)
+    for t in (0, 17, 40):
+        alone = cpu_moe.mxfp4_moe(xb[t : t + 1], ids[t : t + 1], tw[t : t + 1], *weights, 1.702, 7.0)
+        assert torch.equal(alone[0], together[t])
+
+
+def test_gemm_and_register_paths_agree(monkeypatch) -> None:
+    x, ids, tw, weights = _problem(64, 2, 2, 128, 64, seed=6)  # 64 tokens per expert
+    xb = x.bfloat16()
+    monkeypatch.setenv("GPTOSS_VLLM_CPU_GEMM_MIN_TOKENS", "0")
+    direct = cpu_moe.mxfp4_moe(xb, ids, tw, *weights, 1.702, 7.0).float()
+    monkeypatch.setenv("GPTOSS_VLLM_CPU_GEMM_MIN_TOKENS", "1")
+    tiled = cpu_moe.mxfp4_moe(xb, ids, tw, *weights, 1.702, 7.0).float()
+    assert (direct - tiled).abs().max() <= 2**-5 * direct.abs().max()

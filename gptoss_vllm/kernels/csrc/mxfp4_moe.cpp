@@ -16,6 +16,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <climits>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -29,7 +31,17 @@ namespace {
 constexpr int kBlock = 32;      // elements per MXFP4 block
 constexpr int kBlockBytes = 16;  // bytes per block
 constexpr int kRows = 4;         // weight rows decoded together
-constexpr int kTokens = 6;       // tokens sharing one pass over a row-group
+constexpr int kTileRows = 128;   // rows decoded per GEMM tile: 128 x 2880 bf16 stays in L2
+constexpr int kGemmMinTokens = 16;  // from this many tokens per expert, decode tiles and use ATen's GEMM (measured crossover)
+
+// GPTOSS_VLLM_CPU_GEMM_MIN_TOKENS overrides the crossover; 0 turns the GEMM path off, which makes every
+// token's result independent of how many other tokens share its expert (batch invariance).
+int64_t gemm_min_tokens() {
+  const char* env = std::getenv("GPTOSS_VLLM_CPU_GEMM_MIN_TOKENS");
+  if (env == nullptr || *env == '\0') return kGemmMinTokens;
+  const long value = std::strtol(env, nullptr, 10);
+  return value <= 0 ? INT64_MAX : value;
+}
 
 const float kFp4[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
                         -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
@@ -61,6 +73,7 @@ struct Projection {
   int64_t n;              // tokens
   float* out;             // (n, rows)
   int64_t rows;
+  bool gemm;              // decode tiles + ATen GEMM (many tokens) instead of the register kernel
 };
 
 // ------------------------------------------------------------------------------------------ portable
@@ -182,6 +195,26 @@ __attribute__((target(GPTOSS_AVX512))) inline __m512 scales16(const uint8_t* s, 
   return _mm512_mask_blend_ps(_mm512_cmpeq_epi32_mask(v, _mm512_set1_epi32(255)), f, _mm512_set1_ps(NAN));
 }
 
+// Decode rows into bf16, each block as [16 even | 16 odd] with its scale applied (for the GEMM path).
+__attribute__((target(GPTOSS_AVX512))) void decode_rows_bf16_avx512(const Projection& p, int64_t r0, int64_t nr,
+                                                                     uint16_t* dst) {
+  const int64_t groups = p.k / kBlock;
+  const __m512 lut = _mm512_loadu_ps(kFp4);
+  const __m512i nibble = _mm512_set1_epi32(0x0F);
+  for (int64_t r = 0; r < nr; ++r) {
+    const uint8_t* b = p.blocks + (r0 + r) * groups * kBlockBytes;
+    const uint8_t* s = p.scales + (r0 + r) * groups;
+    for (int64_t g = 0; g < groups; ++g) {
+      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + g * kBlockBytes)));
+      const __m512 scale = _mm512_set1_ps(e8m0(s[g]));
+      const __m512 even = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(v, nibble), lut), scale);
+      const __m512 odd = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut), scale);
+      // cvtne2ps puts its second operand in the low half: [even | odd].
+      _mm512_storeu_si512(dst + r * p.k + g * kBlock, (__m512i)_mm512_cvtne2ps_pbh(odd, even));
+    }
+  }
+}
+
 template <int T>
 __attribute__((target(GPTOSS_AVX512))) void project_avx512_t(const Projection& p, int64_t row_begin,
                                                               int64_t row_end) {
@@ -263,7 +296,35 @@ void project_avx512(const Projection& p, int64_t row_begin, int64_t row_end) {
 }
 #endif  // GPTOSS_X86
 
+// Many tokens: decode a tile of rows (L2-sized) and multiply with ATen's GEMM (oneDNN/MKL: AMX or
+// AVX-512 BF16 where present). Still reads only MXFP4 from memory; the decoded tile is reused by every token.
+void project_gemm(const Projection& p, Isa isa) {
+  const bool bf16 = isa == kAvx512Bf16;
+  const auto dtype = bf16 ? at::kBFloat16 : at::kFloat;
+  const auto act = at::from_blob(const_cast<void*>(p.act), {p.n, p.k}, at::TensorOptions().dtype(dtype));
+  const int64_t tiles = (p.rows + kTileRows - 1) / kTileRows;
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    auto tile = at::empty({kTileRows, p.k}, at::TensorOptions().dtype(dtype));
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r0 = t * kTileRows, nr = std::min<int64_t>(kTileRows, p.rows - r0);
+#ifdef GPTOSS_X86
+      if (isa == kAvx512Bf16)
+        decode_rows_bf16_avx512(p, r0, nr, static_cast<uint16_t*>(tile.data_ptr()));
+      else if (isa == kAvx2)
+        decode_rows_f32_avx2(p, r0, nr, tile.data_ptr<float>());
+      else
+#endif
+        decode_rows_f32_portable(p, r0, nr, tile.data_ptr<float>());
+      const auto h = at::mm(act, tile.narrow(0, 0, nr).t()).to(at::kFloat);  // (n, nr)
+      const float* hp = h.data_ptr<float>();
+      for (int64_t i = 0; i < p.n; ++i)
+        for (int64_t r = 0; r < nr; ++r) p.out[i * p.rows + r0 + r] = hp[i * nr + r] + p.bias[r0 + r];
+    }
+  });
+}
+
 void project(const Projection& p, Isa isa) {
+  if (p.gemm) return project_gemm(p, isa);
   // Split rows over threads in whole row-groups; ATen's pool honours torch.get_num_threads().
   const int64_t groups = (p.rows + kRows - 1) / kRows;
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
@@ -278,13 +339,25 @@ void project(const Projection& p, Isa isa) {
 
 // Lay a float row out as the kernels read it. fp32 paths: per block [16 even | 16 odd]. bf16 (AVX-512)
 // path: per pair of blocks [A even | B even | A odd | B odd], a trailing single block as [even | odd].
-void permute_row(const float* src, int64_t k, bool bf16, void* dst, int64_t row) {
-  if (!bf16) {
+// The GEMM path uses the per-block layout, in bf16 on the AVX-512 path.
+enum Layout { kBlockF32, kBlockBf16, kPairBf16 };
+
+void permute_row(const float* src, int64_t k, Layout layout, void* dst, int64_t row) {
+  if (layout == kBlockF32) {
     float* d = static_cast<float*>(dst) + row * k;
     for (int64_t g = 0; g < k / kBlock; ++g)
       for (int j = 0; j < 16; ++j) {
         d[g * kBlock + j] = src[g * kBlock + 2 * j];
         d[g * kBlock + 16 + j] = src[g * kBlock + 2 * j + 1];
+      }
+    return;
+  }
+  if (layout == kBlockBf16) {
+    at::BFloat16* d = static_cast<at::BFloat16*>(dst) + row * k;
+    for (int64_t g = 0; g < k / kBlock; ++g)
+      for (int j = 0; j < 16; ++j) {
+        d[g * kBlock + j] = at::BFloat16(src[g * kBlock + 2 * j]);
+        d[g * kBlock + 16 + j] = at::BFloat16(src[g * kBlock + 2 * j + 1]);
       }
     return;
   }
@@ -354,19 +427,22 @@ at::Tensor mxfp4_moe(const at::Tensor& x, const at::Tensor& topk_ids, const at::
   for (int64_t i = 0; i < num_tokens * top_k; ++i) order[fill[id[i]]++] = i;
 
   const auto act_dtype = bf16 ? at::kBFloat16 : at::kFloat;
+  const int64_t gemm_min = gemm_min_tokens();
   const float* xp = xf.data_ptr<float>();
   float* outp = out.data_ptr<float>();
   for (int64_t e = 0; e < experts; ++e) {
     const int64_t n = count[e + 1] - count[e];
     if (n == 0) continue;
     const int64_t* pairs = order.data() + count[e];
+    const bool gemm = n >= gemm_min;
+    const Layout layout = !bf16 ? kBlockF32 : gemm ? kBlockBf16 : kPairBf16;
     auto xa = at::empty({n, hidden}, xf.options().dtype(act_dtype));
     at::parallel_for(0, n, 1, [&](int64_t a, int64_t b) {
-      for (int64_t t = a; t < b; ++t) permute_row(xp + (pairs[t] / top_k) * hidden, hidden, bf16, xa.data_ptr(), t);
+      for (int64_t t = a; t < b; ++t) permute_row(xp + (pairs[t] / top_k) * hidden, hidden, layout, xa.data_ptr(), t);
     });
     auto h = at::empty({n, inter2}, xf.options());
     project({blk13.data_ptr<uint8_t>() + e * inter2 * hidden / 2, sc13.data_ptr<uint8_t>() + e * inter2 * hidden / kBlock,
-             b13.data_ptr<float>() + e * inter2, hidden, xa.data_ptr(), n, h.data_ptr<float>(), inter2},
+             b13.data_ptr<float>() + e * inter2, hidden, xa.data_ptr(), n, h.data_ptr<float>(), inter2, gemm},
             isa);
     // gpt-oss SwiGLU on interleaved (gate, linear) pairs, then the same block layout for the down projection.
     auto act = at::empty({n, inter}, xf.options());
@@ -382,11 +458,11 @@ at::Tensor mxfp4_moe(const at::Tensor& x, const at::Tensor& topk_ids, const at::
     });
     auto aa = at::empty({n, inter}, xf.options().dtype(act_dtype));
     at::parallel_for(0, n, 1, [&](int64_t s, int64_t t1) {
-      for (int64_t t = s; t < t1; ++t) permute_row(ap + t * inter, inter, bf16, aa.data_ptr(), t);
+      for (int64_t t = s; t < t1; ++t) permute_row(ap + t * inter, inter, layout, aa.data_ptr(), t);
     });
     auto y = at::empty({n, hidden}, xf.options());
     project({blk2.data_ptr<uint8_t>() + e * hidden * inter / 2, sc2.data_ptr<uint8_t>() + e * hidden * inter / kBlock,
-             b2.data_ptr<float>() + e * hidden, inter, aa.data_ptr(), n, y.data_ptr<float>(), hidden},
+             b2.data_ptr<float>() + e * hidden, inter, aa.data_ptr(), n, y.data_ptr<float>(), hidden, gemm},
             isa);
     // Routing-weighted sum; tokens of one expert are distinct, so rows never collide.
     const float* yp = y.data_ptr<float>();
