@@ -40,23 +40,29 @@ def _median_ms(fn: Callable[[], object], repeats: int) -> float:
 
 
 def probe_read_gbps(nbytes: int = 1 << 30) -> float:
-    """Bytes per second that a reduction over a buffer larger than the caches reads."""
-    data = torch.ones(nbytes // 4, dtype=torch.float32)
-    ms = _median_ms(lambda: data.sum(), 5)
-    return nbytes / (ms / 1e3) / 1e9
+    """Read bandwidth: the faster of two reductions over a buffer far larger than the caches.
+
+    A float32 sum is partly bound by its adds on small machines; a uint8 max does less work per byte.
+    """
+    best = 0.0
+    for dtype, reduce in ((torch.float32, torch.sum), (torch.uint8, torch.max)):
+        data = torch.ones(nbytes // torch.empty((), dtype=dtype).element_size(), dtype=dtype)
+        ms = _median_ms(lambda data=data, reduce=reduce: reduce(data), 5)
+        best = max(best, nbytes / (ms / 1e3) / 1e9)
+        del data
+    return best
 
 
-def probe_bf16_gemm_gflops(m: int = 512) -> float:
-    a = torch.randn(m, HIDDEN).bfloat16()
-    b = torch.randn(HIDDEN, 2 * INTERMEDIATE).bfloat16()
+def probe_bf16_gemm_gflops(m: int = 512, hidden: int = HIDDEN, intermediate: int = INTERMEDIATE) -> float:
+    a = torch.randn(m, hidden).bfloat16()
+    b = torch.randn(hidden, 2 * intermediate).bfloat16()
     ms = _median_ms(lambda: torch.mm(a, b), 5)
-    return 2 * m * HIDDEN * 2 * INTERMEDIATE / (ms / 1e3) / 1e9
+    return 2 * m * hidden * 2 * intermediate / (ms / 1e3) / 1e9
 
 
-def _weights(seed: int) -> dict[str, torch.Tensor]:
+def _weights(seed: int, e: int = EXPERTS, h: int = HIDDEN, i: int = INTERMEDIATE) -> dict[str, torch.Tensor]:
     """Random MXFP4 experts with scales typical of trained weights (2**-9 .. 2**-5)."""
     g = torch.Generator().manual_seed(seed)
-    e, h, i = EXPERTS, HIDDEN, INTERMEDIATE
     return {
         "w13_blocks": torch.randint(0, 256, (e, 2 * i, h // 32, 16), generator=g, dtype=torch.uint8),
         "w13_scales": torch.randint(118, 123, (e, 2 * i, h // 32), generator=g, dtype=torch.uint8),
@@ -73,11 +79,12 @@ def _vllm_bf16(w: dict[str, torch.Tensor], isa: str):
         from vllm import _custom_ops as ops
     except Exception:
         return None
+    experts = range(w["w13_blocks"].shape[0])
     w13 = torch.stack(
-        [mxfp4.dequantize(w["w13_blocks"][e], w["w13_scales"][e], torch.bfloat16) for e in range(EXPERTS)]
+        [mxfp4.dequantize(w["w13_blocks"][e], w["w13_scales"][e], torch.bfloat16) for e in experts]
     )
     w2 = torch.stack(
-        [mxfp4.dequantize(w["w2_blocks"][e], w["w2_scales"][e], torch.bfloat16) for e in range(EXPERTS)]
+        [mxfp4.dequantize(w["w2_blocks"][e], w["w2_scales"][e], torch.bfloat16) for e in experts]
     )
     try:
         packed13, packed2 = ops.cpu_prepack_moe_weight(w13, isa), ops.cpu_prepack_moe_weight(w2, isa)
@@ -94,16 +101,26 @@ def _vllm_bf16(w: dict[str, torch.Tensor], isa: str):
     return run
 
 
-def run_bench(json_path: str | None = None, seed: int = 0, progress: bool = True) -> dict:
+def run_bench(
+    json_path: str | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    hidden: int = HIDDEN,
+    intermediate: int = INTERMEDIATE,
+    experts: int = EXPERTS,
+    token_counts: tuple[int, ...] = TOKEN_COUNTS,
+    probe_bytes: int = 1 << 30,
+) -> dict:
+    """Run the bench (gpt-oss-20b layer shapes unless told otherwise); returns the report written as JSON."""
     threads = torch.get_num_threads()
     machine = {
-        "read_gbps": probe_read_gbps(),
-        "bf16_gemm_gflops": probe_bf16_gemm_gflops(),
+        "read_gbps": probe_read_gbps(probe_bytes),
+        "bf16_gemm_gflops": probe_bf16_gemm_gflops(hidden=hidden, intermediate=intermediate),
         "threads": threads,
         "isa": kernel_isa(),
         "cpu_has_amx": bool(torch.cpu._is_amx_tile_supported()),
     }
-    w = _weights(seed)
+    w = _weights(seed, experts, hidden, intermediate)
     args = (w["w13_blocks"], w["w13_scales"], w["w13_bias"], w["w2_blocks"], w["w2_scales"], w["w2_bias"])
     impls: dict[str, Callable] = {
         "gptoss_cpu": lambda x, ids, tw: mxfp4_moe(x, ids, tw, *args, ALPHA, LIMIT),
@@ -113,14 +130,15 @@ def run_bench(json_path: str | None = None, seed: int = 0, progress: bool = True
         run = _vllm_bf16(w, isa)
         if run is not None:
             impls["vllm_bf16" if isa == "vec" else "vllm_bf16_amx"] = run
-    mx_bytes = 3 * HIDDEN * INTERMEDIATE * 17 // 32 + (3 * INTERMEDIATE) * 4  # per expert, with fp32 biases
-    bf_bytes = 3 * HIDDEN * INTERMEDIATE * 2 + (3 * INTERMEDIATE) * 2
+    # Per expert: gate_up (2I x H) and down (H x I) weights, with their biases (fp32 here, bf16 in vLLM).
+    mx_bytes = 3 * hidden * intermediate * 17 // 32 + (2 * intermediate + hidden) * 4
+    bf_bytes = 3 * hidden * intermediate * 2 + (2 * intermediate + hidden) * 2
     results = []
     g = torch.Generator().manual_seed(seed + 1)
-    steps = [(m, name) for m in TOKEN_COUNTS for name in impls]
+    steps = [(m, name) for m in token_counts for name in impls]
     for m, name in tqdm(steps, desc="bench moe", unit="run", disable=not progress):
-        x = torch.randn(m, HIDDEN, generator=torch.Generator().manual_seed(m)).bfloat16()
-        logits = torch.randn(m, EXPERTS, generator=g.manual_seed(seed + m))
+        x = torch.randn(m, hidden, generator=torch.Generator().manual_seed(m)).bfloat16()
+        logits = torch.randn(m, experts, generator=g.manual_seed(seed + m))
         top, ids = logits.topk(TOP_K, dim=-1)
         tw = top.softmax(-1)
         repeats = 1 if (name == "reference" and m >= 64) else 3 if name == "reference" else 7
@@ -133,12 +151,12 @@ def run_bench(json_path: str | None = None, seed: int = 0, progress: bool = True
                 "impl": name,
                 "ms": ms,
                 "weight_gbps": distinct * per_expert / (ms / 1e3) / 1e9,
-                "gflops": 2 * m * TOP_K * 3 * HIDDEN * INTERMEDIATE / (ms / 1e3) / 1e9,
+                "gflops": 2 * m * TOP_K * 3 * hidden * intermediate / (ms / 1e3) / 1e9,
                 "distinct_experts": distinct,
             }
         )
-    report = {"machine": machine, "shape": {"hidden": HIDDEN, "intermediate": INTERMEDIATE, "experts": EXPERTS,
-                                             "top_k": TOP_K}, "results": results}  # fmt: skip
+    shape = {"hidden": hidden, "intermediate": intermediate, "experts": experts, "top_k": TOP_K}
+    report = {"machine": machine, "shape": shape, "results": results}
     if json_path:
         Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
     return report
