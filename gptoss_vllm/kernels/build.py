@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from gptoss_vllm.cache import cache_root
+
 SOURCE = Path(__file__).parent / "csrc" / "mxfp4_moe.cpp"
 CFLAGS = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno"]
 LDFLAGS = ["-fopenmp"]
@@ -50,10 +52,7 @@ def cache_dir() -> Path:
         torch.__version__.encode(),
     ):
         key.update(part)
-    root = os.environ.get("GPTOSS_VLLM_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "gptoss-vllm"
-    )
-    return Path(root) / "kernels" / key.hexdigest()[:16]
+    return cache_root() / "kernels" / key.hexdigest()[:16]
 
 
 def load_kernel() -> None:

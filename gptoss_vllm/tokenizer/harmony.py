@@ -17,6 +17,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from gptoss_vllm.cache import cache_root
+
 log = logging.getLogger(__name__)
 
 VOCAB_SIZE = 201088
@@ -121,11 +123,8 @@ def build_tokenizer(out_dir: str | os.PathLike, vocab_size: int = VOCAB_SIZE) ->
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("GPTOSS_VLLM_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "gptoss-vllm"
-    )
     version = importlib.metadata.version("oss-harmony")
-    return Path(root) / "tokenizer" / f"o200k_harmony-{version}-v{VOCAB_SIZE}"
+    return cache_root() / "tokenizer" / f"o200k_harmony-{version}-v{VOCAB_SIZE}"
 
 
 def install_tokenizer(out_dir: str | os.PathLike, vocab_size: int = VOCAB_SIZE) -> None:

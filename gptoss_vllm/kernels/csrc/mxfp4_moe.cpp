@@ -95,21 +95,25 @@ void decode_rows_f32_portable(const Projection& p, int64_t r0, int64_t nr, float
   }
 }
 
-void project_portable(const Projection& p, int64_t row_begin, int64_t row_end) {
+float dot_portable(const float* w, const float* x, int64_t k) {
+  float acc = 0.0f;
+  for (int64_t i = 0; i < k; ++i) acc += w[i] * x[i];
+  return acc;
+}
+
+using DecodeF32 = void (*)(const Projection&, int64_t, int64_t, float*);
+using DotF32 = float (*)(const float*, const float*, int64_t);
+
+// fp32 paths: decode a row-group into an L1-sized scratch, then one dot product per (token, row).
+void project_f32(const Projection& p, int64_t row_begin, int64_t row_end, DecodeF32 decode, DotF32 dot) {
   std::vector<float> scratch(kRows * p.k);
   const float* act = static_cast<const float*>(p.act);
   for (int64_t r0 = row_begin; r0 < row_end; r0 += kRows) {
     const int64_t nr = std::min<int64_t>(kRows, row_end - r0);
-    decode_rows_f32_portable(p, r0, nr, scratch.data());
-    for (int64_t t = 0; t < p.n; ++t) {
-      const float* x = act + t * p.k;
-      for (int64_t r = 0; r < nr; ++r) {
-        const float* w = scratch.data() + r * p.k;
-        float acc = 0.0f;
-        for (int64_t i = 0; i < p.k; ++i) acc += w[i] * x[i];
-        p.out[t * p.rows + r0 + r] = acc + p.bias[r0 + r];
-      }
-    }
+    decode(p, r0, nr, scratch.data());
+    for (int64_t t = 0; t < p.n; ++t)
+      for (int64_t r = 0; r < nr; ++r)
+        p.out[t * p.rows + r0 + r] = dot(scratch.data() + r * p.k, act + t * p.k, p.k) + p.bias[r0 + r];
   }
 }
 
@@ -150,25 +154,13 @@ __attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-__attribute__((target("avx2,fma"))) void project_avx2(const Projection& p, int64_t row_begin, int64_t row_end) {
-  std::vector<float> scratch(kRows * p.k);
-  const float* act = static_cast<const float*>(p.act);
-  for (int64_t r0 = row_begin; r0 < row_end; r0 += kRows) {
-    const int64_t nr = std::min<int64_t>(kRows, row_end - r0);
-    decode_rows_f32_avx2(p, r0, nr, scratch.data());
-    for (int64_t t = 0; t < p.n; ++t) {
-      const float* x = act + t * p.k;
-      for (int64_t r = 0; r < nr; ++r) {
-        const float* w = scratch.data() + r * p.k;
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-        for (int64_t i = 0; i < p.k; i += 16) {
-          a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a0);
-          a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
-        }
-        p.out[t * p.rows + r0 + r] = hsum256(_mm256_add_ps(a0, a1)) + p.bias[r0 + r];
-      }
-    }
+__attribute__((target("avx2,fma"))) float dot_avx2(const float* w, const float* x, int64_t k) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  for (int64_t i = 0; i < k; i += 16) {  // k is a multiple of 32
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
   }
+  return hsum256(_mm256_add_ps(a0, a1));
 }
 
 // ------------------------------------------------------------------------------------ AVX-512 + BF16
@@ -301,6 +293,13 @@ void project_avx512(const Projection& p, int64_t row_begin, int64_t row_end) {
 }
 #endif  // GPTOSS_X86
 
+DecodeF32 f32_decoder(Isa isa) {
+#ifdef GPTOSS_X86
+  if (isa == kAvx2) return decode_rows_f32_avx2;
+#endif
+  return decode_rows_f32_portable;
+}
+
 // Many tokens: decode a tile of rows (L2-sized) and multiply with ATen's GEMM (oneDNN/MKL: AMX or
 // AVX-512 BF16 where present). Still reads only MXFP4 from memory; the decoded tile is reused by every token.
 void project_gemm(const Projection& p, Isa isa) {
@@ -315,11 +314,9 @@ void project_gemm(const Projection& p, Isa isa) {
 #ifdef GPTOSS_X86
       if (isa == kAvx512Bf16)
         decode_rows_bf16_avx512(p, r0, nr, static_cast<uint16_t*>(tile.data_ptr()));
-      else if (isa == kAvx2)
-        decode_rows_f32_avx2(p, r0, nr, tile.data_ptr<float>());
       else
 #endif
-        decode_rows_f32_portable(p, r0, nr, tile.data_ptr<float>());
+        f32_decoder(isa)(p, r0, nr, tile.data_ptr<float>());
       const auto h = at::mm(act, tile.narrow(0, 0, nr).t()).to(at::kFloat);  // (n, nr)
       const float* hp = h.data_ptr<float>();
       for (int64_t i = 0; i < p.n; ++i)
@@ -336,9 +333,9 @@ void project(const Projection& p, Isa isa) {
     const int64_t r0 = g0 * kRows, r1 = std::min(p.rows, g1 * kRows);
 #ifdef GPTOSS_X86
     if (isa == kAvx512Bf16) return project_avx512(p, r0, r1);
-    if (isa == kAvx2) return project_avx2(p, r0, r1);
+    if (isa == kAvx2) return project_f32(p, r0, r1, decode_rows_f32_avx2, dot_avx2);
 #endif
-    project_portable(p, r0, r1);
+    project_f32(p, r0, r1, decode_rows_f32_portable, dot_portable);
   });
 }
 
