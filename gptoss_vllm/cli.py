@@ -57,6 +57,27 @@ def _bench_moe(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     return 0
 
 
+def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from gptoss_vllm.serve.config import ConfigError, load_config
+    from gptoss_vllm.serve.launcher import Listen, port_is_free, run
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        parser.error(f"--config: {exc}")
+    listen = Listen(args.host, args.port)
+    if args.address is None and not port_is_free(listen):
+        parser.error(f"--port: {args.host}:{args.port} is already in use; choose another port")
+    return run(config, listen, args.address, args.ready_timeout)
+
+
+def _port(text: str) -> int:
+    value = _non_negative_int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 1..65535, got {value}")
+    return value
+
+
 def _non_negative_int(text: str) -> int:
     try:
         value = int(text)
@@ -106,6 +127,21 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("src", help="bf16 checkpoint directory")
     qz.add_argument("dst", help="new directory for the MXFP4 checkpoint")
     qz.set_defaults(handler=_quantize, subparser=qz)
+
+    sv = sub.add_parser(
+        "serve",
+        help="run the OpenAI-compatible service (Ray Serve, pools by reasoning effort)",
+        description="Deploy the gpt-oss service on Ray Serve and wait until every pool is ready. Without "
+        "--config: the embedded default (two pools of the tiny MXFP4 model on this machine).",
+    )
+    sv.add_argument("--config", metavar="FILE", help="serving config YAML (default: the embedded default)")
+    sv.add_argument("--address", metavar="RAY_ADDRESS", help="join this Ray cluster instead of starting one")
+    sv.add_argument("--host", default="127.0.0.1", help="listen address (default: 127.0.0.1)")
+    sv.add_argument("--port", type=_port, default=8000, help="listen port (default: 8000)")
+    sv.add_argument(
+        "--ready-timeout", type=_non_negative_int, default=900, metavar="S", help="give up after S seconds"
+    )
+    sv.set_defaults(handler=_serve, subparser=sv)
 
     bench = sub.add_parser("bench", help="benchmarks that print a table and write JSON")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")

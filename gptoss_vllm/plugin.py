@@ -16,4 +16,7 @@ def register() -> None:
     """Entry point of the ``vllm.general_plugins`` group."""
     from vllm import ModelRegistry
 
+    from gptoss_vllm.lifetime import exit_with_parent_if_requested
+
     ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
+    exit_with_parent_if_requested()

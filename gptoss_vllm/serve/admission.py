@@ -1,0 +1,79 @@
+"""Admission control and spillover at the ingress: per-pool queue bounds, never an unbounded wait.
+
+The ingress counts the requests it has in flight to each pool. Whatever exceeds the pool's running capacity
+(running replicas x ``max_ongoing_requests``) is that pool's queue. Past ``spillover.queue_above`` a request goes
+to the named other pool if that one has room; past ``max_queued_requests`` it is refused with 429 and
+Retry-After. A pool with no running replica answers 503 at once instead of holding the request. Counts are per
+ingress replica (one by default); Ray Serve's own ``max_queued_requests`` on the pool handle is the backstop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gptoss_vllm.serve.config import ServeConfig
+
+
+class Rejected(Exception):
+    """The request cannot be admitted; carries the HTTP answer."""
+
+    def __init__(self, reason: str, status: int, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.status = status
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True)
+class Admitted:
+    pool: str
+    spilled_from: str | None = None
+
+
+class Admission:
+    def __init__(self, config: ServeConfig) -> None:
+        self._config = config
+        self.in_flight = {name: 0 for name in config.pools}
+        self.running = {name: 0 for name in config.pools}
+
+    def queue_depth(self, pool: str) -> int:
+        capacity = self.running[pool] * self._config.pools[pool].max_ongoing_requests
+        return max(0, self.in_flight[pool] - capacity)
+
+    def _is_full(self, pool: str) -> bool:
+        settings = self._config.pools[pool]
+        bound = self.running[pool] * settings.max_ongoing_requests + settings.max_queued_requests
+        return self.in_flight[pool] >= bound
+
+    def _has_room(self, pool: str) -> bool:
+        return self.running[pool] > 0 and not self._is_full(pool)
+
+    def admit(self, pool: str, pinned: bool = False) -> Admitted:
+        """Choose where a request for ``pool`` runs; ``pinned`` requests (stored-response follow-ups) never
+        spill, since only their pool holds the state they need."""
+        settings = self._config.pools[pool]
+        retry = self._config.ingress.retry_after_s
+        spill = settings.spillover
+        overflowing = self.running[pool] == 0 or (
+            spill is not None and self.queue_depth(pool) > spill.queue_above
+        )
+        if not pinned and spill is not None and overflowing and self._has_room(spill.to):
+            return Admitted(spill.to, spilled_from=pool)
+        if self.running[pool] == 0:
+            raise Rejected(
+                "no_replica", 503, f"Pool '{pool}' has no running replica yet; retry in {retry} s", retry
+            )
+        if self._is_full(pool):
+            raise Rejected(
+                "queue_full",
+                429,
+                f"Pool '{pool}' is at its queue bound ({settings.max_queued_requests} waiting); retry in {retry} s",
+                retry,
+            )
+        return Admitted(pool)
+
+    def started(self, pool: str) -> None:
+        self.in_flight[pool] += 1
+
+    def finished(self, pool: str) -> None:
+        self.in_flight[pool] -= 1

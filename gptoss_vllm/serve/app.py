@@ -1,0 +1,69 @@
+"""Builds the Ray Serve application from a :class:`ServeConfig`: one ingress, one deployment per pool.
+
+``build_app`` is also the import path for ``serve run``/``serveConfigV2``
+(``gptoss_vllm.serve.app:build_app`` with ``args: {config: <path>}``), so a RayService runs the same code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+
+from gptoss_vllm.lifetime import EXIT_WITH_PARENT_ENV
+from gptoss_vllm.serve.config import Pool, ServeConfig, load_config
+from gptoss_vllm.serve.ingress import Ingress, app
+from gptoss_vllm.serve.pool import PoolServer
+from gptoss_vllm.serve.router import router_class_path
+
+APP_NAME = "gptoss"
+
+
+def pool_deployment_options(name: str, pool: Pool) -> dict[str, Any]:
+    """Ray Serve deployment options of one pool."""
+    actor_options = dict(pool.ray_actor_options)
+    runtime_env = dict(actor_options.pop("runtime_env", {}) or {})
+    # The engine core must not outlive a killed replica (it would hold the memory its replacement needs).
+    env = {EXIT_WITH_PARENT_ENV: "1", **runtime_env.get("env_vars", {}), **pool.env}
+    runtime_env["env_vars"] = env
+    options: dict[str, Any] = {
+        "name": name,
+        "max_ongoing_requests": pool.max_ongoing_requests,
+        "max_queued_requests": pool.max_queued_requests + pool.max_ongoing_requests,
+        "ray_actor_options": {**actor_options, "runtime_env": runtime_env},
+        "request_router_config": RequestRouterConfig(request_router_class=router_class_path(pool.router)),
+        "graceful_shutdown_timeout_s": pool.drain_timeout_s,
+        "graceful_shutdown_wait_loop_s": 1.0,
+        "health_check_period_s": 5.0,
+        "health_check_timeout_s": 30.0,
+    }
+    if pool.autoscaling is not None:
+        options["autoscaling_config"] = pool.autoscaling
+    else:
+        options["num_replicas"] = pool.replicas or 1
+    return options
+
+
+def build_application(config: ServeConfig) -> serve.Application:
+    pools = {
+        name: serve.deployment(PoolServer)
+        .options(**pool_deployment_options(name, pool))
+        .bind(name, pool.model_dump(), config.model_name)
+        for name, pool in config.pools.items()
+    }
+    longest_drain = max(pool.drain_timeout_s for pool in config.pools.values())
+    ingress = serve.deployment(serve.ingress(app)(Ingress)).options(
+        name="ingress",
+        num_replicas=config.ingress.replicas,
+        max_ongoing_requests=config.ingress.max_ongoing_requests,
+        ray_actor_options={"num_cpus": 0},
+        graceful_shutdown_timeout_s=longest_drain,
+        graceful_shutdown_wait_loop_s=1.0,
+    )
+    return ingress.bind(config.model_dump(), pools)
+
+
+def build_app(args: dict[str, str]) -> serve.Application:
+    """Application builder for ``serve run gptoss_vllm.serve.app:build_app config=FILE`` and RayService."""
+    return build_application(load_config(args.get("config")))

@@ -1,0 +1,219 @@
+"""The serving configuration: one YAML schema for the local ``serve`` command, a Ray cluster and the Helm chart.
+
+Validated with pydantic; every error names the key (``pools.fast.replicas``) and the file it came from.
+The embedded default (``default.yaml`` beside this module) is what ``gptoss-vllm serve`` runs without
+``--config``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from gptoss_vllm.cache import cache_root
+
+EFFORTS: tuple[str, ...] = ("low", "medium", "high")
+Effort = Literal["low", "medium", "high"]
+DEFAULT_CONFIG_PATH = Path(__file__).with_name("default.yaml")
+BUILTIN_PREFIX = "builtin:"
+_POOL_NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
+
+
+class ConfigError(ValueError):
+    """A serving configuration that cannot be used; the message names the file and the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Spillover(_Strict):
+    """Overflow to another pool when this one's queue holds more than ``queue_above`` requests."""
+
+    to: str
+    queue_above: int = Field(ge=0)
+
+
+class Pool(_Strict):
+    """One replica pool: a deployment of identical engines serving some efforts."""
+
+    model: str = Field(description="Local checkpoint path, HF id, or builtin:<preset> (built on first use)")
+    efforts: list[Effort] = Field(min_length=1)
+    engine_args: dict[str, Any] = Field(default_factory=dict, description="vLLM engine/server arguments")
+    env: dict[str, str] = Field(default_factory=dict, description="Environment of each replica's process")
+    replicas: int | None = Field(default=None, ge=1)
+    autoscaling: dict[str, Any] | None = Field(default=None, description="Ray Serve autoscaling_config")
+    max_ongoing_requests: int = Field(default=16, ge=1, description="Concurrent requests per replica")
+    max_queued_requests: int = Field(default=32, ge=0, description="Queue bound per ingress; beyond: 429")
+    router: Literal["power_of_two", "prefix_aware"] = "power_of_two"
+    spillover: Spillover | None = None
+    ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 1})
+    drain_timeout_s: float = Field(
+        default=600.0, gt=0, description="How long a stopping replica finishes streams"
+    )
+
+    @field_validator("efforts")
+    @classmethod
+    def _unique_efforts(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"lists an effort twice: {value}")
+        return value
+
+    @field_validator("autoscaling")
+    @classmethod
+    def _ray_autoscaling(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            from ray.serve.config import AutoscalingConfig
+
+            AutoscalingConfig(**value)  # Ray's own schema; its ValidationError names the bad field
+        return value
+
+    @model_validator(mode="after")
+    def _replicas_or_autoscaling(self) -> Pool:
+        if self.replicas is not None and self.autoscaling is not None:
+            raise ValueError("set either replicas or autoscaling, not both")
+        return self
+
+    @property
+    def min_replicas(self) -> int:
+        if self.autoscaling is not None:
+            return int(self.autoscaling.get("min_replicas", 1))
+        return self.replicas or 1
+
+    def resolved_model(self) -> str:
+        """The checkpoint path (``~`` expanded, builtin presets in the user cache) or the HF id."""
+        if self.model.startswith(BUILTIN_PREFIX):
+            return str(cache_root() / "models" / self.model[len(BUILTIN_PREFIX) :])
+        if self.model.startswith(("~", "/", "./", "../")):
+            return os.path.expanduser(self.model)
+        return self.model
+
+
+class Budget(_Strict):
+    """The output ceiling of one effort: requests above it are clamped to it or rejected with 400."""
+
+    max_tokens: int = Field(ge=1)
+    over_budget: Literal["clamp", "reject"] = "clamp"
+
+
+class RateLimit(_Strict):
+    requests_per_minute: float = Field(gt=0)
+    burst: int = Field(default=10, ge=1)
+
+
+class Auth(_Strict):
+    """API keys, from an environment variable and/or a mounted file (``name:key`` or ``key`` per line)."""
+
+    api_keys_env: str | None = None
+    api_keys_file: str | None = None
+    rate_limit: RateLimit | None = Field(default=None, description="Default limit of every key")
+    key_rate_limits: dict[str, RateLimit] = Field(default_factory=dict, description="Per key name")
+
+    @model_validator(mode="after")
+    def _has_source(self) -> Auth:
+        if not self.api_keys_env and not self.api_keys_file:
+            raise ValueError("auth needs api_keys_env or api_keys_file")
+        return self
+
+
+class Ingress(_Strict):
+    replicas: int = Field(default=1, ge=1)
+    max_ongoing_requests: int = Field(default=1000, ge=1)
+    retry_after_s: int = Field(default=1, ge=1, description="Retry-After of 429/503 answers")
+    response_routes: int = Field(default=100_000, ge=1, description="Responses remembered for follow-ups")
+
+
+class ServeConfig(_Strict):
+    model_name: str = Field(min_length=1, description="The model name clients send and /v1/models lists")
+    default_effort: Effort = "medium"
+    pools: dict[str, Pool] = Field(min_length=1)
+    budgets: dict[Effort, Budget] = Field(default_factory=dict)
+    auth: Auth | None = None
+    ingress: Ingress = Field(default_factory=Ingress)
+
+    @field_validator("pools")
+    @classmethod
+    def _pool_names(cls, value: dict[str, Pool]) -> dict[str, Pool]:
+        for name in value:
+            if not _POOL_NAME.match(name):
+                raise ValueError(
+                    f"pool name {name!r} must be lowercase letters, digits and '-' (Ray/Kubernetes names)"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _routing_is_total(self) -> ServeConfig:
+        owner: dict[str, str] = {}
+        for name, pool in self.pools.items():
+            for effort in pool.efforts:
+                if effort in owner:
+                    raise ValueError(f"effort {effort!r} is served by two pools: {owner[effort]} and {name}")
+                owner[effort] = name
+            if pool.spillover is not None:
+                if pool.spillover.to not in self.pools:
+                    raise ValueError(f"pools.{name}.spillover.to: no pool named {pool.spillover.to!r}")
+                if pool.spillover.to == name:
+                    raise ValueError(f"pools.{name}.spillover.to: a pool cannot spill over to itself")
+        missing = [e for e in EFFORTS if e not in owner]
+        if missing:
+            raise ValueError(f"no pool serves effort(s) {', '.join(missing)}: every effort needs a pool")
+        return self
+
+    def pool_for(self, effort: str) -> str:
+        for name, pool in self.pools.items():
+            if effort in pool.efforts:
+                return name
+        raise KeyError(effort)
+
+
+def _format_errors(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(part) for part in err["loc"])
+        message = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{key}: {message}" if key else message)
+    return "; ".join(lines)
+
+
+def parse_config(data: Any, source: str = "<config>") -> ServeConfig:
+    """Validate an already-parsed YAML/JSON document; errors name ``source`` and the key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the configuration must be a mapping, got {type(data).__name__}")
+    try:
+        config = ServeConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_format_errors(exc)}") from None
+    from gptoss_vllm.serve.engine_args import EngineArgsError, server_argv
+
+    for name, pool in config.pools.items():
+        try:
+            server_argv(pool, config.model_name)
+        except EngineArgsError as exc:
+            raise ConfigError(f"{source}: pools.{name}.engine_args: {exc}") from None
+        if pool.router != "power_of_two":
+            from gptoss_vllm.serve.router import router_class_path
+
+            try:
+                router_class_path(pool.router)
+            except ImportError as exc:
+                raise ConfigError(f"{source}: pools.{name}.router: {exc}") from None
+    return config
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> ServeConfig:
+    """Read and validate a config file; ``None`` is the embedded default."""
+    file = Path(path) if path is not None else DEFAULT_CONFIG_PATH
+    try:
+        text = file.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{file}: not valid YAML: {exc}") from None
+    return parse_config(data, str(file))

@@ -1,0 +1,183 @@
+"""``gptoss-vllm serve``: start (or join) Ray, deploy the app, wait until ready, drain on Ctrl-C.
+
+Local mode (no ``--address``) starts a private Ray instance and builds ``builtin:`` checkpoints first; with
+``--address`` the app is deployed to that cluster and deleted again on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import httpx
+from tqdm import tqdm
+
+from gptoss_vllm.serve.config import ServeConfig
+
+READY_POLL_S = 2.0
+
+
+class LaunchError(RuntimeError):
+    """The app could not be started; the message says which pool failed and why."""
+
+
+@dataclass(frozen=True)
+class Listen:
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{'127.0.0.1' if self.host in ('0.0.0.0', '') else host}:{self.port}"
+
+
+def port_is_free(listen: Listen) -> bool:
+    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+    with socket.socket(family) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((listen.host, listen.port))
+        except OSError:
+            return False
+    return True
+
+
+def curl_example(config: ServeConfig, url: str) -> str:
+    body = {
+        "model": config.model_name,
+        "messages": [{"role": "user", "content": "What is 17 + 25?"}],
+        "reasoning_effort": "low",
+        "max_tokens": 64,
+    }
+    auth = ' -H "Authorization: Bearer $API_KEY"' if config.auth else ""
+    return (
+        f"curl -s {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d '{json.dumps(body)}'"
+    )
+
+
+def _pool_states(app_name: str) -> dict[str, str]:
+    from ray import serve
+
+    try:
+        app = serve.status().applications.get(app_name)
+    except Exception:
+        return {}
+    if app is None:
+        return {}
+    return {
+        name: str(dep.status.value if hasattr(dep.status, "value") else dep.status)
+        for name, dep in app.deployments.items()
+    }
+
+
+def _failure_detail(app_name: str) -> str:
+    from ray import serve
+
+    try:
+        app = serve.status().applications.get(app_name)
+    except Exception as exc:
+        return f"(Serve status unavailable: {exc})"
+    if app is None:
+        return "(the application is gone)"
+    lines = [app.message] if app.message else []
+    lines += [f"{name}: {dep.message}" for name, dep in app.deployments.items() if dep.message]
+    return "\n".join(lines)
+
+
+def wait_until_ready(
+    config: ServeConfig, listen: Listen, app_name: str, timeout_s: float, failed: list, stop: list
+) -> None:
+    """Poll ``/ready`` with a progress bar of ready pools; raise LaunchError on failure, timeout or Ctrl-C."""
+    deadline = time.monotonic() + timeout_s
+    with tqdm(total=len(config.pools), desc="pools ready", unit="pool", file=sys.stderr) as bar:
+        while True:
+            if stop:
+                raise LaunchError("interrupted before the app was ready")
+            if failed:
+                raise LaunchError(f"deploying the app failed: {failed[0]}\n{_failure_detail(app_name)}")
+            try:
+                answer = httpx.get(f"{listen.url}/ready", timeout=5)
+                pools = (
+                    answer.json().get("pools", {})
+                    if answer.headers.get("content-type") == "application/json"
+                    else {}
+                )
+                bar.n = sum(1 for count in pools.values() if count > 0)
+                bar.set_postfix_str(", ".join(f"{k}={v}" for k, v in _pool_states(app_name).items()))
+                bar.refresh()
+                if answer.status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise LaunchError(f"not ready after {timeout_s:.0f} s\n{_failure_detail(app_name)}")
+            time.sleep(READY_POLL_S)
+
+
+def run(config: ServeConfig, listen: Listen, address: str | None, ready_timeout_s: float) -> int:
+    """Run the app until SIGINT/SIGTERM; returns the process exit code."""
+    import ray
+    from ray import serve
+
+    from gptoss_vllm.serve.app import APP_NAME, build_application
+    from gptoss_vllm.serve.pool import ensure_builtin_model
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # the readiness polls are not news
+    local = address is None
+    if local:
+        for pool in config.pools.values():
+            ensure_builtin_model(pool.model)
+        ray.init(
+            address="local", include_dashboard=False, object_store_memory=1 << 30, namespace="gptoss-vllm"
+        )
+    else:
+        ray.init(address=address, namespace="gptoss-vllm")
+    # A flag, not a threading.Event: Event.set from a handler deadlocks with Event.wait in the main thread.
+    stop: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, _frame: stop.append(signum))
+    failed: list[BaseException] = []
+
+    def deploy() -> None:
+        try:
+            serve.start(http_options={"host": listen.host, "port": listen.port})
+            serve.run(build_application(config), name=APP_NAME, route_prefix="/")
+        except BaseException as exc:  # reported by the waiting thread
+            failed.append(exc)
+
+    threading.Thread(target=deploy, name="deploy", daemon=True).start()
+    code = 0
+    try:
+        wait_until_ready(config, listen, APP_NAME, ready_timeout_s, failed, stop)
+        print(
+            f"\ngptoss-vllm is ready at {listen.url}  (model '{config.model_name}', pools: {', '.join(config.pools)})"
+        )
+        print(
+            f"Try:\n  {curl_example(config, listen.url)}\nCtrl-C drains in-flight requests and stops.",
+            flush=True,
+        )
+        while not stop:
+            time.sleep(0.5)
+        print("draining in-flight requests, then stopping ...", file=sys.stderr, flush=True)
+    except LaunchError as exc:
+        print(f"gptoss-vllm serve: {exc}", file=sys.stderr)
+        code = 1
+    finally:
+        # A second Ctrl-C during the drain stops at once.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            serve.delete(APP_NAME)
+            if local:
+                serve.shutdown()
+        except KeyboardInterrupt:
+            print("stopped without draining", file=sys.stderr)
+        finally:
+            ray.shutdown()
+    return code

@@ -1,0 +1,111 @@
+"""A pool replica: one ``AsyncLLM`` engine behind vLLM's own OpenAI FastAPI app, called in-process.
+
+Harmony rendering, the reasoning parser, tool calls, the Responses store and request validation are vLLM's;
+this module only starts the engine from the pool's config and relays HTTP requests into that app. The replica
+identifies itself in every answer so that the ingress can pin Responses follow-ups to it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from gptoss_vllm.cache import cache_root
+from gptoss_vllm.serve.asgi_stream import ResponseStart, stream_asgi
+from gptoss_vllm.serve.config import BUILTIN_PREFIX, Pool
+from gptoss_vllm.serve.engine_args import parse_server_args, server_argv
+
+log = logging.getLogger("ray.serve")
+
+
+@dataclass
+class PoolRequest:
+    """An HTTP request the ingress forwards to a pool (already authenticated, effort applied)."""
+
+    method: str
+    path: str
+    body: bytes = b""
+    query: str = ""
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    payload: dict[str, Any] = field(default_factory=dict)
+    replica_id: str | None = None  # pin to this replica (Responses follow-ups)
+
+    # Read by Ray Serve's prefix-aware router (PrefixCacheAffinityRouter) to match prompt prefixes.
+    @property
+    def messages(self) -> Any:
+        return self.payload.get("messages") or self.payload.get("input") or ""
+
+    @property
+    def prompt(self) -> Any:
+        return self.payload.get("prompt") or ""
+
+
+@dataclass(frozen=True)
+class PoolAnswerStart:
+    """First item of every pool answer stream: the HTTP status and headers, and who served it."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    replica_id: str
+
+
+def ensure_builtin_model(model: str) -> None:
+    """Build a ``builtin:<preset>`` checkpoint into the user cache unless it is there (one builder per node)."""
+    if not model.startswith(BUILTIN_PREFIX):
+        return
+    from gptoss_vllm.checkpoints.builder import write_checkpoint
+    from gptoss_vllm.checkpoints.config import build_config
+
+    preset = model[len(BUILTIN_PREFIX) :]
+    out = cache_root() / "models" / preset
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{preset}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two pools on one node must not write the same directory
+        if not (out / "config.json").exists():
+            log.info("building the %s checkpoint into %s", preset, out)
+            write_checkpoint(out, build_config(preset, {}), seed=0, dtype="mxfp4", force=True)
+
+
+class PoolServer:
+    """The Ray Serve replica class of every pool deployment."""
+
+    async def __init__(self, pool_name: str, pool: dict[str, Any], model_name: str) -> None:
+        from ray import serve
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client_from_engine_args
+        from vllm.entrypoints.launchers.app import build_app
+
+        config = Pool.model_validate(pool)
+        ensure_builtin_model(config.model)
+        args = parse_server_args(server_argv(config, model_name))
+        self._pool_name = pool_name
+        self._replica_id = serve.get_replica_context().replica_id.unique_id
+        self._stack = contextlib.AsyncExitStack()
+        self._engine = await self._stack.enter_async_context(
+            build_async_engine_client_from_engine_args(AsyncEngineArgs.from_cli_args(args))
+        )
+        tasks = await self._engine.get_supported_tasks()
+        self._app = build_app(args, tasks, self._engine.model_config)
+        await init_app_state(self._engine, self._app.state, args, tasks)
+        log.info("pool %s replica %s ready (model %s)", pool_name, self._replica_id, config.model)
+
+    async def handle_request(self, request: PoolRequest) -> AsyncIterator[PoolAnswerStart | bytes]:
+        async for item in stream_asgi(
+            self._app, request.method, request.path, request.query, request.headers, request.body
+        ):
+            if isinstance(item, ResponseStart):
+                yield PoolAnswerStart(item.status, item.headers, self._replica_id)
+            else:
+                yield item
+
+    async def check_health(self) -> None:
+        # A dead engine core fails this; Ray Serve then replaces the replica.
+        await self._engine.check_health()
+
+    async def __del__(self) -> None:
+        await self._stack.aclose()
