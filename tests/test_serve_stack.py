@@ -68,7 +68,7 @@ def stack(tiny_checkpoint_dirs, tmp_path_factory):
         "budgets": {
             "low": {"max_tokens": 64},
             "medium": {"max_tokens": 512},
-            "high": {"max_tokens": 256, "over_budget": "reject"},
+            "high": {"max_tokens": 900, "over_budget": "reject"},
         },
         "auth": {
             "api_keys_file": str(root / "keys"),
@@ -396,6 +396,13 @@ def test_vllm_bench_serve_has_no_failures(stack, tiny_checkpoint_dirs, tmp_path,
 # -- failures and shutdown (last: they disturb the stack) -------------------------------------------------------
 
 
+def _wait_ready(stack, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while httpx.get(f"{stack.url}/ready").status_code != 200:
+        assert time.monotonic() < deadline, stack.log_tail()
+        time.sleep(2)
+
+
 def _replica_processes(pool: str) -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter(["cmdline"]):
@@ -417,7 +424,7 @@ def test_killed_replica_gives_a_clean_error_and_is_replaced(stack, client):
         try:
             # Raw completions: one event per engine step, so the stream is surely mid-way when the kill lands.
             stream = client.completions.create(
-                model=MODEL, prompt="Hello", max_tokens=256, stream=True, extra_body={"ignore_eos": True},
+                model=MODEL, prompt="Hello", max_tokens=900, stream=True, extra_body={"ignore_eos": True},
                 extra_headers={"X-Reasoning-Effort": "high"},
             )  # fmt: skip
             for chunk in stream:
@@ -463,6 +470,7 @@ def test_killed_replica_gives_a_clean_error_and_is_replaced(stack, client):
 
 
 def test_ctrl_c_drains_in_flight_streams_then_exits(stack):
+    _wait_ready(stack)
     lines: list[str] = []
 
     def consume():
