@@ -9,24 +9,26 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 log = logging.getLogger("gptoss_vllm")
 
 
 def _make_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from gptoss_vllm.checkpoints.builder import write_checkpoint
-    from gptoss_vllm.checkpoints.config import ConfigError, build_config, parse_override
+    from gptoss_vllm.checkpoints.config import ConfigError, parse_override
+    from gptoss_vllm.checkpoints.presets import TRAINED_PRESETS, build_preset
 
+    if args.preset in TRAINED_PRESETS and args.seed is not None:
+        parser.error(f"--seed: the {args.preset} preset is trained weights; a seed does not apply")
     try:
         overrides = dict(parse_override(item) for item in args.set)
-        config = build_config(args.preset, overrides)
+        out = build_preset(args.preset, args.out, args.seed or 0, args.dtype, args.force, overrides)
     except ConfigError as exc:
         parser.error(f"{'--set' if args.set else '--preset'}: {exc}")
-    try:
-        out = write_checkpoint(args.out, config, seed=args.seed, dtype=args.dtype, force=args.force)
     except FileExistsError as exc:
         parser.error(f"--out: {exc}")
-    print(f"wrote {args.dtype} gpt-oss checkpoint ({args.preset}, seed {args.seed}) to {out}")
+    origin = "trained weights" if args.preset in TRAINED_PRESETS else f"seed {args.seed or 0}"
+    print(f"wrote {args.dtype} gpt-oss checkpoint ({args.preset}, {origin}) to {out}")
     return 0
 
 
@@ -71,10 +73,40 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return run(config, listen, args.address, args.ready_timeout)
 
 
+def _train_nano(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from gptoss_vllm.nano.evaluate import evaluate_weights, format_table
+    from gptoss_vllm.nano.train import TrainSettings, asset_tensors, save_asset, train
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        parser.error(f"--out: {out} exists; pass --force to replace it")
+    recipe = {"steps": args.steps, "batch_size": args.batch_size}
+    settings = TrainSettings(seed=args.seed, **{k: v for k, v in recipe.items() if v is not None})
+    result = train(settings)
+    scores = {
+        "bf16": evaluate_weights(
+            asset_tensors(result.model, result.vocab, quantise=False), "bf16", args.eval_per_family
+        ),
+        "mxfp4": evaluate_weights(asset_tensors(result.model, result.vocab), "mxfp4", args.eval_per_family),
+    }
+    print(format_table(scores))
+    table = {name: [s.__dict__ for s in rows] for name, rows in scores.items()}
+    save_asset(result, out, {"eval": table})
+    print(f"trained in {result.seconds:.0f} s; wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
 def _port(text: str) -> int:
     value = _non_negative_int(text)
     if not 1 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"must be 1..65535, got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
 
@@ -113,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a GptOssConfig field, e.g. --set num_hidden_layers=2 (repeatable; values are YAML)",
     )
-    mm.add_argument("--seed", type=_non_negative_int, default=0, help="weight seed (default: 0)")
+    mm.add_argument("--seed", type=_non_negative_int, default=None, help="weight seed (default: 0)")
     mm.add_argument("--dtype", choices=["mxfp4", "bf16"], default="mxfp4", help="expert weight format")
     mm.add_argument("--force", action="store_true", help="replace --out if it exists")
     mm.set_defaults(handler=_make_model, subparser=mm)
@@ -127,6 +159,24 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("src", help="bf16 checkpoint directory")
     qz.add_argument("dst", help="new directory for the MXFP4 checkpoint")
     qz.set_defaults(handler=_quantize, subparser=qz)
+
+    tn = sub.add_parser(
+        "train-nano",
+        help="train the nano canary model from scratch on CPU and write its weights asset",
+        description="Train nano (gpt-oss architecture, harmony, effort-aware) on synthetic tasks, report its "
+        "accuracy per effort with bf16 and MXFP4 experts, and write the asset make-model --preset nano expands.",
+    )
+    tn.add_argument("--out", required=True, help="asset file to write (.safetensors)")
+    tn.add_argument("--seed", type=_non_negative_int, default=0, help="data and initialisation seed")
+    tn.add_argument("--steps", type=_positive_int, help="optimizer steps (default: the asset's recipe)")
+    tn.add_argument(
+        "--batch-size", type=_positive_int, help="sequences per step (default: the asset's recipe)"
+    )
+    tn.add_argument(
+        "--eval-per-family", type=_positive_int, default=25, metavar="N", help="held-out tasks per family"
+    )
+    tn.add_argument("--force", action="store_true", help="replace --out if it exists")
+    tn.set_defaults(handler=_train_nano, subparser=tn)
 
     sv = sub.add_parser(
         "serve",

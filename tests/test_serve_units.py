@@ -48,13 +48,13 @@ def _config(**changes) -> dict:
 # -- config ----------------------------------------------------------------------------------------------------
 
 
-def test_embedded_default_is_two_cpu_pools_of_the_builtin_model():
+def test_embedded_default_is_two_cpu_pools_of_nano():
     config = load_config()
     assert {name: pool.efforts for name, pool in config.pools.items()} == {
         "fast": ["low", "medium"],
         "deep": ["high"],
     }
-    assert all(pool.model == "builtin:tiny" for pool in config.pools.values())
+    assert all(pool.model == "builtin:nano" for pool in config.pools.values())
     assert config.default_effort == "medium"
     argv = server_argv(config.pools["fast"], config.model_name)
     assert argv[argv.index("--reasoning-parser") + 1] == "openai_gptoss"

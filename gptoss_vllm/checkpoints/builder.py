@@ -101,12 +101,14 @@ def write_checkpoint(
     force: bool = False,
     progress: bool = True,
     description: str = "",
+    tensors: Iterator[tuple[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write a complete checkpoint (config, generation config, tokenizer, weights) to ``out_dir``.
 
     The checkpoint is assembled beside ``out_dir`` and moved into place at the end, so an interrupted
     build never leaves a half-written model where a server would load it. An existing non-empty
-    ``out_dir`` is replaced only with ``force``.
+    ``out_dir`` is replaced only with ``force``. ``tensors`` supplies trained weights in ``checkpoint_specs``
+    order instead of seeded random ones.
     """
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
@@ -124,7 +126,7 @@ def write_checkpoint(
         )
 
         def counted() -> Iterator[tuple[str, torch.Tensor]]:
-            for item in generate_tensors(config, seed, dtype):
+            for item in tensors if tensors is not None else generate_tensors(config, seed, dtype):
                 bar.update(1)
                 yield item
 

@@ -81,6 +81,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "max_position_embeddings": 4096,
     },
 }
+# The trained canary (gptoss_vllm/nano): tiny's shapes, with a window that a task's tail fits in.
+PRESETS["nano"] = {**PRESETS["tiny"], "sliding_window": 64}
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
 # Keys of the published config.json that GptOssConfig's signature no longer lists.

@@ -53,8 +53,8 @@ def curl_example(config: ServeConfig, url: str) -> str:
     body = {
         "model": config.model_name,
         "messages": [{"role": "user", "content": "What is 17 + 25?"}],
-        "reasoning_effort": "low",
-        "max_tokens": 64,
+        "reasoning_effort": "high",
+        "max_tokens": 256,
     }
     auth = ' -H "Authorization: Bearer $API_KEY"' if config.auth else ""
     return (

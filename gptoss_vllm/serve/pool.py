@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -53,21 +54,34 @@ class PoolAnswerStart:
     replica_id: str
 
 
+def _builtin_source(preset: str) -> str:
+    """What a builtin checkpoint is built from; a cached build from anything else is rebuilt."""
+    from gptoss_vllm.checkpoints.presets import TRAINED_PRESETS
+
+    if preset in TRAINED_PRESETS:
+        from gptoss_vllm.nano.asset import ASSET_PATH
+
+        return "asset-" + hashlib.sha256(ASSET_PATH.read_bytes()).hexdigest()[:16]
+    return "seed-0"
+
+
 def ensure_builtin_model(model: str) -> None:
     """Build a ``builtin:<preset>`` checkpoint into the user cache unless it is there (one builder per node)."""
     if not model.startswith(BUILTIN_PREFIX):
         return
-    from gptoss_vllm.checkpoints.builder import write_checkpoint
-    from gptoss_vllm.checkpoints.config import build_config
+    from gptoss_vllm.checkpoints.presets import build_preset
 
     preset = model[len(BUILTIN_PREFIX) :]
     out = cache_root() / "models" / preset
     out.parent.mkdir(parents=True, exist_ok=True)
+    source = _builtin_source(preset)
     with open(out.parent / f".{preset}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two pools on one node must not write the same directory
-        if not (out / "config.json").exists():
+        stamp = out / ".gptoss-vllm-source"
+        if not (out / "config.json").exists() or not stamp.exists() or stamp.read_text() != source:
             log.info("building the %s checkpoint into %s", preset, out)
-            write_checkpoint(out, build_config(preset, {}), seed=0, dtype="mxfp4", force=True)
+            build_preset(preset, out, force=True)
+            stamp.write_text(source)
 
 
 class PoolServer:

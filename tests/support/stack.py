@@ -42,19 +42,13 @@ class RunningStack:
 
 
 def start_stack(
-    config_path: Path, log_path: Path, env: dict[str, str] | None = None, timeout_s: float = 600
+    config_path: Path | None, log_path: Path, env: dict[str, str] | None = None, timeout_s: float = 600
 ) -> RunningStack:
+    """``config_path`` None: the embedded default."""
     port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "gptoss_vllm.cli",
-        "serve",
-        "--config",
-        str(config_path),
-        "--port",
-        str(port),
-    ]
+    cmd = [sys.executable, "-m", "gptoss_vllm.cli", "serve", "--port", str(port)]
+    if config_path is not None:
+        cmd += ["--config", str(config_path)]
     log = log_path.open("w")
     proc = subprocess.Popen(
         cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True

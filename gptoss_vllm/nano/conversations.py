@@ -1,0 +1,160 @@
+"""Nano's training sequences: prompts rendered by vLLM's own harmony code, completions in harmony channels.
+
+The prompt of each example is built from the Chat Completions messages a client would send, through the
+same vLLM functions the serving layer calls (system message with the effort and a date, developer message
+with the tools, the conversation), so training sees exactly the tokens the engine will see. The completion
+is ``analysis`` then ``final`` (or a ``commentary`` call of ``functions.lookup``). Digits the model computes
+are written one token per digit: the text decodes the same and each token is one step of the arithmetic.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import random
+import re
+from dataclasses import dataclass
+from functools import cache
+
+from gptoss_vllm.nano.tasks import EFFORTS, FAMILIES, LOOKUP_KEYS, LOOKUP_TOOL, Task, analysis, make_task
+
+_DIGITS = re.compile(r"(\d+)")
+_SPECIAL = re.compile(r"(<\|[a-z_]+\|>)")
+TOOL_CALL_ID = "call_lookup_0"
+
+
+@cache
+def _encoding():  # type: ignore[no-untyped-def]
+    from vllm.entrypoints.openai.parser.harmony_utils import get_encoding
+
+    return get_encoding()
+
+
+@cache
+def _token_id(token: str) -> int:
+    """The id of a string that is one token (a special token, a digit)."""
+    return _encoding().encode(token, allowed_special="all")[0]
+
+
+def encode_text(text: str, split_digits: bool) -> list[int]:
+    """Harmony tokens of ``text``; ``<|...|>`` are special tokens, digit runs one token per digit if asked."""
+    enc = _encoding()
+    ids: list[int] = []
+    for i, part in enumerate(_SPECIAL.split(text)):
+        if i % 2:
+            ids.append(_token_id(part))
+            continue
+        for j, piece in enumerate(_DIGITS.split(part) if split_digits else [part]):
+            if piece and j % 2:
+                ids += [_token_id(d) for d in piece]  # a lone digit is a single token too
+            elif piece:
+                ids += enc.encode(piece, disallowed_special=())
+    return ids
+
+
+def chat_messages(task: Task, after_tool: bool) -> list[dict]:
+    """The messages a client sends: the user's task, and for a lookup follow-up the call and its result."""
+    messages: list[dict] = [{"role": "user", "content": task.user}]
+    if after_tool:
+        arguments = json.dumps({"key": task.key})
+        call = {
+            "id": TOOL_CALL_ID,
+            "type": "function",
+            "function": {"name": "lookup", "arguments": arguments},
+        }
+        messages += [
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": TOOL_CALL_ID, "content": task.tool_result},
+        ]
+    return messages
+
+
+def prompt_ids(messages: list[dict], effort: str, with_tools: bool, date: str) -> list[int]:
+    """Tokens of the prompt as vLLM's chat serving renders it for gpt-oss (OnlineRenderer's harmony path)."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionToolsParam
+    from vllm.entrypoints.openai.parser.harmony_utils import (
+        get_developer_message,
+        get_system_message,
+        parse_chat_inputs_to_harmony_messages,
+        render_for_completion,
+    )
+
+    harmony = [get_system_message(reasoning_effort=effort, start_date=date, with_custom_tools=with_tools)]
+    if with_tools:
+        harmony.append(get_developer_message(tools=[ChatCompletionToolsParam.model_validate(LOOKUP_TOOL)]))
+    harmony += parse_chat_inputs_to_harmony_messages(messages)
+    return render_for_completion(harmony)
+
+
+def completion_ids(task: Task, effort: str, after_tool: bool) -> list[int]:
+    """What the assistant writes after ``<|start|>assistant``, ending in ``<|return|>`` or ``<|call|>``."""
+    split = task.family != "lookup"  # lookup codes are copied from the tool result, token for token
+    ids = encode_text("<|channel|>analysis<|message|>", False)
+    ids += encode_text(analysis(task, effort, after_tool), split)
+    ids += encode_text("<|end|><|start|>assistant", False)
+    if task.family == "lookup" and not after_tool:
+        ids += encode_text("<|channel|>commentary to=functions.lookup <|constrain|>json<|message|>", False)
+        ids += encode_text(json.dumps({"key": task.key}), False)
+        return ids + encode_text("<|call|>", False)
+    ids += encode_text("<|channel|>final<|message|>", False)
+    ids += encode_text(task.answer, split)
+    return ids + encode_text("<|return|>", False)
+
+
+@dataclass(frozen=True)
+class Example:
+    tokens: tuple[int, ...]
+    completion_start: int  # the loss covers tokens[completion_start:]
+    family: str
+    effort: str
+
+
+def random_date(rng: random.Random) -> str:
+    day = datetime.date(2025, 1, 1) + datetime.timedelta(days=rng.randrange(11 * 365))
+    return day.isoformat()
+
+
+def examples_for(task: Task, effort: str, with_tools: bool, date: str) -> list[Example]:
+    stages = (False, True) if task.family == "lookup" else (False,)
+    out = []
+    for after_tool in stages:
+        prompt = prompt_ids(chat_messages(task, after_tool), effort, with_tools, date)
+        completion = completion_ids(task, effort, after_tool)
+        out.append(Example(tuple(prompt + completion), len(prompt), task.family, effort))
+    return out
+
+
+def sample_examples(rng: random.Random) -> list[Example]:
+    """One random task at a random effort (lookup always with its tool, the others half of the time)."""
+    family, effort = rng.choice(FAMILIES), rng.choice(EFFORTS)
+    task = make_task(rng, family)
+    with_tools = family == "lookup" or rng.random() < 0.5
+    return examples_for(task, effort, with_tools, random_date(rng))
+
+
+def vocabulary(seed: int = 0) -> list[int]:
+    """Every token id nano's data can contain, sorted: the templates (from rendered samples), every prompt
+    text, every code in both tokenisations, every date."""
+    enc = _encoding()
+    rng = random.Random(seed)
+    ids: set[int] = set()
+    for family in FAMILIES:
+        for _ in range(30):
+            task = make_task(rng, family)
+            for effort in EFFORTS:
+                for with_tools in (True, False) if family != "lookup" else (True,):
+                    for example in examples_for(task, effort, with_tools, random_date(rng)):
+                        ids.update(example.tokens)
+    texts = [f"What is {a} + {b}?" for a in range(10, 100) for b in range(10, 100)]
+    for key in LOOKUP_KEYS:
+        task = Task("lookup", f"Look up the code for {key}.", f"The code for {key} is 100.", (100,), key)
+        texts += [task.user, json.dumps({"key": key})]
+        texts += [analysis(task, effort, after) for effort in EFFORTS for after in (False, True)]
+    texts += [f"The code for x is {n}. {json.dumps({'code': n})}" for n in range(1000)]
+    day = datetime.date(2025, 1, 1)
+    while day.year < 2036:
+        texts.append(f"Current date: {day.isoformat()}")
+        day += datetime.timedelta(days=1)
+    for text in texts:
+        ids.update(enc.encode(text, disallowed_special=()))
+    return sorted(ids)

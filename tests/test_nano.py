@@ -1,0 +1,162 @@
+"""Nano's data, rendering, training step, scoring and asset expansion, without serving."""
+
+from __future__ import annotations
+
+import random
+import statistics
+
+import pytest
+import torch
+
+from gptoss_vllm.nano.conversations import (
+    chat_messages,
+    completion_ids,
+    examples_for,
+    prompt_ids,
+    sample_examples,
+    vocabulary,
+)
+from gptoss_vllm.nano.evaluate import Turn, parse_harmony, score
+from gptoss_vllm.nano.tasks import EFFORTS, FAMILIES, LOOKUP_TOOL, analysis, make_task
+
+
+@pytest.fixture(scope="module")
+def vocab() -> list[int]:
+    return vocabulary()
+
+
+def _decode(ids: list[int]) -> str:
+    from gptoss_vllm.nano.conversations import _encoding
+
+    return _encoding().decode(ids)
+
+
+def test_task_answers_are_right():
+    rng = random.Random(3)
+    for _ in range(200):
+        add = make_task(rng, "add")
+        assert int(add.answer) == sum(add.numbers)
+        rev, srt = make_task(rng, "reverse"), make_task(rng, "sort")
+        assert rev.answer == "[" + ", ".join(map(str, rev.numbers[::-1])) + "]"
+        assert srt.answer == "[" + ", ".join(map(str, sorted(srt.numbers))) + "]"
+    assert make_task(random.Random(5), "lookup") == make_task(random.Random(5), "lookup")
+
+
+def test_high_effort_analysis_works_the_carries():
+    from gptoss_vllm.nano.tasks import Task
+
+    text = analysis(Task("add", "What is 58 + 67?", "125", (58, 67)), "high")
+    assert "8 + 7 = 15, write 5 and carry 1" in text and "5 + 6 + 1 = 12" in text and "125" in text
+
+
+def test_prompts_match_vllms_chat_rendering(monkeypatch):
+    """The training prompt is what vLLM's chat serving renders for the same request (its own helpers)."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionToolsParam
+    from vllm.entrypoints.openai.parser.harmony_utils import (
+        build_harmony_preamble,
+        parse_chat_inputs_to_harmony_messages,
+        render_for_completion,
+    )
+
+    monkeypatch.setenv("VLLM_SYSTEM_START_DATE", "2031-02-03")
+    rng = random.Random(1)
+    for family in FAMILIES:
+        task = make_task(rng, family)
+        for effort in EFFORTS:
+            for after_tool in (False, True) if family == "lookup" else (False,):
+                messages = chat_messages(task, after_tool)
+                tools = [ChatCompletionToolsParam.model_validate(LOOKUP_TOOL)] if family == "lookup" else None
+                preamble = build_harmony_preamble(
+                    tools=tools, reasoning_effort=effort, with_custom_tools=bool(tools)
+                )
+                expected = render_for_completion(preamble + parse_chat_inputs_to_harmony_messages(messages))
+                assert prompt_ids(messages, effort, family == "lookup", "2031-02-03") == expected
+
+
+def test_completions_parse_back_and_reasoning_grows_with_effort():
+    rng = random.Random(2)
+    lengths = {effort: [] for effort in EFFORTS}
+    for _ in range(40):
+        for family in FAMILIES:
+            task = make_task(rng, family)
+            for effort in EFFORTS:
+                turn = parse_harmony(_decode(completion_ids(task, effort, False)))
+                assert turn.parsed
+                if family == "lookup":
+                    assert turn.tool_key == task.key
+                    final = parse_harmony(_decode(completion_ids(task, effort, True)))
+                    assert final.answer == task.answer
+                else:
+                    assert turn.answer == task.answer
+                lengths[effort].append(turn.reasoning_tokens)
+    means = [statistics.mean(lengths[e]) for e in EFFORTS]
+    assert means[1] >= 1.5 * means[0] and means[2] >= 1.5 * means[1], means
+    assert not parse_harmony("<|channel|>final<|message|>42<|return|>").parsed
+    assert not parse_harmony(
+        "<|channel|>analysis<|message|>x<|end|><|start|>assistant<|channel|>final<|message|>4"
+    ).parsed
+
+
+def test_score_counts_lookups_over_two_turns():
+    rng = random.Random(4)
+    tasks = [make_task(rng, "lookup"), make_task(rng, "add")]
+
+    def oracle(requests):
+        turns = []
+        for task, effort, after in requests:
+            turn = parse_harmony(_decode(completion_ids(task, effort, after)))
+            turns.append(
+                turn if task.family == "lookup" or effort != "low" else Turn(True, 1, answer="wrong")
+            )
+        return turns
+
+    low, high = score(tasks, ("low", "high"), oracle)
+    assert (low.accuracy, high.accuracy) == (0.5, 1.0)
+    assert low.parsed == high.parsed == 1.0
+
+
+def test_vocabulary_covers_the_data(vocab):
+    rng = random.Random(9)
+    known = set(vocab)
+    for _ in range(200):
+        for example in sample_examples(rng):
+            assert known.issuperset(example.tokens)
+    assert 1000 < len(vocab) < 2000
+
+
+def test_training_is_deterministic_and_learns(vocab):
+    from gptoss_vllm.nano.train import TrainSettings, train
+
+    settings = TrainSettings(seed=11, steps=6, batch_size=4, warmup=1, qat_fraction=0.5, threads=1)
+    first, second = train(settings, progress=False), train(settings, progress=False)
+    assert first.losses == second.losses
+    assert first.losses[-1] < first.losses[0]
+
+
+def test_expanded_checkpoint_is_the_trained_model_and_unseen_tokens_score_zero(vocab, tmp_path):
+    from transformers import GptOssForCausalLM
+
+    from gptoss_vllm.checkpoints.builder import write_checkpoint
+    from gptoss_vllm.nano.asset import expanded_tensors, nano_config
+    from gptoss_vllm.nano.train import TrainSettings, asset_tensors, train
+
+    result = train(TrainSettings(seed=5, steps=2, batch_size=2, warmup=1, threads=1), progress=False)
+    config = nano_config()
+    path = write_checkpoint(
+        tmp_path / "nano-bf16",
+        config,
+        dtype="bf16",
+        progress=False,
+        tensors=expanded_tensors(config, "bf16", asset_tensors(result.model, result.vocab, quantise=False)),
+    )
+    full = GptOssForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+    example = examples_for(make_task(random.Random(0), "add"), "high", False, "2026-11-29")[0]
+    to_sub = {t: i for i, t in enumerate(result.vocab)}
+    with torch.no_grad():
+        big = full(torch.tensor([example.tokens])).logits[0]
+        small = result.model.float()(torch.tensor([[to_sub[t] for t in example.tokens]])).logits[0]
+    ids = torch.tensor(result.vocab)
+    torch.testing.assert_close(big[:, ids], small, atol=0.05, rtol=0.05)  # bf16 storage of the weights
+    unseen = torch.ones(big.shape[1], dtype=torch.bool)
+    unseen[ids] = False
+    assert torch.count_nonzero(big[:, unseen]) == 0

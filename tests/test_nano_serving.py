@@ -1,0 +1,124 @@
+"""Nano through the whole stack: the real CLI runs the embedded default (``gptoss-vllm serve`` with no config,
+what ``make serve`` runs), which builds nano from the committed asset into an empty cache and serves it in
+two pools; the official ``openai`` client asks held-out tasks at every effort.
+
+Checks: completions come back as harmony (vLLM splits reasoning from content), reasoning grows with effort,
+and the lookup family calls its tool in OpenAI's ``tool_calls`` shape and answers from the tool's result.
+The accuracy table is printed (``pytest -s``); the committed weights do not reach the issue's accuracy
+target yet (high effort >= 90%), so no test claims it."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+
+from gptoss_vllm.nano.evaluate import EffortScore, Turn, format_table, held_out_tasks, score
+from gptoss_vllm.nano.tasks import EFFORTS, LOOKUP_TOOL, Task
+from tests.support.stack import start_stack
+
+pytestmark = pytest.mark.slow
+MODEL = "gpt-oss-nano"
+PER_FAMILY = 8
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    root = tmp_path_factory.mktemp("nano-stack")
+    stack = start_stack(None, root / "serve.log", env={"GPTOSS_VLLM_CACHE": str(root / "cache")})
+    assert (root / "cache" / "models" / "nano" / "config.json").exists()
+    yield openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    stack.stop()
+
+
+def _messages(task: Task, after_tool: bool, call_id: str = "call_0") -> list[dict]:
+    messages: list[dict] = [{"role": "user", "content": task.user}]
+    if after_tool:
+        call = {
+            "id": call_id,
+            "type": "function",
+            "function": {"name": "lookup", "arguments": json.dumps({"key": task.key})},
+        }
+        messages += [
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": call_id, "content": task.tool_result},
+        ]
+    return messages
+
+
+def _ask(client: openai.OpenAI, task: Task, effort: str, after_tool: bool) -> Turn:
+    tools = [LOOKUP_TOOL] if task.family == "lookup" else openai.NOT_GIVEN
+    completion = client.chat.completions.create(
+        model=MODEL,
+        messages=_messages(task, after_tool),
+        reasoning_effort=effort,
+        tools=tools,
+        temperature=0,
+        max_tokens=400,
+    )
+    message = completion.choices[0].message
+    reasoning = getattr(message, "reasoning", None) or getattr(message, "reasoning_content", None)
+    details = completion.usage.completion_tokens_details
+    reasoning_tokens = (details.reasoning_tokens if details else 0) or 0
+    key = None
+    if message.tool_calls:
+        call = message.tool_calls[0]
+        if call.function.name == "lookup":
+            key = json.loads(call.function.arguments).get("key")
+    parsed = bool(reasoning) and (bool(message.content) or bool(message.tool_calls))
+    return Turn(parsed, reasoning_tokens, answer=message.content, tool_key=key)
+
+
+@pytest.fixture(scope="module")
+def scores(client) -> dict[str, EffortScore]:
+    def run(requests):
+        with ThreadPoolExecutor(4) as pool:
+            return list(pool.map(lambda r: _ask(client, *r), requests))
+
+    results = score(held_out_tasks(PER_FAMILY), EFFORTS, run)
+    print("\n" + format_table({"nano": results}))
+    return {s.effort: s for s in results}
+
+
+def test_completions_are_harmony(scores):
+    for effort in EFFORTS:
+        assert scores[effort].parsed >= 0.95, scores[effort]
+
+
+def test_reasoning_grows_with_effort(scores):
+    low, medium, high = (scores[e].mean_reasoning_tokens for e in EFFORTS)
+    assert medium >= 1.5 * low and high >= 1.5 * medium, (low, medium, high)
+
+
+def test_tool_call_then_answer_from_the_result(client):
+    task = held_out_tasks(1)[-1]
+    assert task.family == "lookup"
+    first = client.chat.completions.create(
+        model=MODEL,
+        messages=_messages(task, False),
+        tools=[LOOKUP_TOOL],
+        reasoning_effort="low",
+        temperature=0,
+    )
+    (call,) = first.choices[0].message.tool_calls
+    assert first.choices[0].finish_reason == "tool_calls"
+    assert call.type == "function" and call.function.name == "lookup"
+    assert json.loads(call.function.arguments) == {"key": task.key}
+    follow = client.chat.completions.create(
+        model=MODEL,
+        messages=[
+            {"role": "user", "content": task.user},
+            {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+            {"role": "tool", "tool_call_id": call.id, "content": task.tool_result},
+        ],
+        tools=[LOOKUP_TOOL],
+        reasoning_effort="low",
+        temperature=0,
+    )
+    answer = follow.choices[0]
+    assert answer.finish_reason == "stop" and not answer.message.tool_calls
+    # The committed weights answer in the right form but do not yet copy the code from the tool's result
+    # reliably (issue 6 stays open on accuracy); the form is what the stack's plumbing is checked on here.
+    assert answer.message.content.startswith(f"The code for {task.key} is")
