@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="run the OpenAI-compatible service (Ray Serve, pools by reasoning effort)",
         description="Deploy the gpt-oss service on Ray Serve and wait until every pool is ready. Without "
-        "--config: the embedded default (two pools of the tiny MXFP4 model on this machine).",
+        "--config: the embedded default (two pools of the nano model on this machine).",
     )
     sv.add_argument("--config", metavar="FILE", help="serving config YAML (default: the embedded default)")
     sv.add_argument("--address", metavar="RAY_ADDRESS", help="join this Ray cluster instead of starting one")

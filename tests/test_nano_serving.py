@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
+from gptoss_vllm.nano.conversations import chat_messages
 from gptoss_vllm.nano.evaluate import EffortScore, Turn, format_table, held_out_tasks, score
 from gptoss_vllm.nano.tasks import EFFORTS, LOOKUP_TOOL, Task
 from tests.support.stack import start_stack
@@ -33,26 +34,11 @@ def client(tmp_path_factory):
     stack.stop()
 
 
-def _messages(task: Task, after_tool: bool, call_id: str = "call_0") -> list[dict]:
-    messages: list[dict] = [{"role": "user", "content": task.user}]
-    if after_tool:
-        call = {
-            "id": call_id,
-            "type": "function",
-            "function": {"name": "lookup", "arguments": json.dumps({"key": task.key})},
-        }
-        messages += [
-            {"role": "assistant", "content": None, "tool_calls": [call]},
-            {"role": "tool", "tool_call_id": call_id, "content": task.tool_result},
-        ]
-    return messages
-
-
 def _ask(client: openai.OpenAI, task: Task, effort: str, after_tool: bool) -> Turn:
     tools = [LOOKUP_TOOL] if task.family == "lookup" else openai.NOT_GIVEN
     completion = client.chat.completions.create(
         model=MODEL,
-        messages=_messages(task, after_tool),
+        messages=chat_messages(task, after_tool),
         reasoning_effort=effort,
         tools=tools,
         temperature=0,
@@ -97,7 +83,7 @@ def test_tool_call_then_answer_from_the_result(client):
     assert task.family == "lookup"
     first = client.chat.completions.create(
         model=MODEL,
-        messages=_messages(task, False),
+        messages=chat_messages(task, False),
         tools=[LOOKUP_TOOL],
         reasoning_effort="low",
         temperature=0,

@@ -4,7 +4,6 @@ completions and responses, through the official ``openai`` client."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,20 +12,16 @@ import httpx
 import openai
 import pytest
 
+from tests.support.stack import free_port
+
 pytestmark = pytest.mark.slow
 
 EFFORTS = ("low", "medium", "high")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint_dirs, tmp_path_factory):
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path_factory.mktemp("server") / "vllm.log"
     env = {**os.environ, "GPTOSS_VLLM_MOE_BACKEND": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1"}
     cmd = [

@@ -47,7 +47,7 @@ class Task:
     @property
     def tool_result(self) -> str:
         """What the lookup function returns for this task (lookup family only)."""
-        return json.dumps({"code": int(self.answer.rsplit(" ", 1)[1].rstrip("."))})
+        return json.dumps({"code": self.numbers[0]})
 
 
 def _listed(values: list[int] | tuple[int, ...]) -> str:

@@ -79,12 +79,6 @@ class Pool(_Strict):
             raise ValueError("set either replicas or autoscaling, not both")
         return self
 
-    @property
-    def min_replicas(self) -> int:
-        if self.autoscaling is not None:
-            return int(self.autoscaling.get("min_replicas", 1))
-        return self.replicas or 1
-
     def resolved_model(self) -> str:
         """The checkpoint path (``~`` expanded, builtin presets in the user cache) or the HF id."""
         if self.model.startswith(BUILTIN_PREFIX):

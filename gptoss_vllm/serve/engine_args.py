@@ -35,24 +35,21 @@ class EngineArgsError(ValueError):
     """An engine argument vLLM would refuse."""
 
 
-class _RaisingParser:
-    """Builds vLLM's server parser whose errors raise instead of exiting the process."""
+@cache
+def _server_parser() -> argparse.ArgumentParser:
+    """vLLM's server parser, whose errors raise instead of exiting the process."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    @staticmethod
-    @cache
-    def get() -> argparse.ArgumentParser:
-        from vllm.entrypoints.launchers.cli_args import make_arg_parser
-        from vllm.utils.argparse_utils import FlexibleArgumentParser
+    class Parser(FlexibleArgumentParser):
+        def error(self, message: str) -> None:  # type: ignore[override]
+            raise EngineArgsError(message)
 
-        class Parser(FlexibleArgumentParser):
-            def error(self, message: str) -> None:  # type: ignore[override]
-                raise EngineArgsError(message)
-
-        return make_arg_parser(Parser(prog="engine_args"))
+    return make_arg_parser(Parser(prog="engine_args"))
 
 
 def _actions() -> dict[str, argparse.Action]:
-    parser = _RaisingParser.get()
+    parser = _server_parser()
     return {a.dest: a for a in parser._actions if a.option_strings}
 
 
@@ -97,7 +94,7 @@ def parse_server_args(argv: list[str]) -> argparse.Namespace:
     """vLLM's server namespace for ``argv``, with vLLM's own post-parse checks."""
     from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
 
-    args = _RaisingParser.get().parse_args(argv)
+    args = _server_parser().parse_args(argv)
     try:
         validate_parsed_serve_args(args)
     except (TypeError, ValueError) as exc:
