@@ -10,6 +10,7 @@ DEPS_HASH := $(shell cat pyproject.toml Makefile | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.installed-$(DEPS_HASH)
 HOST ?= 127.0.0.1
 PORT ?= 8000
+PROMETHEUS_PORT ?= 9090
 PYTEST_ARGS ?=
 
 .PHONY: venv test lint format serve clean
@@ -17,6 +18,15 @@ PYTEST_ARGS ?=
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
+	# promtool and prometheus (Debian's prometheus package), for the rules' tests and `serve --prometheus`.
+	# A policy-rc.d that denies service starts keeps the package's postinst from leaving a daemon on :9090.
+	command -v promtool >/dev/null || { \
+	  policy=/usr/sbin/policy-rc.d; \
+	  if [ ! -e $$policy ]; then printf '#!/bin/sh\nexit 101\n' >$$policy; chmod +x $$policy; trap 'rm -f '$$policy EXIT; fi; \
+	  apt-get update -q; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; \
+	  if [ -d /run/systemd/system ]; then systemctl disable --now prometheus || true; fi; \
+	}
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip wheel
 	# torch's CPU build first, so that nothing below pulls a CUDA torch: pip takes 2.13.0+cpu from its
@@ -45,7 +55,7 @@ test: venv lint
 # The main job: the Ray Serve app on the embedded default (two pools of the tiny MXFP4 model, built on first
 # use into ~/.cache/gptoss-vllm). Ctrl-C drains and stops.
 serve: venv
-	$(BIN)/gptoss-vllm serve --host $(HOST) --port $(PORT)
+	$(BIN)/gptoss-vllm serve --host $(HOST) --port $(PORT) --prometheus --prometheus-port $(PROMETHEUS_PORT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -70,7 +71,19 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     listen = Listen(args.host, args.port)
     if args.address is None and not port_is_free(listen):
         parser.error(f"--port: {args.host}:{args.port} is already in use; choose another port")
-    return run(config, listen, args.address, args.ready_timeout)
+    prometheus_port = None
+    if args.prometheus:
+        from gptoss_vllm.observability.local_prometheus import DEFAULT_PORT, INSTALL_HINT
+
+        args.prometheus_port = args.prometheus_port or DEFAULT_PORT
+        if shutil.which("prometheus") is None:
+            parser.error(f"--prometheus: the prometheus binary is not on PATH; {INSTALL_HINT}")
+        if not port_is_free(Listen("127.0.0.1", args.prometheus_port)):
+            parser.error(f"--prometheus-port: 127.0.0.1:{args.prometheus_port} is already in use")
+        prometheus_port = args.prometheus_port
+    elif args.prometheus_port is not None:
+        parser.error("--prometheus-port: only meaningful with --prometheus")
+    return run(config, listen, args.address, args.ready_timeout, prometheus_port)
 
 
 def _train_nano(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -190,6 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=_port, default=8000, help="listen port (default: 8000)")
     sv.add_argument(
         "--ready-timeout", type=_non_negative_int, default=900, metavar="S", help="give up after S seconds"
+    )
+    sv.add_argument(
+        "--prometheus",
+        action="store_true",
+        help="also run a local Prometheus on 127.0.0.1 scraping the ingress and every replica, rules loaded",
+    )
+    sv.add_argument(
+        "--prometheus-port", type=_port, default=None, help="the local Prometheus's port (default: 9090)"
     )
     sv.set_defaults(handler=_serve, subparser=sv)
 

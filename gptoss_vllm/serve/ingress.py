@@ -17,9 +17,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
+from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from gptoss_vllm.observability.metrics import IngressMetrics
+from gptoss_vllm.observability.request_record import RequestRecord, request_usage
+from gptoss_vllm.observability.targets import MetricsEndpoint, targets_actor
+from gptoss_vllm.observability.tracing import ingress_tracer
 from gptoss_vllm.serve.admission import Admission, Admitted, Rejected
 from gptoss_vllm.serve.auth import KeyRing, RateLimiter
 from gptoss_vllm.serve.budget import BudgetError, apply_budget
@@ -87,8 +92,23 @@ class Ingress:
         auth = self._config.auth
         self._limiter = RateLimiter(auth.rate_limit, dict(auth.key_rate_limits)) if auth else None
         self._routes = _ResponseRoutes(self._config.ingress.response_routes)
-        self._app_name = serve.get_replica_context().app_name
+        context = serve.get_replica_context()
+        self._app_name = context.app_name
         self._watcher = asyncio.get_running_loop().create_task(self._watch_pools())
+        registry = CollectorRegistry()
+        self._metrics = IngressMetrics(registry)
+        for name, pool in self._config.pools.items():
+            # Read at scrape time, so the gauges never lag the admission counts.
+            self._metrics.in_flight.labels(name).set_function(lambda n=name: self._admission.in_flight[n])
+            self._metrics.queue_depth.labels(name).set_function(lambda n=name: self._admission.queue_depth(n))
+            self._metrics.running_replicas.labels(name).set_function(
+                lambda n=name: self._admission.running[n]
+            )
+            self._metrics.queue_limit.labels(name).set(pool.max_queued_requests)
+        replica = context.replica_id.unique_id
+        labels = {"component": "ingress", "replica": replica, "app": self._app_name}
+        self._metrics_endpoint = MetricsEndpoint(labels, registry)
+        self._tracer = ingress_tracer(replica)
 
     # -- pool readiness --------------------------------------------------------------------------------------
 
@@ -118,13 +138,21 @@ class Ingress:
         ok = all(count > 0 for count in running.values())
         return JSONResponse({"ready": ok, "pools": running}, status_code=200 if ok else 503)
 
+    @app.get("/metrics/targets")
+    async def metrics_targets(self) -> JSONResponse:
+        """Every replica's metrics endpoint, in Prometheus' HTTP service discovery format."""
+        return JSONResponse(await targets_actor().http_sd.remote())
+
     @app.get("/v1/models")
     async def models(self, request: Request) -> Response:
-        denied = self._authorize(request)
+        record = self._record("models", request)
+        denied = self._authorize(request, record)
         if isinstance(denied, Response):
-            return denied
+            return self._finished(record, denied)
         pool = self._config.pool_for(self._config.default_effort)
-        return await self._forward(Admitted(pool), PoolRequest("GET", "/v1/models"), {}, None)
+        record.pool = pool
+        answer = await self._forward(Admitted(pool), PoolRequest("GET", "/v1/models"), {}, None, record)
+        return self._finished(record, answer)
 
     @app.post("/v1/chat/completions")
     async def chat(self, request: Request) -> Response:
@@ -150,12 +178,44 @@ class Ingress:
 
     # -- request handling ------------------------------------------------------------------------------------
 
-    def _authorize(self, request: Request) -> str | Response:
+    def _record(self, endpoint: str, request: Request) -> RequestRecord:
+        """Start observing a request: its metrics record and, when tracing is on, its server span."""
+        if self._tracer is None:
+            return RequestRecord(self._metrics, endpoint)
+        from opentelemetry.trace import SpanKind, set_span_in_context
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        parent = TraceContextTextMapPropagator().extract(dict(request.headers))
+        span = self._tracer.start_span(
+            f"{request.method} {request.url.path}",
+            context=parent,
+            kind=SpanKind.SERVER,
+            attributes={"http.request.method": request.method, "url.path": request.url.path},
+        )
+        record = RequestRecord(self._metrics, endpoint, span)
+        # Auth, effort, budget and the queue decision; ends when the pool is called or the request refused.
+        record.admission_span = self._tracer.start_span("admission", context=set_span_in_context(span))
+        return record
+
+    @staticmethod
+    def _finished(record: RequestRecord, response: Response, client_error: str | None = None) -> Response:
+        """Close the record of a request answered without a stream; a 4xx the ingress did not classify
+        (vLLM's own validation, an unknown model) counts as the ``client_error`` rejection reason."""
+        status = response.status_code
+        if status < 400:
+            record.rejected = None
+        elif record.rejected is None and status < 500:
+            record.rejected = client_error
+        record.finish(status)
+        return response
+
+    def _authorize(self, request: Request, record: RequestRecord) -> str | Response:
         """The caller's key name (``anonymous`` without auth), or the 401/429 answer."""
         name = "anonymous"
         if self._keys is not None:
             found = self._keys.name_of(request.headers.get("authorization"))
             if found is None:
+                record.rejected = "auth"
                 return error_response(
                     401,
                     "Missing or invalid API key: send 'Authorization: Bearer <key>'",
@@ -167,6 +227,7 @@ class Ingress:
             wait = self._limiter.acquire(name)
             if wait is not None:
                 retry = max(1, int(wait + 0.999))
+                record.rejected = "rate_limit"
                 return error_response(
                     429,
                     f"Rate limit of API key '{name}' exceeded; retry in {retry} s",
@@ -176,7 +237,20 @@ class Ingress:
         return name
 
     async def _generate(self, endpoint: Endpoint, request: Request) -> Response:
-        denied = self._authorize(request)
+        record = self._record(endpoint, request)
+        try:
+            answer = await self._admit_and_forward(endpoint, request, record)
+        except BaseException:
+            record.finish(500)
+            raise
+        if not isinstance(answer, StreamingResponse):
+            self._finished(record, answer, "invalid")
+        return answer
+
+    async def _admit_and_forward(
+        self, endpoint: Endpoint, request: Request, record: RequestRecord
+    ) -> Response:
+        denied = self._authorize(request, record)
         if isinstance(denied, Response):
             return denied
         raw = await request.body()
@@ -199,12 +273,18 @@ class Ingress:
         try:
             effort = resolve_effort(endpoint, body, request.headers, self._config.default_effort)
             apply_effort(endpoint, body, effort.effort)
-            budget = apply_budget(endpoint, body, effort.effort, self._config.budgets.get(effort.effort))
         except EffortError as exc:
             return error_response(400, str(exc), param=exc.param, code="invalid_reasoning_effort")
-        except BudgetError as exc:
-            return error_response(400, str(exc), param=exc.param, code=exc.code)
         pool = self._config.pool_for(effort.effort)
+        record.effort, record.effort_source, record.pool = effort.effort, effort.source, pool
+        try:
+            budget = apply_budget(endpoint, body, effort.effort, self._config.budgets.get(effort.effort))
+        except BudgetError as exc:
+            record.rejected = "budget"
+            return error_response(400, str(exc), param=exc.param, code=exc.code)
+        if budget.clamped_from is not None:
+            self._metrics.budget_clamps.labels(effort.effort).inc()
+        record.strip_usage = request_usage(endpoint, body)
         replica_id = None
         previous = body.get("previous_response_id") if endpoint == "responses" else None
         if isinstance(previous, str) and (where := self._routes.find(previous)) is not None:
@@ -218,6 +298,7 @@ class Ingress:
             log.info(
                 "rejected %s request (effort %s, pool %s): %s", endpoint, effort.effort, pool, exc.reason
             )
+            record.rejected = exc.reason
             headers |= {"x-gptoss-pool": pool, "Retry-After": str(exc.retry_after_s)}
             return error_response(exc.status, str(exc), code=exc.reason, headers=headers)
         forwarded = [(k, v) for k, v in request.headers.items() if k in _FORWARDED_HEADERS]
@@ -233,29 +314,63 @@ class Ingress:
             replica_id=replica_id,
         )
         remember = endpoint == "responses" and body.get("store", True) is not False
-        return await self._forward(admitted, pool_request, headers, remember)
+        return await self._forward(admitted, pool_request, headers, remember, record)
 
     async def _stored_response(self, request: Request, response_id: str, method: str, path: str) -> Response:
-        denied = self._authorize(request)
+        record = self._record("responses_get" if method == "GET" else "responses_cancel", request)
+        denied = self._authorize(request, record)
         if isinstance(denied, Response):
-            return denied
+            return self._finished(record, denied)
         where = self._routes.find(response_id)
         if where is None:
-            return error_response(404, f"Response '{response_id}' not found", code="response_not_found")
-        pool, replica_id = where
+            answer = error_response(404, f"Response '{response_id}' not found", code="response_not_found")
+            return self._finished(record, answer)
+        record.pool, replica_id = where
         pool_request = PoolRequest(method, path, query=request.url.query, replica_id=replica_id)
-        return await self._forward(Admitted(pool), pool_request, {}, False)
+        answer = await self._forward(Admitted(record.pool), pool_request, {}, False, record)
+        return answer if isinstance(answer, StreamingResponse) else self._finished(record, answer)
+
+    async def __del__(self) -> None:
+        self._watcher.cancel()
+        self._metrics_endpoint.close()
+
+    def _start_engine_span(self, record: RequestRecord, pool_request: PoolRequest) -> None:
+        """A child span for the pool call, whose context vLLM's engine span continues (``traceparent``)."""
+        if record.span is None:
+            return
+        from opentelemetry.trace import SpanKind, set_span_in_context
+
+        record.end_admission()
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        record.engine_span = self._tracer.start_span(
+            "engine", context=set_span_in_context(record.span), kind=SpanKind.CLIENT,
+            attributes={"gptoss.pool": record.pool},
+        )  # fmt: skip
+        carrier: dict[str, str] = {}
+        TraceContextTextMapPropagator().inject(carrier, context=set_span_in_context(record.engine_span))
+        kept = [(k, v) for k, v in pool_request.headers if k not in ("traceparent", "tracestate")]
+        pool_request.headers = kept + list(carrier.items())
 
     async def _forward(
-        self, admitted: Admitted, pool_request: PoolRequest, headers: dict[str, str], remember: bool | None
+        self,
+        admitted: Admitted,
+        pool_request: PoolRequest,
+        headers: dict[str, str],
+        remember: bool | None,
+        record: RequestRecord,
     ) -> Response:
         from ray.exceptions import RayError
         from ray.serve.exceptions import BackPressureError
 
         pool = admitted.pool
+        record.pool = pool
         headers = {**headers, "x-gptoss-pool": pool}
         if admitted.spilled_from:
             headers["x-gptoss-spilled-from"] = admitted.spilled_from
+            record.spilled_from = admitted.spilled_from
+            self._metrics.spillovers.labels(admitted.spilled_from, pool).inc()
+        self._start_engine_span(record, pool_request)
         self._admission.started(pool)
         started = time.monotonic()
         answer = self._handles[pool].handle_request.remote(pool_request)
@@ -267,6 +382,7 @@ class Ingress:
             answer.cancel()
             retry = str(self._config.ingress.retry_after_s)
             if isinstance(exc, BackPressureError):
+                record.rejected = "queue_full"
                 return error_response(
                     429,
                     f"Pool '{pool}' is at its queue bound",
@@ -275,6 +391,7 @@ class Ingress:
                 )
             if isinstance(exc, (RayError, StopAsyncIteration)):
                 log.warning("pool %s failed before answering: %s", pool, exc)
+                record.rejected = "replica_failed"
                 return error_response(
                     503,
                     f"Pool '{pool}' failed to answer (replica lost); retry in {retry} s",
@@ -282,7 +399,7 @@ class Ingress:
                     headers=headers | {"Retry-After": retry},
                 )
             raise
-        headers["x-gptoss-replica"] = start.replica_id
+        headers["x-gptoss-replica"] = record.replica = start.replica_id
         headers |= {k: v for k, v in start.headers if k.lower() in _PASSED_BACK_HEADERS}
         streaming = (
             dict((k.lower(), v) for k, v in start.headers)
@@ -294,11 +411,13 @@ class Ingress:
                 content = b"".join([chunk async for chunk in answer])
             except RayError as exc:
                 log.warning("pool %s failed while answering: %s", pool, exc)
+                record.rejected = "replica_failed"
                 return error_response(
                     503, f"Pool '{pool}' failed while answering", code="replica_failed", headers=headers
                 )
             finally:
                 self._admission.finished(pool)
+            record.observe_body(content)
             if remember and start.status == 200:
                 with contextlib.suppress(ValueError, KeyError, TypeError):
                     self._routes.remember(json.loads(content)["id"], pool, start.replica_id)
@@ -307,16 +426,19 @@ class Ingress:
             )
             return Response(content, status_code=start.status, headers=headers)
         return StreamingResponse(
-            self._relay(answer, pool, start.replica_id, bool(remember)),
+            self._relay(answer, pool, start.replica_id, bool(remember), record, start.status),
             status_code=start.status,
             headers=headers,
         )
 
-    async def _relay(self, answer: Any, pool: str, replica_id: str, remember: bool) -> AsyncIterator[bytes]:
+    async def _relay(
+        self, answer: Any, pool: str, replica_id: str, remember: bool, record: RequestRecord, status: int
+    ) -> AsyncIterator[bytes]:
         from ray.exceptions import RayError
 
         seen = b""
         finished = False
+        record.status = status
         try:
             async for chunk in answer:
                 if remember:
@@ -326,10 +448,14 @@ class Ingress:
                         if response_id is not None:
                             self._routes.remember(response_id, pool, replica_id)
                         remember, seen = False, b""
-                yield chunk
+                if relayed := record.relay(chunk):
+                    yield relayed
+            if rest := record.flush():
+                yield rest
             finished = True
         except RayError as exc:
             log.warning("pool %s replica %s failed mid-stream: %s", pool, replica_id, exc)
+            record.status, record.rejected = 503, "replica_failed"
             yield sse_error_event(
                 503, f"Pool '{pool}' lost the replica serving this stream; retry", "replica_failed"
             )
@@ -338,6 +464,8 @@ class Ingress:
             self._admission.finished(pool)
             if not finished:
                 answer.cancel()  # the client went away: free the engine
+                record.status = 499  # nginx's "client closed request": not the server's failure
+            record.finish()
 
 
 def _effort_headers(effort: ResolvedEffort) -> dict[str, str]:

@@ -121,11 +121,19 @@ def wait_until_ready(
             time.sleep(READY_POLL_S)
 
 
-def run(config: ServeConfig, listen: Listen, address: str | None, ready_timeout_s: float) -> int:
-    """Run the app until SIGINT/SIGTERM; returns the process exit code."""
+def run(
+    config: ServeConfig,
+    listen: Listen,
+    address: str | None,
+    ready_timeout_s: float,
+    prometheus_port: int | None = None,
+) -> int:
+    """Run the app until SIGINT/SIGTERM (with a local Prometheus when ``prometheus_port`` is given); returns
+    the process exit code."""
     import ray
     from ray import serve
 
+    from gptoss_vllm.observability.local_prometheus import LocalPrometheus, PrometheusError
     from gptoss_vllm.serve.app import APP_NAME, build_application
     from gptoss_vllm.serve.pool import ensure_builtin_model
 
@@ -154,11 +162,16 @@ def run(config: ServeConfig, listen: Listen, address: str | None, ready_timeout_
 
     threading.Thread(target=deploy, name="deploy", daemon=True).start()
     code = 0
+    prometheus: LocalPrometheus | None = None
     try:
         wait_until_ready(config, listen, APP_NAME, ready_timeout_s, failed, stop)
         print(
             f"\ngptoss-vllm is ready at {listen.url}  (model '{config.model_name}', pools: {', '.join(config.pools)})"
         )
+        if prometheus_port is not None:
+            prometheus = LocalPrometheus(listen.url, prometheus_port)
+            prometheus.wait_ready()
+            print(f"Prometheus (metrics, recording rules, alerts) at {prometheus.url}")
         print(
             f"Try:\n  {curl_example(config, listen.url)}\nCtrl-C drains in-flight requests and stops.",
             flush=True,
@@ -166,10 +179,12 @@ def run(config: ServeConfig, listen: Listen, address: str | None, ready_timeout_
         while not stop:
             time.sleep(0.5)
         print("draining in-flight requests, then stopping ...", file=sys.stderr, flush=True)
-    except LaunchError as exc:
+    except (LaunchError, PrometheusError) as exc:
         print(f"gptoss-vllm serve: {exc}", file=sys.stderr)
         code = 1
     finally:
+        if prometheus is not None:
+            prometheus.stop()
         # A second Ctrl-C during the drain stops at once.
         signal.signal(signal.SIGINT, signal.default_int_handler)
         try:

@@ -11,11 +11,14 @@ import contextlib
 import fcntl
 import hashlib
 import logging
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from gptoss_vllm.cache import cache_root
+from gptoss_vllm.observability.targets import MetricsEndpoint
+from gptoss_vllm.observability.tracing import engine_tracing_env
 from gptoss_vllm.serve.asgi_stream import ResponseStart, stream_asgi
 from gptoss_vllm.serve.config import BUILTIN_PREFIX, Pool
 from gptoss_vllm.serve.engine_args import parse_server_args, server_argv
@@ -97,8 +100,13 @@ class PoolServer:
         config = Pool.model_validate(pool)
         ensure_builtin_model(config.model)
         args = parse_server_args(server_argv(config, model_name))
+        tracing = engine_tracing_env()
+        if tracing:
+            os.environ.update(tracing)  # vLLM's exporter reads the protocol from the environment
+            args.otlp_traces_endpoint = tracing["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
         self._pool_name = pool_name
-        self._replica_id = serve.get_replica_context().replica_id.unique_id
+        context = serve.get_replica_context()
+        self._replica_id = context.replica_id.unique_id
         self._stack = contextlib.AsyncExitStack()
         self._engine = await self._stack.enter_async_context(
             build_async_engine_client_from_engine_args(AsyncEngineArgs.from_cli_args(args))
@@ -106,6 +114,14 @@ class PoolServer:
         tasks = await self._engine.get_supported_tasks()
         self._app = build_app(args, tasks, self._engine.model_config)
         await init_app_state(self._engine, self._app.state, args, tasks)
+        # vLLM's engine metrics live in this process's default registry; pool and replica come from the target.
+        labels = {
+            "component": "pool",
+            "pool": pool_name,
+            "replica": self._replica_id,
+            "app": context.app_name,
+        }
+        self._metrics_endpoint = MetricsEndpoint(labels)
         log.info("pool %s replica %s ready (model %s)", pool_name, self._replica_id, config.model)
 
     async def handle_request(self, request: PoolRequest) -> AsyncIterator[PoolAnswerStart | bytes]:
@@ -122,4 +138,6 @@ class PoolServer:
         await self._engine.check_health()
 
     async def __del__(self) -> None:
+        if hasattr(self, "_metrics_endpoint"):
+            self._metrics_endpoint.close()
         await self._stack.aclose()

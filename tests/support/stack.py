@@ -42,11 +42,15 @@ class RunningStack:
 
 
 def start_stack(
-    config_path: Path | None, log_path: Path, env: dict[str, str] | None = None, timeout_s: float = 600
+    config_path: Path | None,
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    timeout_s: float = 600,
+    args: list[str] | None = None,
 ) -> RunningStack:
-    """``config_path`` None: the embedded default."""
+    """``config_path`` None: the embedded default; ``args`` are more ``serve`` arguments."""
     port = free_port()
-    cmd = [sys.executable, "-m", "gptoss_vllm.cli", "serve", "--port", str(port)]
+    cmd = [sys.executable, "-m", "gptoss_vllm.cli", "serve", "--port", str(port), *(args or [])]
     if config_path is not None:
         cmd += ["--config", str(config_path)]
     log = log_path.open("w")

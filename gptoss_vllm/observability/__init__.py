@@ -1,0 +1,1 @@
+"""Observability: the ingress's Prometheus metrics, metrics-target discovery, tracing, local Prometheus."""

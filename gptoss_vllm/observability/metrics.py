@@ -1,0 +1,139 @@
+"""The ingress's Prometheus metrics (prometheus-client), all prefixed ``gptoss_``.
+
+Labels are bounded: efforts and effort sources are closed sets, pools come from the config, endpoints are the
+routes the ingress serves, statuses are HTTP codes. No request ids, keys or client-sent model strings.
+Every replica process (ingress and pools) exposes its registry on its own port (see ``targets``), so the
+``pool``/``replica`` of a pool's ``vllm:*`` series come from the scrape target, and the ``pool`` label here is
+the pool the ingress sent the request to.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Tens of milliseconds (a cached prefix on a GPU) to minutes (a high-effort answer on a CPU).
+LATENCY_BUCKETS_S = (
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    20.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+)
+# Between two tokens of one stream: ~5 ms on a GPU, ~100 ms on a small CPU.
+INTER_TOKEN_BUCKETS_S = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    1.0,
+    2.5,
+)
+NONE = "none"  # label value when a request was refused before its effort or pool was known
+
+REQUEST_LABELS = ("endpoint", "effort", "effort_source", "pool", "status")
+LATENCY_LABELS = ("endpoint", "effort", "pool")
+
+
+class IngressMetrics:
+    """The metric families of one ingress process, registered in ``registry``."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "gptoss_requests", "Requests answered by the ingress", REQUEST_LABELS, registry=registry
+        )
+        self.request_duration = Histogram(
+            "gptoss_request_duration_seconds",
+            "Time from the request's arrival to the last byte of its answer",
+            LATENCY_LABELS,
+            buckets=LATENCY_BUCKETS_S,
+            registry=registry,
+        )
+        self.time_to_first_token = Histogram(
+            "gptoss_time_to_first_token_seconds",
+            "Streams: time from arrival to the first generated token (reasoning or answer)",
+            LATENCY_LABELS,
+            buckets=LATENCY_BUCKETS_S,
+            registry=registry,
+        )
+        self.time_to_first_answer_token = Histogram(
+            "gptoss_time_to_first_answer_token_seconds",
+            "Streams: time from arrival to the first token of the final answer (after the analysis) or tool call",
+            LATENCY_LABELS,
+            buckets=LATENCY_BUCKETS_S,
+            registry=registry,
+        )
+        self.inter_token_latency = Histogram(
+            "gptoss_inter_token_latency_seconds",
+            "Streams: time between two consecutive token-carrying events",
+            LATENCY_LABELS,
+            buckets=INTER_TOKEN_BUCKETS_S,
+            registry=registry,
+        )
+        self.output_tokens = Counter(
+            "gptoss_output_tokens",
+            "Generated tokens, from the answers' usage: kind is reasoning or answer",
+            ("effort", "pool", "kind"),
+            registry=registry,
+        )
+        self.prompt_tokens = Counter(
+            "gptoss_prompt_tokens",
+            "Prompt tokens, from the answers' usage",
+            ("effort", "pool"),
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "gptoss_in_flight_requests", "Requests this ingress has sent to a pool and not finished", ("pool",),
+            registry=registry,
+        )  # fmt: skip
+        self.queue_depth = Gauge(
+            "gptoss_queue_depth",
+            "In-flight requests beyond the pool's running capacity (replicas x max_ongoing_requests)",
+            ("pool",),
+            registry=registry,
+        )
+        self.queue_limit = Gauge(
+            "gptoss_queue_limit",
+            "The pool's max_queued_requests (the queue bound)",
+            ("pool",),
+            registry=registry,
+        )
+        self.running_replicas = Gauge(
+            "gptoss_pool_running_replicas",
+            "Replicas of the pool in state RUNNING",
+            ("pool",),
+            registry=registry,
+        )
+        self.spillovers = Counter(
+            "gptoss_spillovers", "Requests sent to another pool than their effort's", ("from_pool", "to_pool"),
+            registry=registry,
+        )  # fmt: skip
+        self.rejections = Counter(
+            "gptoss_rejections",
+            "Requests refused: queue_full, no_replica, replica_failed, budget, auth, rate_limit, invalid",
+            ("reason", "pool"),
+            registry=registry,
+        )
+        self.budget_clamps = Counter(
+            "gptoss_budget_clamps", "Requests whose output limit was clamped to the effort's budget", ("effort",),
+            registry=registry,
+        )  # fmt: skip

@@ -1,0 +1,355 @@
+"""Observability end to end: the real CLI runs nano in two pools with ``--prometheus`` (a real Prometheus
+scraping every replica through the ingress's service discovery, rules loaded) and OTLP tracing to an in-test
+receiver. Metric values are checked against what the test sent and what the answers' ``usage`` said; every
+dashboard and recording-rule expression is run against that Prometheus; a request's trace is followed from the
+ingress into vLLM's engine."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from dashboards.queries import panel_queries
+from gptoss_vllm.observability.local_prometheus import RULES
+from gptoss_vllm.serve.config import load_config
+from tests.support.otlp_receiver import OtlpReceiver
+from tests.support.stack import free_port, start_stack
+
+pytestmark = pytest.mark.slow
+
+KEY = "sk-observed"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+USER = [{"role": "user", "content": "What is 17 + 25?"}]
+
+
+@pytest.fixture(scope="module")
+def receiver():
+    running = OtlpReceiver()
+    yield running
+    running.close()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, receiver):
+    root = tmp_path_factory.mktemp("observed")
+    (root / "keys").write_text(f"observer:{KEY}\n")
+    config = load_config(None).model_dump(exclude_none=True)
+    # Tight bounds, so that a handful of requests spill over and get refused.
+    config["pools"]["fast"] |= {"max_ongoing_requests": 1, "max_queued_requests": 2}
+    config["pools"]["fast"]["spillover"] = {"to": "deep", "queue_above": 0}
+    config["pools"]["deep"] |= {"max_ongoing_requests": 2, "max_queued_requests": 1}
+    config["budgets"]["low"] = {"max_tokens": 48}
+    config["budgets"]["high"] = {"max_tokens": 600, "over_budget": "reject"}
+    config["auth"] = {"api_keys_file": str(root / "keys")}
+    (root / "serve.yaml").write_text(yaml.safe_dump(config))
+    prometheus_port = free_port()
+    env = {
+        "GPTOSS_VLLM_CACHE": str(root / "cache"),
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": receiver.endpoint,
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
+        "OTEL_BSP_SCHEDULE_DELAY": "200",
+    }
+    args = ["--prometheus", "--prometheus-port", str(prometheus_port)]
+    running = start_stack(root / "serve.yaml", root / "serve.log", env=env, args=args)
+    running.prometheus_url = f"http://127.0.0.1:{prometheus_port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{running.prometheus_url}/-/ready", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    else:
+        running.stop()
+        pytest.fail(f"the local Prometheus did not come up:\n{running.log_tail()}")
+    yield running
+    assert running.stop() == 0
+    with pytest.raises(httpx.HTTPError):  # Ctrl-C stopped Prometheus too
+        httpx.get(f"{running.prometheus_url}/-/ready", timeout=2)
+
+
+def _post(stack, path: str, body: dict, headers: dict | None = None) -> httpx.Response:
+    return httpx.post(f"{stack.url}{path}", json=body, headers={**AUTH, **(headers or {})}, timeout=180)
+
+
+def _targets(stack) -> list[dict]:
+    return httpx.get(f"{stack.url}/metrics/targets", timeout=10).json()
+
+
+def _ingress_metrics(stack) -> dict[tuple[str, frozenset], float]:
+    """The ingress's own exposition, as {(sample name, labels): value}."""
+    (ingress,) = [t for t in _targets(stack) if t["labels"]["component"] == "ingress"]
+    text = httpx.get(f"http://{ingress['targets'][0]}/metrics", timeout=10).text
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def _delta(before: dict, after: dict, name: str, **labels: str) -> float:
+    def total(samples: dict) -> float:
+        return sum(
+            value
+            for (sample, sample_labels), value in samples.items()
+            if sample == name and set(labels.items()) <= sample_labels
+        )
+
+    return total(after) - total(before)
+
+
+def _stream_events(response: httpx.Response) -> list[dict]:
+    return [
+        json.loads(line[6:])
+        for line in response.text.split("\n")
+        if line.startswith("data: {")
+    ]  # fmt: skip
+
+
+def test_targets_cover_the_ingress_and_every_pool_replica(stack):
+    labels = sorted((t["labels"]["component"], t["labels"].get("pool", "")) for t in _targets(stack))
+    assert labels == [("ingress", ""), ("pool", "deep"), ("pool", "fast")]
+    for target in _targets(stack):
+        assert target["labels"]["replica"] and target["labels"]["app"] == "gptoss"
+        assert httpx.get(f"http://{target['targets'][0]}/metrics", timeout=10).status_code == 200
+
+
+def test_request_counts_and_tokens_agree_with_the_answers(stack):
+    before = _ingress_metrics(stack)
+    streamed = _post(
+        stack,
+        "/v1/chat/completions",
+        {
+            "messages": USER,
+            "reasoning_effort": "low",
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    )
+    low_usage = _stream_events(streamed)[-1]["usage"]
+    whole = _post(
+        stack, "/v1/chat/completions", {"messages": USER, "reasoning_effort": "high", "max_tokens": 300}
+    )
+    high_usage = whole.json()["usage"]
+    response = _post(
+        stack, "/v1/responses", {"input": "Reverse the list [1, 2, 3].", "reasoning": {"effort": "medium"}}
+    )
+    medium_usage = response.json()["usage"]
+    after = _ingress_metrics(stack)
+
+    requests = "gptoss_requests_total"
+    assert _delta(before, after, requests, endpoint="chat", effort="low", pool="fast", status="200") == 1
+    assert _delta(before, after, requests, endpoint="chat", effort="high", pool="deep", status="200") == 1
+    assert _delta(before, after, requests, endpoint="responses", effort="medium", status="200") == 1
+    for effort, usage, reasoning in (
+        ("low", low_usage, low_usage["completion_tokens_details"]["reasoning_tokens"]),
+        ("high", high_usage, high_usage["completion_tokens_details"]["reasoning_tokens"]),
+        ("medium", medium_usage, medium_usage["output_tokens_details"]["reasoning_tokens"]),
+    ):
+        output = usage.get("completion_tokens", usage.get("output_tokens"))
+        prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+        assert reasoning > 0, (effort, usage)  # nano writes an analysis first
+        assert (
+            _delta(before, after, "gptoss_output_tokens_total", effort=effort, kind="reasoning") == reasoning
+        )
+        assert (
+            _delta(before, after, "gptoss_output_tokens_total", effort=effort, kind="answer")
+            == output - reasoning
+        )
+        assert _delta(before, after, "gptoss_prompt_tokens_total", effort=effort) == prompt
+    # Only the stream's latencies are observable: one TTFT, one time to first answer token, after it.
+    ttft = _delta(before, after, "gptoss_time_to_first_token_seconds_count", effort="low")
+    ttfa = _delta(before, after, "gptoss_time_to_first_answer_token_seconds_count", effort="low")
+    assert ttft == ttfa == 1
+    assert _delta(before, after, "gptoss_time_to_first_answer_token_seconds_sum", effort="low") > _delta(
+        before, after, "gptoss_time_to_first_token_seconds_sum", effort="low"
+    )
+    gaps = _delta(before, after, "gptoss_inter_token_latency_seconds_count", effort="low")
+    assert 0 < gaps < low_usage["completion_tokens"]
+
+
+def test_usage_the_client_did_not_ask_for_is_counted_but_not_sent(stack):
+    before = _ingress_metrics(stack)
+    answer = _post(
+        stack, "/v1/chat/completions", {"messages": USER, "reasoning_effort": "medium", "stream": True}
+    )
+    events = _stream_events(answer)
+    assert events and not any(e.get("usage") for e in events)
+    assert answer.text.rstrip().endswith("data: [DONE]")
+    after = _ingress_metrics(stack)
+    assert _delta(before, after, "gptoss_output_tokens_total", effort="medium", kind="reasoning") > 0
+    assert _delta(before, after, "gptoss_output_tokens_total", effort="medium", kind="answer") > 0
+
+
+def test_refusals_spills_and_clamps_are_counted_by_reason(stack):
+    before = _ingress_metrics(stack)
+    assert (
+        httpx.post(f"{stack.url}/v1/chat/completions", json={"messages": USER}, timeout=30).status_code == 401
+    )
+    assert (
+        _post(stack, "/v1/chat/completions", {"messages": USER, "reasoning_effort": "huge"}).status_code
+        == 400
+    )
+    clamped = _post(
+        stack, "/v1/chat/completions", {"messages": USER, "reasoning_effort": "low", "max_tokens": 500}
+    )
+    assert clamped.headers["x-gptoss-budget-clamped-from"] == "500"
+    over = {"messages": USER, "reasoning_effort": "high", "max_tokens": 5000}
+    assert _post(stack, "/v1/chat/completions", over).status_code == 400
+    long = {"messages": USER, "max_tokens": 300, "ignore_eos": True}
+    with ThreadPoolExecutor(8) as pool:
+        medium = list(
+            pool.map(
+                lambda _: _post(stack, "/v1/chat/completions", {**long, "reasoning_effort": "medium"}),
+                range(3),
+            )
+        )
+    with ThreadPoolExecutor(8) as pool:
+        high = list(
+            pool.map(
+                lambda _: _post(stack, "/v1/chat/completions", {**long, "reasoning_effort": "high"}), range(8)
+            )
+        )
+    after = _ingress_metrics(stack)
+
+    spilled = sum(1 for a in medium if a.headers.get("x-gptoss-spilled-from") == "fast")
+    refused = Counter(a.status_code for a in high)[429]
+    assert spilled >= 1 and refused >= 1
+    assert _delta(before, after, "gptoss_spillovers_total", from_pool="fast", to_pool="deep") == spilled
+    assert _delta(before, after, "gptoss_rejections_total", reason="auth") == 1
+    assert _delta(before, after, "gptoss_rejections_total", reason="invalid") == 1
+    assert _delta(before, after, "gptoss_rejections_total", reason="budget", pool="deep") == 1
+    assert _delta(before, after, "gptoss_rejections_total", reason="queue_full", pool="deep") == refused
+    assert _delta(before, after, "gptoss_budget_clamps_total", effort="low") == 1
+    assert _delta(before, after, "gptoss_requests_total", endpoint="chat", effort="none", status="401") == 1
+    assert _delta(before, after, "gptoss_requests_total", endpoint="chat", effort="none", status="400") == 1
+    assert _delta(before, after, "gptoss_requests_total", effort="high", pool="deep", status="429") == refused
+
+
+def _query(stack, expr: str) -> list[dict[str, Any]]:
+    answer = httpx.get(f"{stack.prometheus_url}/api/v1/query", params={"query": expr}, timeout=30).json()
+    assert answer["status"] == "success", (expr, answer)
+    return answer["data"]["result"]
+
+
+def _wait_for(stack, expr: str, timeout_s: float = 90) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if result := _query(stack, expr):
+            return result
+        time.sleep(2)
+    pytest.fail(f"no data for {expr} after {timeout_s} s")
+
+
+def test_prometheus_scrapes_vllm_metrics_from_every_replica(stack):
+    series = _wait_for(stack, 'vllm:kv_cache_usage_perc{namespace="local"}')
+    pools = sorted(s["metric"]["pool"] for s in series)
+    assert pools == ["deep", "fast"]
+    assert all(s["metric"]["replica"] and s["metric"]["component"] == "pool" for s in series)
+    up = _wait_for(stack, 'count(up{job="gptoss-vllm"} == 1)')
+    assert up[0]["value"][1] == "3"
+
+
+def _wait_for_spans(receiver, trace_id: str, names: set[str], timeout_s: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        spans = {s.name: s for s in receiver.trace(trace_id)}
+        if names <= spans.keys():
+            return spans
+        time.sleep(0.5)
+    pytest.fail(f"spans of trace {trace_id}: {sorted(spans)}; expected {sorted(names)}")
+
+
+def test_a_trace_runs_from_the_client_through_the_ingress_into_the_engine(stack, receiver):
+    trace_id, client_span = secrets.token_hex(16), secrets.token_hex(8)
+    answer = _post(
+        stack,
+        "/v1/chat/completions",
+        {"messages": USER, "reasoning_effort": "high", "max_tokens": 300},
+        headers={"traceparent": f"00-{trace_id}-{client_span}-01"},
+    )
+    assert answer.status_code == 200
+    usage = answer.json()["usage"]
+    root_name = "POST /v1/chat/completions"
+    spans = _wait_for_spans(receiver, trace_id, {root_name, "admission", "engine", "llm_request"})
+    root, admission, engine, vllm = (spans[n] for n in (root_name, "admission", "engine", "llm_request"))
+    assert root.parent_span_id == client_span
+    assert admission.parent_span_id == engine.parent_span_id == root.span_id
+    assert vllm.parent_span_id == engine.span_id  # vLLM continued the context the ingress forwarded
+    reasoning = usage["completion_tokens_details"]["reasoning_tokens"]
+    for name, value in {
+        "gptoss.effort": "high",
+        "gptoss.effort_source": "chat",
+        "gptoss.pool": "deep",
+        "gptoss.replica": answer.headers["x-gptoss-replica"],
+        "http.response.status_code": 200,
+        "gen_ai.usage.input_tokens": usage["prompt_tokens"],
+        "gen_ai.usage.output_tokens": usage["completion_tokens"],
+        "gptoss.usage.reasoning_tokens": reasoning,
+        "gptoss.usage.answer_tokens": usage["completion_tokens"] - reasoning,
+    }.items():
+        assert root.attributes.get(name) == value, (name, root.attributes)
+    assert "gptoss.spilled_from" not in root.attributes
+    assert engine.attributes["gptoss.replica"] == answer.headers["x-gptoss-replica"]
+    assert vllm.attributes["gen_ai.usage.completion_tokens"] == usage["completion_tokens"]
+    assert root.resource["service.name"] == "gptoss-vllm"
+
+
+def test_a_refused_request_is_traced_without_an_engine_span(stack, receiver):
+    trace_id = secrets.token_hex(16)
+    answer = _post(
+        stack,
+        "/v1/chat/completions",
+        {"messages": USER, "reasoning_effort": "high", "max_tokens": 5000},
+        headers={"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"},
+    )
+    assert answer.status_code == 400
+    spans = _wait_for_spans(receiver, trace_id, {"POST /v1/chat/completions", "admission"})
+    assert spans["admission"].attributes["gptoss.rejected"] == "budget"
+    assert spans["POST /v1/chat/completions"].attributes["http.response.status_code"] == 400
+    time.sleep(1)
+    assert "engine" not in {s.name for s in receiver.trace(trace_id)}
+
+
+def _recording_rule_exprs() -> list[tuple[str, str]]:
+    rules = yaml.safe_load(RULES.read_text())
+    return [(r["record"], r["expr"]) for group in rules["groups"] for r in group["rules"] if "record" in r]
+
+
+def test_every_dashboard_and_recording_rule_expression_returns_data(stack):
+    # A stream at every effort, through both generating endpoints, so every histogram has observations.
+    for effort in ("low", "medium", "high"):
+        chat = {"messages": USER, "reasoning_effort": effort, "stream": True, "max_tokens": 200}
+        assert _post(stack, "/v1/chat/completions", chat).status_code == 200
+        response = {"input": "Sort the list [3, 1, 2].", "reasoning": {"effort": effort}, "stream": True}
+        assert _post(stack, "/v1/responses", response).status_code == 200
+    # Two scrapes after the last request, and one rule evaluation after that.
+    _wait_for(stack, 'gptoss:requests:rate5m{effort="high"}')
+    time.sleep(12)
+    queries = [(f"{board} / {panel}", expr) for board, panel, expr in panel_queries()]
+    queries += [(f"rule {record}", expr) for record, expr in _recording_rule_exprs()]
+    assert len(queries) > 60
+    empty = [f"{where}: {expr}" for where, expr in queries if not _query(stack, expr)]
+    assert not empty, "expressions without data:\n" + "\n".join(empty)
+
+
+def test_every_rule_is_loaded_and_evaluates_without_error(stack):
+    groups = httpx.get(f"{stack.prometheus_url}/api/v1/rules", timeout=10).json()["data"]["groups"]
+    rules = [rule for group in groups for rule in group["rules"]]
+    expected = yaml.safe_load(RULES.read_text())["groups"]
+    assert len(rules) == sum(len(group["rules"]) for group in expected)
+    broken = [(rule["name"], rule.get("lastError")) for rule in rules if rule["health"] != "ok"]
+    assert not broken, broken
+    # Nothing here takes a pool down: the page for a pool without replicas must stay silent.
+    alerts = httpx.get(f"{stack.prometheus_url}/api/v1/alerts", timeout=10).json()["data"]["alerts"]
+    assert not [a for a in alerts if a["labels"]["alertname"] == "GptossPoolNoReadyReplica"], alerts
