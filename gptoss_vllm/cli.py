@@ -109,6 +109,91 @@ def _train_nano(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     return 0
 
 
+def _bench_routing(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from gptoss_vllm.bench.routing import format_table, run_bench
+
+    report = Path(args.report) if args.report else None
+    result = run_bench(args.users, args.duration, report, args.json)
+    print(format_table(result))
+    if args.json:
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _loadtest(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import os
+
+    from gptoss_vllm.loadtest.profiles import ProfileError, load_profile
+    from gptoss_vllm.loadtest.slo import SloError, load_slo
+
+    try:
+        profile = load_profile(args.profile)
+    except ProfileError as exc:
+        parser.error(f"--profile: {exc}")
+    try:
+        slo = load_slo(args.slo) if args.slo else None
+    except SloError as exc:
+        parser.error(f"--slo: {exc}")
+    report_dir = Path(args.report)
+    if report_dir.exists() and not report_dir.is_dir():
+        parser.error(f"--report: {report_dir} exists and is not a directory")
+    api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
+    model = args.model or _served_model(args.host, api_key, parser)
+
+    from gptoss_vllm.loadtest.runner import run_loadtest
+
+    summary = run_loadtest(
+        args.host.rstrip("/"), profile, args.users, args.duration, report_dir, slo=slo, slo_file=args.slo,
+        max_requests=args.max_requests, api_key=api_key, model=model, prometheus_url=args.prometheus, seed=args.seed,
+    )  # fmt: skip
+    print(format_loadtest(summary))
+    print(f"report: {report_dir / 'report.html'}  summary: {report_dir / 'summary.json'}")
+    if not summary["slo"]["passed"]:
+        print("SLO missed:\n  " + "\n  ".join(summary["slo"]["violations"]), file=sys.stderr)
+        return 1
+    return 0
+
+
+def _served_model(host: str, api_key: str | None, parser: argparse.ArgumentParser) -> str:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        answer = httpx.get(f"{host.rstrip('/')}/v1/models", headers=headers, timeout=30)
+    except httpx.HTTPError as exc:
+        parser.error(f"--host: cannot reach {host}: {exc}")
+    if answer.status_code != 200:
+        parser.error(f"--host: {host}/v1/models answered {answer.status_code}: {answer.text[:200]}")
+    return answer.json()["data"][0]["id"]
+
+
+def format_loadtest(summary: dict) -> str:
+    columns = ("requests", "failures", "ttft_p50_s", "ttft_p95_s", "answer_ttft_p95_s", "tpot_p50_s", "tpot_p95_s",
+               "reasoning_tokens", "answer_tokens", "goodput_rps")  # fmt: skip
+    lines = [f"{'effort':<8}" + "".join(f"{c:>19}" for c in columns)]
+    for effort, figures in summary["efforts"].items():
+        cells = []
+        for column in columns:
+            value = figures.get(column)
+            cells.append(
+                f"{'-' if value is None else (f'{value:.3f}' if isinstance(value, float) else value):>19}"
+            )
+        lines.append(f"{effort:<8}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def _duration(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600}
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        value = float(number) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a duration like 30s, 2m or 90, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return value
+
+
 def _port(text: str) -> int:
     value = _non_negative_int(text)
     if not 1 <= value <= 65535:
@@ -214,6 +299,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sv.set_defaults(handler=_serve, subparser=sv)
 
+    lt = sub.add_parser(
+        "loadtest",
+        help="headless Locust load test of an OpenAI endpoint, per-effort figures, SLO check, report",
+        description="Run a workload profile against --host for --duration with --users, write summary.json, "
+        "CSVs and an HTML report into --report, and exit 1 when an objective of --slo is missed.",
+    )
+    lt.add_argument("--host", required=True, metavar="URL", help="the service, e.g. http://127.0.0.1:8000")
+    lt.add_argument(
+        "--profile", required=True, metavar="NAME", help="interactive, agentic, mixed-ramp, or a YAML file"
+    )
+    lt.add_argument(
+        "--users", type=_positive_int, default=4, help="concurrent users at full load (default 4)"
+    )
+    lt.add_argument(
+        "--duration", type=_duration, default=60.0, metavar="D", help="30s, 2m, ... (default 60s)"
+    )
+    lt.add_argument("--max-requests", type=_positive_int, metavar="N", help="also stop after N requests")
+    lt.add_argument(
+        "--slo", metavar="FILE", help="SLO YAML (per effort p50/p95 TTFT and TPOT, error rate, goodput)"
+    )
+    lt.add_argument("--report", required=True, metavar="DIR", help="where summary.json, CSVs and HTML go")
+    lt.add_argument("--api-key", help="bearer key (default: $OPENAI_API_KEY)")
+    lt.add_argument("--model", help="model name (default: the first of the host's /v1/models)")
+    lt.add_argument(
+        "--prometheus", metavar="URL", help="plot replicas and queue over time from this Prometheus"
+    )
+    lt.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the users' choices")
+    lt.set_defaults(handler=_loadtest, subparser=lt)
+
     bench = sub.add_parser("bench", help="benchmarks that print a table and write JSON")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
     moe = bench_sub.add_parser(
@@ -223,6 +337,20 @@ def build_parser() -> argparse.ArgumentParser:
     moe.add_argument("--json", metavar="FILE", help="also write the figures as JSON to FILE")
     moe.add_argument("--seed", type=_non_negative_int, default=0, help="weights and routing seed")
     moe.set_defaults(handler=_bench_moe, subparser=moe)
+    routing = bench_sub.add_parser(
+        "routing",
+        help="effort pools vs one shared pool (same replicas, engines, model), one workload: TTFT per effort, "
+        "throughput, goodput",
+    )
+    routing.add_argument("--json", metavar="FILE", help="also write the figures as JSON to FILE")
+    routing.add_argument("--users", type=_positive_int, default=6, help="concurrent users (default 6)")
+    routing.add_argument(
+        "--duration", type=_duration, default=60.0, metavar="D", help="per arm (default 60s)"
+    )
+    routing.add_argument(
+        "--report", metavar="DIR", help="keep each arm's load-test report and serve log here"
+    )
+    routing.set_defaults(handler=_bench_routing, subparser=routing)
     return parser
 
 

@@ -1,15 +1,23 @@
-"""Shared fixtures: tiny gpt-oss checkpoints built once per test session."""
+"""Shared fixtures, built once per test session: tiny gpt-oss checkpoints; the observed stack (nano served with
+a local Prometheus and tracing), shared by the observability and load-test tests."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
+import httpx
 import pytest
+import yaml
 
 from gptoss_vllm.checkpoints.builder import write_checkpoint
 from gptoss_vllm.checkpoints.config import build_config
+from gptoss_vllm.serve.config import load_config
+from tests.support.otlp_receiver import OtlpReceiver
+from tests.support.stack import free_port, start_stack
 
 TINY_SEED = 7
+OBSERVED_KEY = "sk-observed"
 
 
 @pytest.fixture(scope="session")
@@ -21,3 +29,53 @@ def tiny_checkpoint_dirs(tmp_path_factory) -> dict[str, Path]:
         dtype: write_checkpoint(root / f"tiny-{dtype}", config, seed=TINY_SEED, dtype=dtype, progress=False)
         for dtype in ("mxfp4", "bf16")
     }
+
+
+@pytest.fixture(scope="session")
+def otlp_receiver():
+    running = OtlpReceiver()
+    yield running
+    running.close()
+
+
+@pytest.fixture(scope="session")
+def observed_stack(tmp_path_factory, otlp_receiver):
+    """Nano in two pools with tight bounds (a few requests spill over and get refused), API key
+    ``OBSERVED_KEY``, ``--prometheus`` (``.prometheus_url``) and OTLP tracing into ``otlp_receiver``."""
+    root = tmp_path_factory.mktemp("observed")
+    (root / "keys").write_text(f"observer:{OBSERVED_KEY}\n")
+    config = load_config(None).model_dump(exclude_none=True)
+    # Tight bounds, so that a handful of requests spill over and get refused.
+    config["pools"]["fast"] |= {"max_ongoing_requests": 1, "max_queued_requests": 2}
+    config["pools"]["fast"]["spillover"] = {"to": "deep", "queue_above": 0}
+    config["pools"]["deep"] |= {"max_ongoing_requests": 2, "max_queued_requests": 1}
+    config["budgets"]["low"] = {"max_tokens": 48}
+    config["budgets"]["high"] = {"max_tokens": 600, "over_budget": "reject"}
+    config["auth"] = {"api_keys_file": str(root / "keys")}
+    (root / "serve.yaml").write_text(yaml.safe_dump(config))
+    prometheus_port = free_port()
+    env = {
+        "GPTOSS_VLLM_CACHE": str(root / "cache"),
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": otlp_receiver.endpoint,
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
+        "OTEL_BSP_SCHEDULE_DELAY": "200",
+    }
+    args = ["--prometheus", "--prometheus-port", str(prometheus_port)]
+    running = start_stack(root / "serve.yaml", root / "serve.log", env=env, args=args)
+    running.prometheus_url = f"http://127.0.0.1:{prometheus_port}"
+    running.api_key = OBSERVED_KEY
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{running.prometheus_url}/-/ready", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    else:
+        running.stop()
+        pytest.fail(f"the local Prometheus did not come up:\n{running.log_tail()}")
+    yield running
+    assert running.stop() == 0
+    with pytest.raises(httpx.HTTPError):  # Ctrl-C stopped Prometheus too
+        httpx.get(f"{running.prometheus_url}/-/ready", timeout=2)

@@ -20,66 +20,29 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dashboards.queries import panel_queries
 from gptoss_vllm.observability.local_prometheus import RULES
-from gptoss_vllm.serve.config import load_config
-from tests.support.otlp_receiver import OtlpReceiver
-from tests.support.stack import free_port, start_stack
 
 pytestmark = pytest.mark.slow
 
-KEY = "sk-observed"
-AUTH = {"Authorization": f"Bearer {KEY}"}
 USER = [{"role": "user", "content": "What is 17 + 25?"}]
 
 
 @pytest.fixture(scope="module")
-def receiver():
-    running = OtlpReceiver()
-    yield running
-    running.close()
+def stack(observed_stack):
+    return observed_stack
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, receiver):
-    root = tmp_path_factory.mktemp("observed")
-    (root / "keys").write_text(f"observer:{KEY}\n")
-    config = load_config(None).model_dump(exclude_none=True)
-    # Tight bounds, so that a handful of requests spill over and get refused.
-    config["pools"]["fast"] |= {"max_ongoing_requests": 1, "max_queued_requests": 2}
-    config["pools"]["fast"]["spillover"] = {"to": "deep", "queue_above": 0}
-    config["pools"]["deep"] |= {"max_ongoing_requests": 2, "max_queued_requests": 1}
-    config["budgets"]["low"] = {"max_tokens": 48}
-    config["budgets"]["high"] = {"max_tokens": 600, "over_budget": "reject"}
-    config["auth"] = {"api_keys_file": str(root / "keys")}
-    (root / "serve.yaml").write_text(yaml.safe_dump(config))
-    prometheus_port = free_port()
-    env = {
-        "GPTOSS_VLLM_CACHE": str(root / "cache"),
-        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": receiver.endpoint,
-        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
-        "OTEL_BSP_SCHEDULE_DELAY": "200",
-    }
-    args = ["--prometheus", "--prometheus-port", str(prometheus_port)]
-    running = start_stack(root / "serve.yaml", root / "serve.log", env=env, args=args)
-    running.prometheus_url = f"http://127.0.0.1:{prometheus_port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{running.prometheus_url}/-/ready", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    else:
-        running.stop()
-        pytest.fail(f"the local Prometheus did not come up:\n{running.log_tail()}")
-    yield running
-    assert running.stop() == 0
-    with pytest.raises(httpx.HTTPError):  # Ctrl-C stopped Prometheus too
-        httpx.get(f"{running.prometheus_url}/-/ready", timeout=2)
+def receiver(otlp_receiver):
+    return otlp_receiver
 
 
 def _post(stack, path: str, body: dict, headers: dict | None = None) -> httpx.Response:
-    return httpx.post(f"{stack.url}{path}", json=body, headers={**AUTH, **(headers or {})}, timeout=180)
+    return httpx.post(
+        f"{stack.url}{path}",
+        json=body,
+        headers={"Authorization": f"Bearer {stack.api_key}", **(headers or {})},
+        timeout=180,
+    )
 
 
 def _targets(stack) -> list[dict]:

@@ -35,7 +35,7 @@ def prometheus_config(ingress_url: str, rule_files: list[str]) -> dict:
         "scrape_configs": [
             {
                 "job_name": "gptoss-vllm",
-                "http_sd_configs": [{"url": f"{ingress_url}/metrics/targets", "refresh_interval": "5s"}],
+                "http_sd_configs": [{"url": f"{ingress_url}/metrics/targets", "refresh_interval": "15s"}],
                 "relabel_configs": [{"target_label": "namespace", "replacement": "local"}],
             }
         ],

@@ -149,9 +149,16 @@ class Ingress:
         denied = self._authorize(request, record)
         if isinstance(denied, Response):
             return self._finished(record, denied)
-        pool = self._config.pool_for(self._config.default_effort)
-        record.pool = pool
-        answer = await self._forward(Admitted(pool), PoolRequest("GET", "/v1/models"), {}, None, record)
+        record.pool = self._config.pool_for(self._config.default_effort)
+        try:
+            admitted = self._admission.admit(record.pool)  # no running replica: 503 at once, not a hang
+        except Rejected as exc:
+            record.rejected = exc.reason
+            answer = error_response(
+                exc.status, str(exc), code=exc.reason, headers={"Retry-After": str(exc.retry_after_s)}
+            )
+            return self._finished(record, answer)
+        answer = await self._forward(admitted, PoolRequest("GET", "/v1/models"), {}, None, record)
         return self._finished(record, answer)
 
     @app.post("/v1/chat/completions")
