@@ -437,3 +437,16 @@ def test_pinned_requests_go_to_their_replica_others_to_the_policy():
     )
     assert chat.messages == [{"role": "user", "content": "x"}]
     assert PoolRequest("POST", "/v1/completions", payload={"prompt": "p"}).prompt == "p"
+
+
+def test_build_app_takes_the_config_inline_as_the_helm_chart_writes_it():
+    from ray.serve import Application
+
+    from gptoss_vllm.serve.app import build_app
+    from gptoss_vllm.serve.config import ConfigError, load_config
+
+    inline = load_config(None).model_dump(exclude_none=True)
+    assert isinstance(build_app({"serve": inline}), Application)
+    inline["pools"]["fast"]["efforts"] = ["low"]  # medium is served by no pool now
+    with pytest.raises(ConfigError, match=r"^serveConfigV2 args\.serve: .*medium"):
+        build_app({"serve": inline})

@@ -12,7 +12,7 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from gptoss_vllm.lifetime import EXIT_WITH_PARENT_ENV
-from gptoss_vllm.serve.config import Pool, ServeConfig, load_config
+from gptoss_vllm.serve.config import Pool, ServeConfig, load_config, parse_config
 from gptoss_vllm.serve.ingress import Ingress, app
 from gptoss_vllm.serve.pool import PoolServer
 from gptoss_vllm.serve.router import router_class_path
@@ -64,6 +64,10 @@ def build_application(config: ServeConfig) -> serve.Application:
     return ingress.bind(config.model_dump(), pools)
 
 
-def build_app(args: dict[str, str]) -> serve.Application:
-    """Application builder for ``serve run gptoss_vllm.serve.app:build_app config=FILE`` and RayService."""
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """Application builder for ``serve run gptoss_vllm.serve.app:build_app config=FILE`` and RayService:
+    ``args: {config: FILE}``, or the whole serving config inline as ``args: {serve: {...}}`` (what the Helm
+    chart writes into ``serveConfigV2``)."""
+    if "serve" in args:
+        return build_application(parse_config(args["serve"], source="serveConfigV2 args.serve"))
     return build_application(load_config(args.get("config")))
