@@ -1,5 +1,5 @@
-"""Shared fixtures, built once per test session: tiny gpt-oss checkpoints; the observed stack (nano served with
-a local Prometheus and tracing), shared by the observability and load-test tests."""
+"""Shared fixtures: tiny gpt-oss checkpoints (once per session); the observed stack (nano served with a local
+Prometheus and tracing, once per module that asks for it)."""
 
 from __future__ import annotations
 
@@ -31,14 +31,14 @@ def tiny_checkpoint_dirs(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def otlp_receiver():
     running = OtlpReceiver()
     yield running
     running.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def observed_stack(tmp_path_factory, otlp_receiver):
     """Nano in two pools with tight bounds (a few requests spill over and get refused), API key
     ``OBSERVED_KEY``, ``--prometheus`` (``.prometheus_url``) and OTLP tracing into ``otlp_receiver``."""

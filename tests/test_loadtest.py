@@ -1,18 +1,17 @@
-"""Load tests: profiles and SLO files (validation, arrival shapes, the SLO check), the CLI's argument errors,
-and bounded runs of ``gptoss-vllm loadtest`` (real Locust, a subprocess of the real CLI) against the
-observed stack."""
+"""Load tests without a stack: profiles and SLO files (validation, arrival shapes, the SLO check), the
+figures, the CLI's argument errors, and the routing benchmark's arms. The bounded runs against a running stack
+are in ``test_observability_stack.py``, which has one."""
 
 from __future__ import annotations
 
-import json
 import subprocess
-import sys
 
 import pytest
 
 from gptoss_vllm.loadtest.profiles import Arrival, ProfileError, builtin_profiles, load_profile
 from gptoss_vllm.loadtest.samples import Sample, effort_figures, percentile
 from gptoss_vllm.loadtest.slo import Slo, SloError, load_slo, violations
+from tests.support.cli import run_cli
 
 
 def test_builtin_profiles_load_with_the_issue_mixes():
@@ -83,13 +82,8 @@ def test_bad_slo_files(tmp_path):
         load_slo(bad)
 
 
-def _loadtest(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "gptoss_vllm.cli", "loadtest", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+def _loadtest(*args: str) -> subprocess.CompletedProcess:
+    return run_cli("loadtest", *args)
 
 
 @pytest.mark.parametrize(
@@ -109,63 +103,6 @@ def test_cli_errors_name_the_argument(tmp_path, args, message):
     answer = _loadtest(*[x for pair in base.items() for x in pair])
     assert answer.returncode == 2, answer.stderr
     assert message in answer.stderr
-
-
-@pytest.mark.slow
-def test_a_bounded_run_meets_a_reachable_slo(observed_stack, tmp_path):
-    slo = tmp_path / "slo.yaml"
-    slo.write_text(
-        "efforts:\n  low: {max_error_rate: 0.0}\n  medium: {max_error_rate: 0.0}\n  high: {max_error_rate: 0.0}\n"
-    )
-    report = tmp_path / "report"
-    answer = _loadtest(
-        "--host", observed_stack.url, "--profile", "interactive", "--users", "2", "--duration", "25s",
-        "--slo", str(slo), "--report", str(report), "--api-key", observed_stack.api_key,
-        "--prometheus", observed_stack.prometheus_url,
-    )  # fmt: skip
-    assert answer.returncode == 0, answer.stdout + answer.stderr
-    summary = json.loads((report / "summary.json").read_text())
-    assert summary["profile"] == "interactive" and summary["slo"] == {
-        "passed": True,
-        "violations": [],
-        "file": str(slo),
-    }
-    assert set(summary["efforts"]) == {"low", "medium", "high"}
-    made = [e for e, f in summary["efforts"].items() if f["requests"]]
-    assert "low" in made and len(made) >= 2, summary["efforts"]
-    for effort in made:
-        figures = summary["efforts"][effort]
-        assert figures["failures"] == 0
-        assert 0 < figures["ttft_p50_s"] <= figures["ttft_p95_s"]
-        assert figures["answer_ttft_p95_s"] >= figures["ttft_p50_s"]
-        assert figures["tpot_p50_s"] > 0 and figures["reasoning_tokens"] > 0 and figures["answer_tokens"] > 0
-    rows = (report / "requests.csv").read_text().splitlines()
-    assert len(rows) - 1 == sum(f["requests"] for f in summary["efforts"].values())
-    assert (
-        "chat low" in (report / "locust_stats.csv").read_text()
-        or "chat medium" in (report / "locust_stats.csv").read_text()
-    )
-    html = (report / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 3  # CDFs, throughput/goodput, Prometheus series
-    assert (report / "locust.html").stat().st_size > 10_000
-
-
-@pytest.mark.slow
-def test_an_impossible_slo_fails_the_command(observed_stack, tmp_path):
-    slo = tmp_path / "impossible.yaml"
-    slo.write_text(
-        "efforts:\n  low: {ttft_p50_s: 0.000001}\n  medium: {ttft_p50_s: 0.000001}\n  high: {ttft_p50_s: 0.000001}\n"
-    )
-    report = tmp_path / "report"
-    answer = _loadtest(
-        "--host", observed_stack.url, "--profile", "interactive", "--users", "2", "--duration", "30s",
-        "--max-requests", "4", "--slo", str(slo), "--report", str(report), "--api-key", observed_stack.api_key,
-    )  # fmt: skip
-    assert answer.returncode == 1, answer.stdout + answer.stderr
-    assert "SLO missed" in answer.stderr and "ttft_p50_s" in answer.stderr
-    summary = json.loads((report / "summary.json").read_text())
-    assert summary["slo"]["passed"] is False and summary["slo"]["violations"]
-    assert summary["totals"]["requests"] >= 4 and summary["duration_s"] < 30
 
 
 def test_bench_routing_arms_have_the_same_replicas_and_concurrency():

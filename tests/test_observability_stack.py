@@ -2,12 +2,13 @@
 scraping every replica through the ingress's service discovery, rules loaded) and OTLP tracing to an in-test
 receiver. Metric values are checked against what the test sent and what the answers' ``usage`` said; every
 dashboard and recording-rule expression is run against that Prometheus; a request's trace is followed from the
-ingress into vLLM's engine."""
+ingress into vLLM's engine; bounded load tests run against it."""
 
 from __future__ import annotations
 
 import json
 import secrets
+import subprocess
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dashboards.queries import panel_queries
 from gptoss_vllm.observability.local_prometheus import RULES
+from tests.support.cli import run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -316,3 +318,65 @@ def test_every_rule_is_loaded_and_evaluates_without_error(stack):
     # Nothing here takes a pool down: the page for a pool without replicas must stay silent.
     alerts = httpx.get(f"{stack.prometheus_url}/api/v1/alerts", timeout=10).json()["data"]["alerts"]
     assert not [a for a in alerts if a["labels"]["alertname"] == "GptossPoolNoReadyReplica"], alerts
+
+
+# -- load tests (gptoss-vllm loadtest: real Locust) against this stack -----------------------------------------
+
+
+def _loadtest(*args: str) -> subprocess.CompletedProcess:
+    return run_cli("loadtest", *args)
+
+
+def test_a_bounded_run_meets_a_reachable_slo(stack, tmp_path):
+    slo = tmp_path / "slo.yaml"
+    slo.write_text(
+        "efforts:\n  low: {max_error_rate: 0.0}\n  medium: {max_error_rate: 0.0}\n  high: {max_error_rate: 0.0}\n"
+    )
+    report = tmp_path / "report"
+    answer = _loadtest(
+        "--host", stack.url, "--profile", "interactive", "--users", "2", "--duration", "25s",
+        "--slo", str(slo), "--report", str(report), "--api-key", stack.api_key,
+        "--prometheus", stack.prometheus_url,
+    )  # fmt: skip
+    assert answer.returncode == 0, answer.stdout + answer.stderr
+    summary = json.loads((report / "summary.json").read_text())
+    assert summary["profile"] == "interactive" and summary["slo"] == {
+        "passed": True,
+        "violations": [],
+        "file": str(slo),
+    }
+    assert set(summary["efforts"]) == {"low", "medium", "high"}
+    made = [e for e, f in summary["efforts"].items() if f["requests"]]
+    assert "low" in made and len(made) >= 2, summary["efforts"]
+    for effort in made:
+        figures = summary["efforts"][effort]
+        assert figures["failures"] == 0
+        assert 0 < figures["ttft_p50_s"] <= figures["ttft_p95_s"]
+        assert figures["answer_ttft_p95_s"] >= figures["ttft_p50_s"]
+        assert figures["tpot_p50_s"] > 0 and figures["reasoning_tokens"] > 0 and figures["answer_tokens"] > 0
+    rows = (report / "requests.csv").read_text().splitlines()
+    assert len(rows) - 1 == sum(f["requests"] for f in summary["efforts"].values())
+    assert (
+        "chat low" in (report / "locust_stats.csv").read_text()
+        or "chat medium" in (report / "locust_stats.csv").read_text()
+    )
+    html = (report / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 3  # CDFs, throughput/goodput, Prometheus series
+    assert (report / "locust.html").stat().st_size > 10_000
+
+
+def test_an_impossible_slo_fails_the_command(stack, tmp_path):
+    slo = tmp_path / "impossible.yaml"
+    slo.write_text(
+        "efforts:\n  low: {ttft_p50_s: 0.000001}\n  medium: {ttft_p50_s: 0.000001}\n  high: {ttft_p50_s: 0.000001}\n"
+    )
+    report = tmp_path / "report"
+    answer = _loadtest(
+        "--host", stack.url, "--profile", "interactive", "--users", "2", "--duration", "30s",
+        "--max-requests", "4", "--slo", str(slo), "--report", str(report), "--api-key", stack.api_key,
+    )  # fmt: skip
+    assert answer.returncode == 1, answer.stdout + answer.stderr
+    assert "SLO missed" in answer.stderr and "ttft_p50_s" in answer.stderr
+    summary = json.loads((report / "summary.json").read_text())
+    assert summary["slo"]["passed"] is False and summary["slo"]["violations"]
+    assert summary["totals"]["requests"] >= 4 and summary["duration_s"] < 30

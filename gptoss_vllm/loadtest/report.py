@@ -9,6 +9,7 @@ import csv
 import html
 import io
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +85,7 @@ def _plots(samples: list[Sample], duration_s: float, slo: Slo | None, prometheus
     images.append(_figure_png(fig))
     plt.close(fig)
 
-    bins = max(1, int(duration_s // BIN_S) + 1)
+    bins = max(1, math.ceil(duration_s / BIN_S - 0.5))  # a last bin under half full would read as a drop
     done = [[0.0] * bins for _ in range(2)]
     for sample in samples:
         index = min(bins - 1, int((sample.started + sample.e2e_s) // BIN_S))
