@@ -5,15 +5,19 @@ SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
+# Tools with many dependencies of their own (checkov, the Helm chart's policy scan) live apart from the project's
+# venv, whose pins vLLM needs.
+TOOLS_VENV := .venv-tools
 # Re-install only when the dependency files change; otherwise `make venv` is a no-op.
 DEPS_HASH := $(shell cat pyproject.toml Makefile | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.installed-$(DEPS_HASH)
+TOOLS_STAMP := $(TOOLS_VENV)/.installed-checkov-3.3.30
 HOST ?= 127.0.0.1
 PORT ?= 8000
 PROMETHEUS_PORT ?= 9090
 PYTEST_ARGS ?=
 
-.PHONY: venv test lint format serve clean
+.PHONY: venv tools test lint format serve clean
 
 venv: $(STAMP)
 
@@ -41,6 +45,16 @@ $(STAMP): pyproject.toml Makefile
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
+# Only the tests need these (`make serve` does not).
+tools: $(TOOLS_STAMP)
+
+$(TOOLS_STAMP): Makefile
+	@test -x $(TOOLS_VENV)/bin/python || $(PYTHON) -m venv $(TOOLS_VENV)
+	$(TOOLS_VENV)/bin/pip install --quiet --upgrade pip wheel
+	$(TOOLS_VENV)/bin/pip install --quiet 'checkov==3.3.30'
+	$(TOOLS_VENV)/bin/checkov --version >/dev/null
+	@touch $@
+
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -49,7 +63,7 @@ format: venv
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-test: venv lint
+test: venv tools lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The main job: the Ray Serve app on the embedded default (two pools of the tiny MXFP4 model, built on first
@@ -58,4 +72,4 @@ serve: venv
 	$(BIN)/gptoss-vllm serve --host $(HOST) --port $(PORT) --prometheus --prometheus-port $(PROMETHEUS_PORT)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) $(TOOLS_VENV) .pytest_cache .ruff_cache build *.egg-info

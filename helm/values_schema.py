@@ -1,0 +1,274 @@
+"""Writes ``helm/gptoss-vllm/values.schema.json``: the chart's own keys by hand, and its ``serve:`` section from the
+project's serving schema (``gptoss_vllm.serve.config.ServeConfig``), so that the chart and ``gptoss-vllm serve``
+accept exactly the same pool configuration. Every object the chart defines forbids unknown keys.
+
+    python -m helm.values_schema          # rewrite the file
+    python -m helm.values_schema --check  # exit 1 when the committed file is stale (tests/test_helm.py does this)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+SCHEMA_PATH = Path(__file__).resolve().parent / "gptoss-vllm" / "values.schema.json"
+K8S_NAME = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+
+def _obj(properties: dict[str, Any], required: list[str] | None = None, **extra: Any) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "object", "additionalProperties": False, "properties": properties}
+    if required:
+        schema["required"] = required
+    schema.update(extra)
+    return schema
+
+
+STR = {"type": "string"}
+BOOL = {"type": "boolean"}
+INT0 = {"type": "integer", "minimum": 0}
+INT1 = {"type": "integer", "minimum": 1}
+PORT = {"type": "integer", "minimum": 1, "maximum": 65535}
+# Kubernetes types (resources, affinity, probes, peers...): checked by the API server, not re-specified here.
+K8S_OBJECT = {"type": "object"}
+K8S_LIST = {"type": "array", "items": {"type": "object"}}
+STR_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+QUANTITY = {"type": ["string", "integer"]}
+
+
+def chart_schema() -> dict[str, Any]:
+    scheduling = {
+        "nodeSelector": STR_MAP,
+        "tolerations": K8S_LIST,
+        "affinity": K8S_OBJECT,
+        "runtimeClassName": STR,
+        "priorityClassName": STR,
+        "resources": K8S_OBJECT,
+        "shmSize": QUANTITY,
+        "rayStartParams": STR_MAP,
+        "podLabels": STR_MAP,
+        "podAnnotations": STR_MAP,
+    }
+    worker_group = _obj(
+        {
+            "gpu": {**BOOL, "description": "The pool runs on GPUs: gpusPerReplica must be at least 1"},
+            "gpusPerReplica": {**INT0, "description": "GPUs of one replica (one replica per worker pod)"},
+            "minReplicas": INT0,
+            "maxReplicas": INT1,
+            "terminationGracePeriodSeconds": {
+                **INT1,
+                "description": "Overrides the computed grace period (see the chart README)",
+            },
+            **scheduling,
+        },
+        required=["gpu", "minReplicas", "maxReplicas"],
+    )
+    probe = _obj(
+        {
+            "periodSeconds": INT1,
+            "timeoutSeconds": INT1,
+            "failureThreshold": INT1,
+        }
+    )
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "gptoss-vllm chart values",
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["image", "serve", "workerGroups", "model"],
+        "properties": {
+            "nameOverride": STR,
+            "fullnameOverride": STR,
+            "commonLabels": STR_MAP,
+            "image": _obj(
+                {"repository": {**STR, "minLength": 1}, "tag": STR, "digest": STR, "pullPolicy": STR},
+                required=["repository"],
+            ),
+            "imagePullSecrets": K8S_LIST,
+            "rayVersion": {**STR, "minLength": 1},
+            "gpuResourceName": {**STR, "minLength": 1},
+            "securityContext": _obj(
+                {"runAsUser": INT1, "runAsGroup": INT1, "fsGroup": INT1, "readOnlyRootFilesystem": BOOL}
+            ),
+            "minDecodeTokensPerSecond": {
+                "type": "number",
+                "exclusiveMinimum": 0,
+                "description": "Slowest decode rate a stream may see; sizes each group's termination grace period",
+            },
+            "terminationMarginSeconds": INT0,
+            "metricsPort": {
+                **PORT,
+                "description": "GPTOSS_METRICS_PORT: first port of every replica's metrics",
+            },
+            "metricsPortCount": {**INT1, "maximum": 64},
+            "extraEnv": K8S_LIST,
+            "head": _obj(
+                {
+                    **scheduling,
+                    "startupTimeoutSeconds": INT1,
+                    "readinessProbe": probe,
+                    "livenessProbe": probe,
+                }
+            ),
+            "workerGroups": {
+                "type": "object",
+                "minProperties": 1,
+                "description": "One Ray worker group per serve pool, keyed by the pool's name",
+                "propertyNames": {"pattern": "^[a-z][a-z0-9-]{0,30}$"},
+                "additionalProperties": worker_group,
+            },
+            "serve": {"$ref": "#/$defs/ServeConfig"},
+            "model": _obj(
+                {
+                    "source": {"enum": ["hf", "pvc"]},
+                    "hfTokenSecret": _obj({"name": STR, "key": {**STR, "minLength": 1}}),
+                    "cacheSizeLimit": QUANTITY,
+                    "pvc": _obj(
+                        {
+                            "create": BOOL,
+                            "existingClaim": STR,
+                            "size": QUANTITY,
+                            "storageClassName": STR,
+                            "mountPath": {**STR, "pattern": "^/"},
+                        }
+                    ),
+                    "download": _obj(
+                        {
+                            "resources": K8S_OBJECT,
+                            "backoffLimit": INT0,
+                            "activeDeadlineSeconds": INT1,
+                            "extraArgs": {"type": "array", "items": STR},
+                            "nodeSelector": STR_MAP,
+                            "tolerations": K8S_LIST,
+                        }
+                    ),
+                },
+                required=["source"],
+            ),
+            "apiKeys": _obj(
+                {
+                    "existingSecret": STR,
+                    "key": {**STR, "minLength": 1},
+                    "mountPath": {**STR, "pattern": "^/"},
+                }
+            ),
+            "service": _obj(
+                {
+                    "type": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]},
+                    "port": PORT,
+                    "annotations": STR_MAP,
+                }
+            ),
+            "ingress": _obj(
+                {
+                    "enabled": BOOL,
+                    "className": STR,
+                    "annotations": STR_MAP,
+                    "hosts": {
+                        "type": "array",
+                        "items": _obj(
+                            {
+                                "host": STR,
+                                "paths": {
+                                    "type": "array",
+                                    "items": _obj(
+                                        {
+                                            "path": STR,
+                                            "pathType": {
+                                                "enum": ["Prefix", "Exact", "ImplementationSpecific"]
+                                            },
+                                        },
+                                        required=["path"],
+                                    ),
+                                },
+                            },
+                            required=["host"],
+                        ),
+                    },
+                    "tls": K8S_LIST,
+                }
+            ),
+            "httpRoute": _obj(
+                {
+                    "enabled": BOOL,
+                    "annotations": STR_MAP,
+                    "parentRefs": K8S_LIST,
+                    "hostnames": {"type": "array", "items": STR},
+                    "pathPrefix": {**STR, "pattern": "^/"},
+                    "timeouts": K8S_OBJECT,
+                }
+            ),
+            "monitoring": _obj(
+                {
+                    "enabled": BOOL,
+                    "labels": STR_MAP,
+                    "scrapeInterval": STR,
+                    "scrapeConfig": _obj({"enabled": BOOL, "refreshInterval": STR}),
+                    "podMonitor": _obj({"enabled": BOOL}),
+                    "prometheusRule": _obj({"enabled": BOOL}),
+                    "dashboards": _obj({"enabled": BOOL, "labels": STR_MAP, "annotations": STR_MAP}),
+                }
+            ),
+            "otel": _obj(
+                {
+                    "endpoint": STR,
+                    "protocol": {"enum": ["grpc", "http/protobuf", "http/json"]},
+                    "serviceName": STR,
+                    "extraEnv": STR_MAP,
+                }
+            ),
+            "networkPolicy": _obj(
+                {
+                    "enabled": BOOL,
+                    "ingressFrom": K8S_LIST,
+                    "monitoringFrom": K8S_LIST,
+                    "operatorFrom": K8S_LIST,
+                }
+            ),
+            "podDisruptionBudget": _obj({"enabled": BOOL, "maxUnavailable": INT0, "head": BOOL}),
+            "rayService": _obj(
+                {
+                    "serviceUnhealthySecondThreshold": INT1,
+                    "deploymentUnhealthySecondThreshold": INT1,
+                    "rayClusterDeletionDelaySeconds": INT0,
+                    "autoscalerIdleTimeoutSeconds": INT0,
+                    "upscalingMode": {"enum": ["Default", "Aggressive", "Conservative"]},
+                }
+            ),
+        },
+    }
+
+
+def serve_defs() -> dict[str, Any]:
+    from gptoss_vllm.serve.config import ServeConfig
+
+    schema = ServeConfig.model_json_schema()
+    defs = schema.pop("$defs")
+    defs["ServeConfig"] = schema
+    return defs
+
+
+def build() -> dict[str, Any]:
+    schema = chart_schema()
+    schema["$defs"] = serve_defs()
+    return schema
+
+
+def render() -> str:
+    return json.dumps(build(), indent=2, sort_keys=False) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    text = render()
+    if "--check" in argv:
+        if SCHEMA_PATH.read_text() != text:
+            print(f"{SCHEMA_PATH} is stale: run python -m helm.values_schema", file=sys.stderr)
+            return 1
+        return 0
+    SCHEMA_PATH.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

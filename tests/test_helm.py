@@ -1,0 +1,409 @@
+"""The Helm chart (helm/gptoss-vllm): rendered by Helm's own engine (helm-python-sdk embeds Helm's Go library),
+linted strictly, every object valid against Kubernetes' OpenAPI schemas or its CRD's schema (RayService,
+Prometheus Operator: tests/data/crds), the generated serveConfigV2 accepted by the project's config schema,
+bad values refused at render time, and no failed checkov policy check."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import itertools
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from gptoss_vllm.observability import rules as rules_module
+from gptoss_vllm.serve.config import EFFORTS, parse_config
+from helm import values_schema
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "helm" / "gptoss-vllm"
+EXAMPLES = sorted((ROOT / "deploy" / "helm").glob("values-*.yaml"))
+CRDS = Path(__file__).resolve().parent / "data" / "crds"
+CHECKOV = ROOT / ".venv-tools" / "bin" / "checkov"
+NAMESPACE = "gptoss"
+KUBE_VERSION = "1.37.0"
+# Kinds validated against a CRD rather than Kubernetes' built-in schemas.
+CRD_FILES = {
+    ("ray.io/v1", "RayService"): "ray.io_rayservices.yaml",
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): "monitoring.coreos.com_servicemonitors.yaml",
+    ("monitoring.coreos.com/v1", "PodMonitor"): "monitoring.coreos.com_podmonitors.yaml",
+    ("monitoring.coreos.com/v1", "PrometheusRule"): "monitoring.coreos.com_prometheusrules.yaml",
+    ("monitoring.coreos.com/v1alpha1", "ScrapeConfig"): "monitoring.coreos.com_scrapeconfigs.yaml",
+}
+# Gateway API kinds: no schema shipped here; their shape is checked by hand below.
+UNCHECKED_KINDS = {("gateway.networking.k8s.io/v1", "HTTPRoute")}
+
+
+@functools.cache
+def chart() -> helm.Chart:
+    return helm.Chart.load(CHART)
+
+
+def render(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    manifests = chart().render(values=values or {}, name="demo", namespace=NAMESPACE, is_install=True)
+    objects = []
+    for path, text in sorted(manifests.items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        objects.extend(doc for doc in yaml.safe_load_all(text) if doc)
+    return objects
+
+
+def example(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text())
+
+
+def by_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+def serve_app(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    (rayservice,) = by_kind(objects, "RayService")
+    (app,) = yaml.safe_load(rayservice["spec"]["serveConfigV2"])["applications"]
+    return app
+
+
+@functools.cache
+def crd_validator(file: str, version: str) -> jsonschema.protocols.Validator:
+    crd = yaml.load((CRDS / file).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    (spec,) = [v for v in crd["spec"]["versions"] if v["name"] == version]
+    schema = copy.deepcopy(spec["schema"]["openAPIV3Schema"])
+    _strict(schema)
+    return jsonschema.Draft7Validator(schema)
+
+
+def _strict(schema: dict[str, Any]) -> None:
+    """Structural CRD schemas prune unknown fields; here an unknown field is an error (as kubectl --validate=strict)."""
+    if not isinstance(schema, dict):
+        return
+    if (
+        schema.get("type") == "object"
+        and "properties" in schema
+        and "additionalProperties" not in schema
+        and not schema.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        schema["additionalProperties"] = False
+    for key in ("properties", "patternProperties"):
+        for sub in schema.get(key, {}).values():
+            _strict(sub)
+    for key in ("items", "additionalProperties", "not"):
+        if isinstance(schema.get(key), dict):
+            _strict(schema[key])
+    for key in ("allOf", "anyOf", "oneOf"):
+        for sub in schema.get(key, []):
+            _strict(sub)
+
+
+def validate(objects: list[dict[str, Any]]) -> None:
+    for obj in objects:
+        key = (obj["apiVersion"], obj["kind"])
+        where = f"{obj['kind']}/{obj['metadata']['name']}"
+        if key in CRD_FILES:
+            version = obj["apiVersion"].split("/")[1]
+            errors = sorted(crd_validator(CRD_FILES[key], version).iter_errors(obj), key=str)
+            assert not errors, f"{where}: " + "; ".join(
+                f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors[:5]
+            )
+        elif key in UNCHECKED_KINDS:
+            continue
+        else:
+            try:
+                kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                raise AssertionError(f"{where}: {exc}") from None
+        assert obj["metadata"].get("namespace", NAMESPACE) == NAMESPACE
+
+
+def check_serve_config(objects: list[dict[str, Any]], values: dict[str, Any]) -> None:
+    app = serve_app(objects)
+    assert app["import_path"] == "gptoss_vllm.serve.app:build_app"
+    assert app["route_prefix"] == "/"
+    config = parse_config(app["args"]["serve"], source="serveConfigV2")
+    (rayservice,) = by_kind(objects, "RayService")
+    groups = {g["groupName"]: g for g in rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+    assert set(groups) == set(config.pools)
+    merged = chart().merge_values(values)
+    for name, pool in config.pools.items():
+        resource = f"gptoss_pool_{name}"
+        advertised = json.loads(json.loads(groups[name]["rayStartParams"]["resources"]))
+        assert advertised == {resource: 1}
+        assert pool.ray_actor_options["resources"][resource] == 1
+        gpus = merged["workerGroups"][name].get("gpusPerReplica", 0)
+        assert pool.ray_actor_options["num_gpus"] == gpus
+        (container,) = groups[name]["template"]["spec"]["containers"]
+        assert int(container["resources"].get("limits", {}).get("nvidia.com/gpu", 0)) == gpus
+        if merged["model"]["source"] == "pvc" and "/" in merged["serve"]["pools"][name]["model"]:
+            assert pool.model.startswith(merged["model"]["pvc"]["mountPath"] + "/")
+    # Every effort has its pool, as the local `serve` requires.
+    assert {config.pool_for(e) for e in EFFORTS} <= set(config.pools)
+
+
+# -- values files and toggles -----------------------------------------------------------------------------------
+
+TOGGLES = {
+    "ingress": {"ingress": {"enabled": True, "className": "nginx"}},
+    "httproute": {"httpRoute": {"enabled": True, "parentRefs": [{"name": "gw", "namespace": "gateway"}]}},
+    "pvc": {"model": {"source": "pvc", "hfTokenSecret": {"name": "hf-token"}}},
+    "no-monitoring": {"monitoring": {"enabled": False}},
+    "no-networkpolicy": {"networkPolicy": {"enabled": False}},
+    "no-pdb": {"podDisruptionBudget": {"enabled": False, "head": False}},
+    "autoscaling-fixed": {
+        "serve": {"pools": {"fast": {"autoscaling": None, "replicas": 2}}},
+        "workerGroups": {"fast": {"minReplicas": 2, "maxReplicas": 2}},
+    },
+    "keys-otel": {
+        "apiKeys": {"existingSecret": "gptoss-keys"},
+        "otel": {
+            "endpoint": "http://otel-collector.observability:4317",
+            "extraEnv": {"OTEL_TRACES_SAMPLER": "parentbased_always_on"},
+        },
+        "podDisruptionBudget": {"head": True},
+    },
+}
+
+
+def merge(base: dict[str, Any], *overlays: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for overlay in overlays:
+        for key, value in overlay.items():
+            if isinstance(value, dict) and isinstance(out.get(key), dict):
+                out[key] = merge(out[key], value)
+            else:
+                out[key] = copy.deepcopy(value)
+    return out
+
+
+CASES = {"default": {}} | {f"example:{p.stem}": example(p) for p in EXAMPLES}
+# Each toggle on the default, and pairs of toggles, and every toggle on the 120b TP=2 example.
+CASES |= {f"toggle:{name}": overlay for name, overlay in TOGGLES.items()}
+CASES |= {
+    f"toggles:{a}+{b}": merge(TOGGLES[a], TOGGLES[b])
+    for a, b in itertools.combinations(
+        ["ingress", "httproute", "pvc", "no-monitoring", "no-networkpolicy"], 2
+    )
+}
+TP2 = ROOT / "deploy" / "helm" / "values-gpt-oss-120b-tp2.yaml"
+if TP2.exists():
+    CASES["example:tp2+all"] = merge(example(TP2), *TOGGLES.values())
+
+
+def test_example_values_exist():
+    assert {p.name for p in EXAMPLES} >= {
+        "values-gpt-oss-20b.yaml",
+        "values-gpt-oss-120b-h200.yaml",
+        "values-gpt-oss-120b-tp2.yaml",
+        "values-cpu-demo.yaml",
+    }
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_renders_valid_objects(case):
+    values = CASES[case]
+    objects = render(values)
+    validate(objects)
+    check_serve_config(objects, values)
+    kinds = {o["kind"] for o in objects}
+    merged = chart().merge_values(values)
+    assert ("Ingress" in kinds) == merged["ingress"]["enabled"]
+    assert ("HTTPRoute" in kinds) == merged["httpRoute"]["enabled"]
+    assert ("NetworkPolicy" in kinds) == merged["networkPolicy"]["enabled"]
+    assert ("Job" in kinds) == (merged["model"]["source"] == "pvc")
+    monitoring = {"ScrapeConfig", "PodMonitor", "PrometheusRule"}
+    assert (monitoring <= kinds) == merged["monitoring"]["enabled"]
+    assert not (monitoring & kinds) or merged["monitoring"]["enabled"]
+
+
+def test_httproute_shape():
+    (route,) = by_kind(render(TOGGLES["httproute"]), "HTTPRoute")
+    assert route["spec"]["parentRefs"] == [{"name": "gw", "namespace": "gateway"}]
+    (rule,) = route["spec"]["rules"]
+    assert rule["backendRefs"] == [{"name": "demo-gptoss-vllm", "port": 8000}]
+
+
+@pytest.mark.parametrize("case", ["default", *[f"example:{p.stem}" for p in EXAMPLES]])
+def test_lint_strict(case):
+    report = helm.lint(CHART, CASES[case], strict=True, namespace=NAMESPACE, kube_version=f"v{KUBE_VERSION}")
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert not problems and not report["errors"], report
+
+
+# -- what the chart wires -------------------------------------------------------------------------------------
+
+
+def test_ray_cluster_shape():
+    objects = render(TOGGLES["keys-otel"])
+    (rayservice,) = by_kind(objects, "RayService")
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    for group in cluster["workerGroupSpecs"]:
+        pod = group["template"]["spec"]
+        (container,) = pod["containers"]
+        assert group["minReplicas"] <= group["maxReplicas"]
+        assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector.observability:4317"
+        assert env["OTEL_EXPORTER_OTLP_PROTOCOL"] == "grpc"
+        assert env["OTEL_SERVICE_NAME"] == "gptoss-vllm"
+        assert env["OTEL_TRACES_SAMPLER"] == "parentbased_always_on"
+        assert env["GPTOSS_METRICS_PORT"] == "9500"
+        assert {"name": "api-keys", "mountPath": "/etc/gptoss/api-keys", "readOnly": True} in container[
+            "volumeMounts"
+        ]
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert head["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert head["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert serve_app(objects)["args"]["serve"]["auth"]["api_keys_file"] == "/etc/gptoss/api-keys/keys"
+
+
+def test_grace_period_covers_the_longest_stream():
+    values = chart().merge_values({})
+    (rayservice,) = by_kind(render(), "RayService")
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    serve, rate = values["serve"], values["minDecodeTokensPerSecond"]
+    margin = values["terminationMarginSeconds"]
+    graces = {}
+    for group in cluster["workerGroupSpecs"]:
+        pool = serve["pools"][group["groupName"]]
+        longest = max(-(-serve["budgets"][e]["max_tokens"] // rate) for e in pool["efforts"])
+        expected = max(longest, pool["drain_timeout_s"]) + margin
+        graces[group["groupName"]] = group["template"]["spec"]["terminationGracePeriodSeconds"]
+        assert graces[group["groupName"]] == expected
+    # deep serves high effort: 65536 tokens at 20 tok/s outlast its 1800 s drain
+    assert graces["deep"] == 65536 // 20 + 1 + margin
+    assert cluster["headGroupSpec"]["template"]["spec"]["terminationGracePeriodSeconds"] == max(
+        graces.values()
+    )
+
+
+def test_monitoring_objects():
+    objects = render()
+    (scrape,) = by_kind(objects, "ScrapeConfig")
+    (sd,) = scrape["spec"]["httpSDConfigs"]
+    assert sd["url"] == f"http://demo-gptoss-vllm.{NAMESPACE}.svc:8000/metrics/targets"
+    assert {"action": "replace", "targetLabel": "namespace", "replacement": NAMESPACE} in scrape["spec"][
+        "relabelings"
+    ]
+    (pod_monitor,) = by_kind(objects, "PodMonitor")
+    assert pod_monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    dashboards = [
+        o for o in by_kind(objects, "ConfigMap") if o["metadata"]["labels"].get("grafana_dashboard") == "1"
+    ]
+    assert {name for cm in dashboards for name in cm["data"]} == {
+        p.name for p in (ROOT / "dashboards").glob("*.json")
+    }
+    for cm in dashboards:
+        for name, text in cm["data"].items():
+            assert json.loads(text) == json.loads((ROOT / "dashboards" / name).read_text())
+
+
+def test_prometheus_rule_carries_the_tested_rules():
+    (rule,) = by_kind(render(), "PrometheusRule")
+    original = yaml.safe_load(rules_module.RULES_PATH.read_text())
+    assert rule["spec"] == original
+
+
+def test_chart_copies_are_identical():
+    assert (CHART / "files" / "rules.yaml").read_bytes() == rules_module.RULES_PATH.read_bytes()
+    originals = {p.name: p.read_bytes() for p in (ROOT / "dashboards").glob("*.json")}
+    copies = {p.name: p.read_bytes() for p in (CHART / "files" / "dashboards").glob("*.json")}
+    assert copies == originals
+
+
+def test_values_schema_is_current():
+    assert values_schema.main(["--check"]) == 0, "run: python -m helm.values_schema"
+
+
+# -- bad values ------------------------------------------------------------------------------------------------
+
+BAD = {
+    "unknown top-level key": ({"replicaCount": 3}, ["replicaCount"]),
+    "unknown nested key": ({"workerGroups": {"fast": {"gpuz": 1}}}, ["gpuz"]),
+    "unknown serve key": ({"serve": {"pools": {"fast": {"replica": 2}}}}, ["replica"]),
+    "wrong type": ({"workerGroups": {"fast": {"gpusPerReplica": "one"}}}, ["gpusPerReplica"]),
+    "wrong serve type": ({"serve": {"budgets": {"low": {"max_tokens": "many"}}}}, ["max_tokens"]),
+    "gpu pool without gpus": (
+        {"workerGroups": {"deep": {"gpusPerReplica": 0}}},
+        ["workerGroups.deep.gpusPerReplica"],
+    ),
+    "tensor parallel above gpus": (
+        {"serve": {"pools": {"deep": {"engine_args": {"tensor_parallel_size": 2}}}}},
+        ["serve.pools.deep.engine_args.tensor_parallel_size"],
+    ),
+    "effort without pool": (
+        {"serve": {"pools": {"deep": {"efforts": ["medium"]}, "fast": {"efforts": ["low"]}}}},
+        ["high"],
+    ),
+    "pool without group": (
+        {"workerGroups": {"deep": None}},
+        ["workerGroups.deep"],
+    ),
+    "keys file without secret": (
+        {"serve": {"auth": {"api_keys_file": "/etc/keys"}}},
+        ["apiKeys.existingSecret"],
+    ),
+    "serve replicas above the group": (
+        {"workerGroups": {"deep": {"maxReplicas": 2}}},
+        ["workerGroups.deep.maxReplicas"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_values_fail_with_a_message_naming_the_value(case):
+    values, words = BAD[case]
+    with pytest.raises(helm.HelmError) as raised:
+        render(values)
+    message = str(raised.value)
+    for word in words:
+        assert word in message, message
+
+
+# -- policy scan -----------------------------------------------------------------------------------------------
+
+
+def test_checkov_finds_no_failed_check(tmp_path):
+    assert CHECKOV.exists(), "checkov lives in .venv-tools: run `make tools` (make test does)"
+    # Everything on (a disabled NetworkPolicy is an opt-out the scan rightly flags).
+    everything = merge(*(o for name, o in TOGGLES.items() if name != "no-networkpolicy"))
+    cases = {"default": {}, **{p.stem: example(p) for p in EXAMPLES}, "all": everything}
+    for name, values in cases.items():
+        with (tmp_path / f"{name}.yaml").open("w") as out:
+            yaml.safe_dump_all(render(values), out, sort_keys=False)
+    result = subprocess.run(
+        [
+            str(CHECKOV),
+            "-d",
+            str(tmp_path),
+            "--framework",
+            "kubernetes",
+            "--quiet",
+            "--compact",
+            "-o",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    report = json.loads(result.stdout) if result.stdout.strip().startswith(("{", "[")) else {}
+    reports = report if isinstance(report, list) else [report]
+    failed = [c for r in reports for c in r.get("results", {}).get("failed_checks", [])]
+    assert not failed, [(c["check_id"], c["resource"]) for c in failed]
+
+
+def test_checkov_binary_is_isolated():
+    # checkov's dependencies must not enter the project's venv (it pins what vLLM needs).
+    assert shutil.which("checkov", path=str(ROOT / ".venv" / "bin")) is None
