@@ -71,6 +71,7 @@ def run_bench(
 
     work = Path(tempfile.mkdtemp(prefix="gptoss-bench-routing-"))
     report_dir = report_dir or work
+    report_dir.mkdir(parents=True, exist_ok=True)
     (work / "workload.yaml").write_text(yaml.safe_dump(WORKLOAD))
     slo = _slo_file(work)
     configs = arm_configs(load_config(None))
