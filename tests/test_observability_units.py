@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from gptoss_vllm.observability import targets, tracing
-from gptoss_vllm.observability.local_prometheus import prometheus_config
+from gptoss_vllm.observability.local_prometheus import SD_REFRESH_INTERVAL, prometheus_config
 from gptoss_vllm.observability.metrics import IngressMetrics
 from gptoss_vllm.observability.request_record import RequestRecord, request_usage
 
@@ -192,7 +192,7 @@ def test_local_prometheus_discovers_targets_through_the_ingress():
     config = prometheus_config("http://127.0.0.1:8000", ["/x/rules.yaml"])
     (job,) = config["scrape_configs"]
     assert job["http_sd_configs"] == [
-        {"url": "http://127.0.0.1:8000/metrics/targets", "refresh_interval": "5s"}
+        {"url": "http://127.0.0.1:8000/metrics/targets", "refresh_interval": SD_REFRESH_INTERVAL}
     ]
     assert config["rule_files"] == ["/x/rules.yaml"]
 

@@ -18,6 +18,7 @@ import httpx
 import yaml
 
 SCRAPE_INTERVAL = "5s"
+SD_REFRESH_INTERVAL = "15s"  # new replicas appear within this; each refresh is an access-log line
 DEFAULT_PORT = 9090
 RULES = files("gptoss_vllm.observability") / "prometheus" / "rules.yaml"
 INSTALL_HINT = "run `make venv` (it installs Debian's prometheus package) or `apt-get install prometheus`"
@@ -35,7 +36,9 @@ def prometheus_config(ingress_url: str, rule_files: list[str]) -> dict:
         "scrape_configs": [
             {
                 "job_name": "gptoss-vllm",
-                "http_sd_configs": [{"url": f"{ingress_url}/metrics/targets", "refresh_interval": "15s"}],
+                "http_sd_configs": [
+                    {"url": f"{ingress_url}/metrics/targets", "refresh_interval": SD_REFRESH_INTERVAL}
+                ],
                 "relabel_configs": [{"target_label": "namespace", "replacement": "local"}],
             }
         ],
