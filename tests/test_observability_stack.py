@@ -328,38 +328,39 @@ def _loadtest(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_a_bounded_run_meets_a_reachable_slo(stack, tmp_path):
+    # Every effort often enough that a 25 s run has each (interactive's 5% high could draw none), outputs
+    # within this stack's budgets.
+    profile = tmp_path / "mix.yaml"
+    profile.write_text(
+        "name: mix\nefforts: {low: 0.5, medium: 0.3, high: 0.2}\nprompt_words: {min: 4, max: 20}\n"
+        "output_tokens: {low: 48, medium: 96, high: 128}\n"
+    )
     slo = tmp_path / "slo.yaml"
     slo.write_text(
         "efforts:\n  low: {max_error_rate: 0.0}\n  medium: {max_error_rate: 0.0}\n  high: {max_error_rate: 0.0}\n"
     )
     report = tmp_path / "report"
     answer = _loadtest(
-        "--host", stack.url, "--profile", "interactive", "--users", "2", "--duration", "25s",
+        "--host", stack.url, "--profile", str(profile), "--users", "2", "--duration", "25s",
         "--slo", str(slo), "--report", str(report), "--api-key", stack.api_key,
         "--prometheus", stack.prometheus_url,
     )  # fmt: skip
     assert answer.returncode == 0, answer.stdout + answer.stderr
     summary = json.loads((report / "summary.json").read_text())
-    assert summary["profile"] == "interactive" and summary["slo"] == {
+    assert summary["profile"] == "mix" and summary["slo"] == {
         "passed": True,
         "violations": [],
         "file": str(slo),
     }
     assert set(summary["efforts"]) == {"low", "medium", "high"}
-    made = [e for e, f in summary["efforts"].items() if f["requests"]]
-    assert "low" in made and len(made) >= 2, summary["efforts"]
-    for effort in made:
-        figures = summary["efforts"][effort]
-        assert figures["failures"] == 0
-        assert 0 < figures["ttft_p50_s"] <= figures["ttft_p95_s"]
-        assert figures["answer_ttft_p95_s"] >= figures["ttft_p50_s"]
-        assert figures["tpot_p50_s"] > 0 and figures["reasoning_tokens"] > 0 and figures["answer_tokens"] > 0
+    for effort, figures in summary["efforts"].items():
+        assert figures["requests"] > 0 and figures["failures"] == 0, (effort, figures)
+    low = summary["efforts"]["low"]  # the most frequent: its figures exist whatever nano writes
+    assert 0 < low["ttft_p50_s"] <= low["ttft_p95_s"] and low["answer_ttft_p95_s"] >= low["ttft_p50_s"]
+    assert low["tpot_p50_s"] > 0 and low["reasoning_tokens"] > 0 and low["answer_tokens"] > 0
     rows = (report / "requests.csv").read_text().splitlines()
     assert len(rows) - 1 == sum(f["requests"] for f in summary["efforts"].values())
-    assert (
-        "chat low" in (report / "locust_stats.csv").read_text()
-        or "chat medium" in (report / "locust_stats.csv").read_text()
-    )
+    assert "chat high" in (report / "locust_stats.csv").read_text()
     html = (report / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 3  # CDFs, throughput/goodput, Prometheus series
     assert (report / "locust.html").stat().st_size > 10_000

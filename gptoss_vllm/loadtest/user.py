@@ -9,6 +9,7 @@ report show them per effort.
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import time
@@ -23,6 +24,9 @@ _WORDS = (
     "cluster", "latency", "replica", "token", "budget", "stream", "effort", "router", "queue", "kernel",
     "expert", "memory", "throughput", "service", "request", "answer", "window", "cache", "prefix", "model",
 )  # fmt: skip
+
+
+_user_numbers = itertools.count()
 
 
 def prompt(rng: random.Random, words: int) -> str:
@@ -43,7 +47,8 @@ class OpenAIChatUser(HttpUser):
     wait_time = between(0, 0)
 
     def on_start(self) -> None:
-        self._rng = random.Random(f"{self.seed}-{id(self)}")
+        # The n-th user of a run draws the same efforts and prompts in every run with the same seed.
+        self._rng = random.Random(f"{self.seed}-{next(_user_numbers)}")
         think = self.profile.think_time_s
         self.wait_time = lambda: self._rng.uniform(think.min, think.max)
 
