@@ -176,7 +176,7 @@ def test_refusals_spills_and_clamps_are_counted_by_reason(stack):
         medium = list(
             pool.map(
                 lambda _: _post(stack, "/v1/chat/completions", {**long, "reasoning_effort": "medium"}),
-                range(3),
+                range(5),
             )
         )
     with ThreadPoolExecutor(8) as pool:
