@@ -42,7 +42,13 @@ def main() -> None:
             outs = llm.generate(prompts, params, use_tqdm=False)
         result[phase["name"]] = [_summary(o) for o in outs]
     print("RESULT " + json.dumps(result), flush=True)
+    llm.llm_engine.engine_core.shutdown(timeout=30)
 
 
 if __name__ == "__main__":
     main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Interpreter teardown after vLLM sometimes aborts ("terminate called without an active exception",
+    # SIGABRT) or hangs in a C++ thread destructor; the engine is already shut down, so skip it.
+    os._exit(0)
