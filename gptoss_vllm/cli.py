@@ -83,6 +83,7 @@ def _train_nano(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     recipe = {"steps": args.steps, "batch_size": args.batch_size}
     settings = TrainSettings(seed=args.seed, **{k: v for k, v in recipe.items() if v is not None})
     result = train(settings)
+    save_asset(result, out, {})  # written before evaluating, so that a failed evaluation keeps the weights
     scores = {
         "bf16": evaluate_weights(
             asset_tensors(result.model, result.vocab, quantise=False), "bf16", args.eval_per_family

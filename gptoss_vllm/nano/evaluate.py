@@ -159,7 +159,15 @@ def evaluate_weights(asset: dict, dtype: str, per_family: int) -> list[EffortSco
             progress=False,
             tensors=expanded_tensors(config, dtype, asset),
         )
-        llm = LLM(model=str(checkpoint), enforce_eager=True, max_model_len=2048, seed=0)
+        # A fixed 1 GiB KV cache: the default reserves a fraction of all CPU memory and refuses to start
+        # when other processes hold some of it (which, after a long training run, loses the run).
+        llm = LLM(
+            model=str(checkpoint),
+            enforce_eager=True,
+            max_model_len=2048,
+            seed=0,
+            kv_cache_memory_bytes=1 << 30,
+        )
         try:
             return score(held_out_tasks(per_family), EFFORTS, vllm_runner(llm))
         finally:
