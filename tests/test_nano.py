@@ -38,7 +38,6 @@ def test_task_answers_are_right():
         add = make_task(rng, "add")
         assert int(add.answer) == sum(add.numbers)
         rev, srt = make_task(rng, "reverse"), make_task(rng, "sort")
-        assert len(set(rev.numbers)) == len(rev.numbers) and len(set(srt.numbers)) == len(srt.numbers)
         assert rev.answer == "[" + ", ".join(map(str, rev.numbers[::-1])) + "]"
         assert srt.answer == "[" + ", ".join(map(str, sorted(srt.numbers))) + "]"
     assert make_task(random.Random(5), "lookup") == make_task(random.Random(5), "lookup")

@@ -1,10 +1,8 @@
 """Synthetic tasks for nano: what the user asks, the analysis the model writes at each effort, the answer.
 
-Four families: two-digit addition with carries, reversing and sorting short lists of distinct digits, and a
-code lookup that needs a call of the ``lookup`` function through the ``commentary`` channel. The analysis
-grows with the effort: low states the plan, medium gives the key steps, high works step by step. High-effort
-steps are written for a model of a few hundred thousand weights: each step restates what it copies next to
-where it copies it from, and builds the result a piece at a time, so the answer is a copy of the last step.
+Four families: two-digit addition with carries, reversing and sorting short digit lists, and a code lookup
+that needs a call of the ``lookup`` function through the ``commentary`` channel. The analysis grows with the
+effort: low states the plan, medium gives the key steps, high works step by step and restates the result.
 Everything is drawn from a ``random.Random``, so a seed fixes the data.
 """
 
@@ -61,7 +59,7 @@ def make_task(rng: random.Random, family: str) -> Task:
         a, b = rng.randint(10, 99), rng.randint(10, 99)
         return Task("add", f"What is {a} + {b}?", str(a + b), (a, b))
     if family in ("reverse", "sort"):
-        values = tuple(rng.sample(range(10), rng.randint(3, 5)))  # distinct digits
+        values = tuple(rng.randint(0, 9) for _ in range(rng.randint(3, 5)))
         result = values[::-1] if family == "reverse" else tuple(sorted(values))
         verb = "Reverse" if family == "reverse" else "Sort"
         return Task(family, f"{verb} the list [{_listed(values)}].", f"[{_listed(result)}]", values)
@@ -90,16 +88,14 @@ def _add_analysis(task: Task, effort: str) -> str:
         return (
             f"Ones: {a % 10} + {b % 10} = {ones}. Tens: {a // 10} + {b // 10} + {carry} = {tens}. So {total}."
         )
-    # Each step restates the digits it works on, next to where it copies them from.
     steps = [
         f"We need {a} + {b}.",
-        f"{a} is {a // 10} tens and {a % 10} ones. {b} is {b // 10} tens and {b % 10} ones.",
-        f"Ones: {a % 10} + {b % 10} = {ones}, write {ones % 10} and carry {carry}.",
-        f"Tens: {a // 10} + {b // 10} + {carry} = {tens}, write {tens % 10} and carry {tens // 10}.",
+        f"Ones place: {a % 10} + {b % 10} = {ones}, write {ones % 10} and carry {carry}.",
+        f"Tens place: {a // 10} + {b // 10} + {carry} = {tens}, write {tens % 10} and carry {tens // 10}.",
     ]
     if tens >= 10:
-        steps.append(f"Hundreds: the carry gives {tens // 10}.")
-    steps.append(f"So {a} + {b} = {total}.")
+        steps.append(f"Hundreds place: the carry gives {tens // 10}.")
+    steps.append(f"Reading the written digits gives {total}. So {a} + {b} = {total}.")
     return " ".join(steps)
 
 
@@ -111,26 +107,21 @@ def _list_analysis(task: Task, effort: str) -> str:
         result = values[::-1]
         if effort == "medium":
             return f"From the end: {_listed(result)}."
-        # One item per step, found by the item after it (the digits are distinct), and the list so far.
-        steps = [f"The list is {_listed(values)}.", f"Last is {values[-1]}: {values[-1]}."]
-        for i in range(len(values) - 2, -1, -1):
-            steps.append(f"Before {values[i + 1]} is {values[i]}: {_listed(result[: len(values) - i])}.")
-        steps.append(f"Nothing before {values[0]}. Reversed: {_listed(result)}.")
+        steps = [f"The list has {len(values)} items: {_listed(values)}.", f"The last item is {values[-1]}."]
+        steps += [f"Before it comes {v}." for v in values[-2::-1]]
+        steps.append(f"Reading from the end gives {_listed(result)}.")
         return " ".join(steps)
     if effort == "low":
         return "Sort in ascending order."
     result = sorted(values)
     if effort == "medium":
         return f"In order: {_listed(result)}."
-    # Every digit from 0 to 9 in turn: is it in the list? Each one found extends the sorted list so far.
-    steps, found = [f"The list is {_listed(values)}."], []
-    for digit in range(10):
-        if digit in values:
-            found.append(digit)
-            steps.append(f"{digit} yes: {_listed(found)}.")
-        else:
-            steps.append(f"{digit} no.")
-    steps.append(f"Sorted: {_listed(result)}.")
+    steps, left = [f"Items: {_listed(values)}."], list(values)
+    while len(left) > 1:
+        smallest = min(left)
+        left.remove(smallest)
+        steps.append(f"Smallest is {smallest}, leaving {_listed(left)}.")
+    steps.append(f"Last is {left[0]}. Sorted: {_listed(result)}.")
     return " ".join(steps)
 
 
