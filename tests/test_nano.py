@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import statistics
 
@@ -124,6 +125,32 @@ def test_vocabulary_covers_the_data(vocab):
     assert 1000 < len(vocab) < 2000
 
 
+def test_training_forward_is_hfs_forward(vocab):
+    """The plain-torch training forward gives HF's logits on right-padded batches longer than the window."""
+    from transformers import GptOssForCausalLM
+
+    from gptoss_vllm.nano.forward import forward_logits
+    from gptoss_vllm.nano.train import batch_tensors, nano_hf_config
+
+    torch.manual_seed(0)
+    model = GptOssForCausalLM(nano_hf_config(len(vocab))).eval()
+    with torch.no_grad():  # weights of a trained model's scale: routing, sinks and biases all matter
+        for param in model.parameters():
+            param.normal_(0.0, 0.2)
+    rng = random.Random(6)
+    examples = [examples_for(make_task(rng, family), "high", True, "2026-11-29")[0] for family in FAMILIES]
+    to_sub = {token: i for i, token in enumerate(vocab)}
+    ids, _ = batch_tensors(examples, to_sub, 0)
+    lengths = torch.tensor([len(e.tokens) for e in examples])
+    mask = (torch.arange(ids.shape[1])[None] < lengths[:, None]).long()
+    assert model.config.sliding_window < lengths.min() < lengths.max()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+        actual = forward_logits(model, ids)
+    real = mask.bool()
+    torch.testing.assert_close(actual[real], expected[real], atol=1e-4, rtol=1e-4)
+
+
 def test_training_is_deterministic_and_learns(vocab):
     from gptoss_vllm.nano.train import TrainSettings, train
 
@@ -131,6 +158,9 @@ def test_training_is_deterministic_and_learns(vocab):
     first, second = train(settings, progress=False), train(settings, progress=False)
     assert first.losses == second.losses
     assert first.losses[-1] < first.losses[0]
+    # Micro-batches only change the padding: one micro-batch per step trains the same model.
+    whole = train(dataclasses.replace(settings, micro_batches=1), progress=False)
+    assert whole.losses == pytest.approx(first.losses, rel=1e-4)
 
 
 def test_expanded_checkpoint_is_the_trained_model_and_unseen_tokens_score_zero(vocab, tmp_path):
