@@ -11,7 +11,9 @@ TOOLS_VENV := .venv-tools
 # Re-install only when the dependency files change; otherwise `make venv` is a no-op.
 DEPS_HASH := $(shell cat pyproject.toml Makefile | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.installed-$(DEPS_HASH)
-TOOLS_STAMP := $(TOOLS_VENV)/.installed-checkov-3.3.30
+CHECKOV_VERSION := 3.3.30
+# The installed binary is the target: a venv that lost it (or an older pin: the Makefile changed) is redone.
+CHECKOV := $(TOOLS_VENV)/bin/checkov
 HOST ?= 127.0.0.1
 PORT ?= 8000
 PROMETHEUS_PORT ?= 9090
@@ -46,13 +48,13 @@ $(STAMP): pyproject.toml Makefile
 	@touch $@
 
 # Only the tests need these (`make serve` does not).
-tools: $(TOOLS_STAMP)
+tools: $(CHECKOV)
 
-$(TOOLS_STAMP): Makefile
+$(CHECKOV): Makefile
 	@test -x $(TOOLS_VENV)/bin/python || $(PYTHON) -m venv $(TOOLS_VENV)
 	$(TOOLS_VENV)/bin/pip install --quiet --upgrade pip wheel
-	$(TOOLS_VENV)/bin/pip install --quiet 'checkov==3.3.30'
-	$(TOOLS_VENV)/bin/checkov --version >/dev/null
+	$(TOOLS_VENV)/bin/pip install --quiet 'checkov==$(CHECKOV_VERSION)'
+	$(CHECKOV) --version >/dev/null
 	@touch $@
 
 lint: venv
@@ -66,7 +68,7 @@ format: venv
 test: venv tools lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The main job: the Ray Serve app on the embedded default (two pools of the tiny MXFP4 model, built on first
+# The main job: the Ray Serve app on the embedded default (two pools of the nano MXFP4 model, built on first
 # use into ~/.cache/gptoss-vllm). Ctrl-C drains and stops.
 serve: venv
 	$(BIN)/gptoss-vllm serve --host $(HOST) --port $(PORT) --prometheus --prometheus-port $(PROMETHEUS_PORT)
