@@ -1,9 +1,13 @@
 """The C++ CPU MXFP4 MoE kernel against the float32 reference, on every ISA path this CPU can run.
 
+The kernel reads weights pre-packed by ``cpu_moe.prepack``; the reference reads the checkpoint layout.
+
 Bounds. The portable and AVX2 paths compute in fp32 from fp32 activations: sums of up to 2880 products
 round at 2**-24 each, so they stay within 1e-3 of the output's largest magnitude (a generous multiple of
-K * 2**-24). The AVX-512 path rounds the activations and the SwiGLU output to bf16 (8 significant bits,
-2**-9 relative) before fp32-accumulated dot products, so its bound is 2**-5 of the largest magnitude.
+K * 2**-24). The AVX-512 path quantises the activations and the SwiGLU output to int8 per 32-element block
+at small batches (each element off by at most 1/254 of its block's largest magnitude) and to bf16 (2**-9
+relative) on the GEMM path, before fp32-accumulated dot products, so its bound is 2**-5 of the largest
+magnitude.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import torch
 from gptoss_vllm.kernels import cpu_moe
 from gptoss_vllm.kernels.reference import mxfp4_moe_reference
 
-BOUNDS = {"portable": 1e-3, "avx2": 1e-3, "avx512_bf16": 2**-5}
+BOUNDS = {"portable": 1e-3, "avx2": 1e-3, "avx512": 2**-5}
 
 
 def _runnable_isas() -> list[str]:
@@ -48,10 +52,15 @@ def _problem(m: int, e: int, k: int, h: int, i: int, seed: int, scale_range=(118
     return x, ids, top.softmax(-1), [w13, s13, b13, w2, s2, b2]
 
 
+def _packed(weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    w13, s13, b13, w2, s2, b2 = weights
+    return [*cpu_moe.prepack(w13, s13), b13, *cpu_moe.prepack(w2, s2), b2]
+
+
 def _compare(x, ids, tw, weights, isa: str) -> None:
-    # fp32 paths get fp32 activations; the bf16 path gets bf16 ones, as vLLM gives it.
-    xin = x.bfloat16() if isa == "avx512_bf16" else x
-    got = cpu_moe.mxfp4_moe(xin, ids, tw, *weights, 1.702, 7.0).float()
+    # fp32 paths get fp32 activations; the AVX-512 path gets bf16 ones, as vLLM gives it.
+    xin = x.bfloat16() if isa == "avx512" else x
+    got = cpu_moe.mxfp4_moe(xin, ids, tw, *_packed(weights), 1.702, 7.0).float()
     want = mxfp4_moe_reference(xin.float(), ids, tw, *weights, 1.702, 7.0)
     assert got.shape == want.shape
     assert torch.equal(got.isnan(), want.isnan())
@@ -89,7 +98,7 @@ def test_nan_scales_poison_exactly_the_tokens_that_use_them(isa: str) -> None:
     weights[1][3, 5, 1] = 0xFF  # one gate_up block of expert 3
     _compare(x, ids, tw, weights, isa)
     users = (ids == 3).any(dim=1)
-    out = cpu_moe.mxfp4_moe(x, ids, tw, *weights, 1.702, 7.0)
+    out = cpu_moe.mxfp4_moe(x, ids, tw, *_packed(weights), 1.702, 7.0)
     assert out[users].isnan().all() and not out[~users].isnan().any()
 
 
@@ -102,16 +111,37 @@ def test_extreme_scales(isa: str) -> None:
     _compare(x, ids, tw, weights, isa)
 
 
+def test_prepack_layout_and_padding() -> None:
+    """Packed rows: superblocks of 128 elements in 64 bytes, byte j = element j | element j + 64 << 4,
+    scales beside them, K padded with zero codes (scale 1.0) to a multiple of 128; 4.25 bits per weight."""
+    g = torch.Generator().manual_seed(7)
+    blocks = torch.randint(0, 256, (3, 5, 7, 16), generator=g, dtype=torch.uint8)  # K = 224 -> 256
+    scales = torch.randint(0, 256, (3, 5, 7), generator=g, dtype=torch.uint8)
+    packed, packed_scales = cpu_moe.prepack(blocks, scales)
+    assert packed.shape == (3, 5, 2, 64) and packed_scales.shape == (3, 5, 8)
+    codes = torch.stack([blocks & 0x0F, blocks >> 4], dim=-1).reshape(3, 5, 224)  # even element low
+    unpacked = torch.cat([packed & 0x0F, packed >> 4], dim=-1).reshape(3, 5, 256)
+    assert torch.equal(unpacked[..., :224], codes) and not unpacked[..., 224:].any()
+    assert torch.equal(packed_scales[..., :7], scales) and (packed_scales[..., 7] == 127).all()
+    assert (packed.numel() + packed_scales.numel()) * 8 / (3 * 5 * 256) == 4.25  # bits per (padded) weight
+
+
+def test_unpacked_weights_are_refused() -> None:
+    x, ids, tw, weights = _problem(2, 4, 2, 64, 32, seed=8)
+    with pytest.raises(RuntimeError, match="pre-packed"):
+        cpu_moe.mxfp4_moe(x, ids, tw, *weights, 1.702, 7.0)
+
+
 def test_bad_isa_name_is_rejected(monkeypatch) -> None:
     monkeypatch.setenv(cpu_moe.ISA_ENV, "sse9")
-    with pytest.raises(ValueError, match=r"GPTOSS_VLLM_CPU_ISA='sse9'.*portable, avx2, avx512_bf16"):
+    with pytest.raises(ValueError, match=r"GPTOSS_VLLM_CPU_ISA='sse9'.*portable, avx2, avx512"):
         cpu_moe.requested_isa()
 
 
 def test_op_passes_torch_library_checks() -> None:
     x, ids, tw, weights = _problem(5, 4, 2, 64, 32, seed=4)
     torch.library.opcheck(
-        torch.ops.gptoss_vllm.mxfp4_moe.default, (x.bfloat16(), ids, tw, *weights, 1.702, 7.0)
+        torch.ops.gptoss_vllm.mxfp4_moe.default, (x.bfloat16(), ids, tw, *_packed(weights), 1.702, 7.0)
     )
 
 
@@ -127,6 +157,7 @@ def test_without_the_gemm_path_results_do_not_depend_on_the_batch(monkeypatch) -
     """GPTOSS_VLLM_CPU_GEMM_MIN_TOKENS=0: a token's output is bit-identical alone or among 40 others."""
     monkeypatch.setenv("GPTOSS_VLLM_CPU_GEMM_MIN_TOKENS", "0")
     x, ids, tw, weights = _problem(41, 4, 2, 128, 64, seed=5)
+    weights = _packed(weights)
     xb = x.bfloat16()
     together = cpu_moe.mxfp4_moe(xb, ids, tw, *weights, 1.702, 7.0)
     for t in (0, 17, 40):
@@ -136,6 +167,7 @@ def test_without_the_gemm_path_results_do_not_depend_on_the_batch(monkeypatch) -
 
 def test_gemm_and_register_paths_agree(monkeypatch) -> None:
     x, ids, tw, weights = _problem(64, 2, 2, 128, 64, seed=6)  # 64 tokens per expert
+    weights = _packed(weights)
     xb = x.bfloat16()
     monkeypatch.setenv("GPTOSS_VLLM_CPU_GEMM_MIN_TOKENS", "0")
     direct = cpu_moe.mxfp4_moe(xb, ids, tw, *weights, 1.702, 7.0).float()

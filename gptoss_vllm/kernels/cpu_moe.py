@@ -1,8 +1,9 @@
 """The CPU MXFP4 MoE as the torch op ``gptoss_vllm::mxfp4_moe``, backed by the C++ kernel.
 
-The op is opaque to torch.compile (a fake implementation gives the output shape), so vLLM's compiled
+The op reads weights pre-packed once at load time by ``prepack`` (still 4.25 bits per weight: superblocks
+of 4 blocks in 64 bytes, see the kernel source). The op is opaque to torch.compile (a fake implementation gives the output shape), so vLLM's compiled
 graph calls it as one node. The kernel picks the best ISA path the CPU has (AVX-512 BF16, AVX2, portable);
-``GPTOSS_VLLM_CPU_ISA=avx512_bf16|avx2|portable`` caps it (lower paths for tests and comparisons).
+``GPTOSS_VLLM_CPU_ISA=avx512|avx2|portable`` caps it (lower paths for tests and comparisons).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from gptoss_vllm.kernels.build import load_kernel
 
 ISA_ENV = "GPTOSS_VLLM_CPU_ISA"
-ISAS = {"portable": 0, "avx2": 1, "avx512_bf16": 2}
+ISAS = {"portable": 0, "avx2": 1, "avx512": 2}  # avx512: F, BW, VNNI and BF16
 
 
 def requested_isa() -> int:
@@ -36,6 +37,13 @@ def kernel_isa() -> str:
     return next(name for name, value in ISAS.items() if value == chosen)
 
 
+def prepack(blocks: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checkpoint-layout MXFP4 (``(..., rows, K/32, 16)`` blocks, ``(..., rows, K/32)`` scales) into the
+    kernel's layout: ``(..., rows, Kp/128, 64)`` and ``(..., rows, Kp/32)``, K padded to a multiple of 128."""
+    load_kernel()
+    return tuple(torch.ops.gptoss_vllm_cpu.mxfp4_prepack(blocks, scales))
+
+
 @torch.library.custom_op("gptoss_vllm::mxfp4_moe", mutates_args=())
 def mxfp4_moe(
     x: torch.Tensor,
@@ -50,7 +58,8 @@ def mxfp4_moe(
     alpha: float,
     limit: float,
 ) -> torch.Tensor:
-    """Routing-weighted sum of each token's top-k MXFP4 experts (shapes as in the reference)."""
+    """Routing-weighted sum of each token's top-k MXFP4 experts; blocks and scales as ``prepack`` returns
+    them, biases and the rest as in the reference."""
     load_kernel()
     return torch.ops.gptoss_vllm_cpu.mxfp4_moe(
         x, topk_ids, topk_weights, w13_blocks, w13_scales, w13_bias, w2_blocks, w2_scales, w2_bias,

@@ -130,6 +130,8 @@ class GptOssForCausalLM(vllm_gpt_oss.GptOssForCausalLM):
                     f"checkpoint tensor {name} was not consumed by vLLM's gpt-oss loader"
                 )
             loaded |= expert_params
+            for layer in self.model.layers[self.model.start_layer : self.model.end_layer]:
+                layer.mlp.experts.pack_for_backend()
         for _ in checked:  # validate anything the loader left unread
             pass
         checker.finish()

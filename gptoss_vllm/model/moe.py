@@ -2,7 +2,9 @@
 
 Router: top-k over the raw logits, then softmax over the k selected values. Experts: MXFP4 weights in the
 checkpoint layout (``(E, rows, K/32, 16)`` blocks, ``(E, rows, K/32)`` E8M0 scales) with fp32 biases,
-sharded for tensor parallelism along the intermediate dimension in whole 32-element blocks.
+sharded for tensor parallelism along the intermediate dimension in whole 32-element blocks. The ``cpu``
+backend's kernel reads its own layout: once loading is done, ``pack_for_backend`` repacks the blocks and
+scales in place (still 4.25 bits per weight).
 """
 
 from __future__ import annotations
@@ -63,12 +65,29 @@ class MXFP4Experts(nn.Module):
         self.down_blocks = buffer(e, h, i // 32, 16, dtype=torch.uint8)
         self.down_scales = buffer(e, h, i // 32, dtype=torch.uint8)
         self.down_bias = buffer(e, h, dtype=torch.float32)
+        self.packed = False  # blocks/scales in the cpu kernel's layout instead of the checkpoint's
+
+    def pack_for_backend(self) -> None:
+        """Repack the loaded blocks and scales into the layout the backend's kernel reads (``cpu`` only)."""
+        if self.backend != "cpu" or self.packed:
+            return
+        for blocks, scales in (
+            (self.gate_up_blocks, self.gate_up_scales),
+            (self.down_blocks, self.down_scales),
+        ):
+            blocks.data, scales.data = cpu_moe.prepack(blocks.data, scales.data)
+        self.packed = True
 
     def resident_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.parameters())
 
     def load_checkpoint_tensor(self, suffix: str, tensor: torch.Tensor) -> list[str]:
         """Load one checkpoint tensor (``suffix`` after ``mlp.experts.``); returns the parameters it filled."""
+        if self.packed:
+            raise RuntimeError(
+                "these experts' weights were already repacked for the cpu kernel; load a checkpoint into a "
+                "new model instead of loading over a packed one"
+            )
         i, r = self.local_intermediate, self.tp_rank
         if suffix.startswith("gate_up_proj_") and suffix != "gate_up_proj_bias":
             # (E, 2I, H/32[, 16]): this rank's rows; gate/linear rows are interleaved, so pairs stay together.
@@ -101,6 +120,8 @@ class MXFP4Experts(nn.Module):
         raise KeyError(f"unknown expert tensor suffix {suffix!r}")
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        if self.backend == "cpu" and not self.packed:  # weights set without load_weights (dummy, tests)
+            self.pack_for_backend()
         op = (
             torch.ops.gptoss_vllm.mxfp4_moe
             if self.backend == "cpu"
