@@ -46,7 +46,7 @@ constexpr uint8_t kPadScale = 127;  // scale of padding blocks (1.0; their codes
 constexpr int kRows = 4;           // weight rows decoded together on the fp32 paths
 constexpr int kPrefetchBytes = 8192;  // software prefetch distance on each row stream, into L2 (past page ends)
 constexpr int kTileRows = 512;     // rows decoded per GEMM tile: oneDNN repacks every tile, so few large calls
-constexpr int kGemmMinTokens = 28;  // from this many tokens per expert, decode tiles and use ATen's GEMM (measured crossover)
+constexpr int kGemmMinTokens = 24;  // from this many tokens per expert, decode tiles and use ATen's GEMM (measured crossover)
 
 // GPTOSS_VLLM_CPU_GEMM_MIN_TOKENS overrides the crossover; 0 turns the GEMM path off, which makes every
 // token's result independent of how many other tokens share its expert (batch invariance).
@@ -237,7 +237,7 @@ __attribute__((target("avx2,fma"))) float dot_avx2(const float* w, const float* 
 }
 
 // ------------------------------------------------------------------------------------------- AVX-512
-// Small batches (up to 27 tokens per expert): int8 dot products (vpdpbusd). A code c becomes the unsigned byte 2 * E2M1(c) + 12
+// Small batches (up to 23 tokens per expert): int8 dot products (vpdpbusd). A code c becomes the unsigned byte 2 * E2M1(c) + 12
 // (0..24, one vpshufb); activations are quantised per 32-element block to int8 with an fp32 scale. Each
 // vpdpbusd starts from a vector holding -12 * (sum of the block's int8 activations) in the block's first
 // lane, which removes the +12 offset, so lanes 0-7 sum to 2 * dot(block A) and lanes 8-15 to 2 * dot(block B);
@@ -409,7 +409,9 @@ void project_gemm(const Projection& p, Isa isa) {
       else
 #endif
         f32_decoder(isa)(p, r0, nr, tile.data_ptr<float>());
-      const auto h = at::mm(act, tile.narrow(0, 0, nr).t()).to(at::kFloat);  // (n, nr)
+      // Weights as the left operand: AMX and the BF16 kernels read it row-major as it is, and only the small
+      // activation matrix is repacked (the other way round oneDNN repacked the whole tile on every call).
+      const auto h = at::mm(tile.narrow(0, 0, nr), act.t()).to(at::kFloat).t().contiguous();  // (n, nr)
       const float* hp = h.data_ptr<float>();
       for (int64_t i = 0; i < p.n; ++i)
         for (int64_t r = 0; r < nr; ++r) p.out[i * p.rows + r0 + r] = hp[i * nr + r] + p.bias[r0 + r];
