@@ -1,9 +1,10 @@
 """The CPU MXFP4 MoE as the torch op ``gptoss_vllm::mxfp4_moe``, backed by the C++ kernel.
 
 The op reads weights pre-packed once at load time by ``prepack`` (still 4.25 bits per weight: superblocks
-of 4 blocks in 64 bytes, see the kernel source). The op is opaque to torch.compile (a fake implementation gives the output shape), so vLLM's compiled
-graph calls it as one node. The kernel picks the best ISA path the CPU has (AVX-512 BF16, AVX2, portable);
-``GPTOSS_VLLM_CPU_ISA=avx512|avx2|portable`` caps it (lower paths for tests and comparisons).
+of 4 blocks in 64 bytes, see the kernel source). It is opaque to torch.compile (a fake implementation gives
+the output shape), so vLLM's compiled graph calls it as one node. The kernel picks the best ISA path the CPU
+has (AVX-512 with VNNI and BF16, AVX2, portable); ``GPTOSS_VLLM_CPU_ISA=avx512|avx2|portable`` caps it
+(lower paths for tests and comparisons).
 """
 
 from __future__ import annotations
