@@ -1,11 +1,12 @@
 """``gptoss-vllm bench moe``: one gpt-oss-20b MoE layer on this CPU, three implementations side by side.
 
 In one process and one run, on the same MXFP4 weights and the same routing: the plugin's C++ kernel
-(``gptoss_cpu``, on the weights pre-packed as the plugin holds them), the float32 dequantise-and-matmul reference (``reference``), and vLLM's bf16
-``cpu_fused_moe`` (isa ``vec``, plus ``amx`` where the CPU has it) on dequantised bf16 copies. Probes of
-memory read bandwidth and bf16 GEMM speed give the machine's roofline. ``ms`` is the median over repeats
-of one full layer (both projections); ``weight_gbps`` counts the bytes of the distinct experts' weights the
-call reads in the implementation's own format; ``gflops`` counts the useful expert FLOPs.
+(``gptoss_cpu``, on the weights pre-packed as the plugin holds them), the float32 dequantise-and-matmul
+reference (``reference``), and vLLM's bf16 ``cpu_fused_moe`` (isa ``vec``, plus ``amx`` where the CPU has
+it) on dequantised bf16 copies. Probes of memory read bandwidth and bf16 GEMM speed give the machine's
+roofline. ``ms`` is the median over repeats of one full layer (both projections); ``weight_gbps`` counts the
+bytes of the distinct experts' weights the call reads in the implementation's own format; ``gflops`` counts
+the useful expert FLOPs.
 """
 
 from __future__ import annotations

@@ -120,8 +120,7 @@ class MXFP4Experts(nn.Module):
         raise KeyError(f"unknown expert tensor suffix {suffix!r}")
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        if self.backend == "cpu" and not self.packed:  # weights set without load_weights (dummy, tests)
-            self.pack_for_backend()
+        self.pack_for_backend()  # a no-op once loaded; packs weights set without load_weights (dummy, tests)
         op = (
             torch.ops.gptoss_vllm.mxfp4_moe
             if self.backend == "cpu"

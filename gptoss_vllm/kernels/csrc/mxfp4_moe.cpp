@@ -562,52 +562,34 @@ at::Tensor mxfp4_moe(const at::Tensor& x, const at::Tensor& topk_ids, const at::
       active.push_back(e);
       most = std::max(most, count[e + 1] - count[e]);
     }
+  // Every (token, slot) pair's expert output, rows grouped by expert as `order` lists them.
+  auto y = at::empty({num_tokens * top_k, hidden}, xf.options());
+  float* yp = y.data_ptr<float>();
   if (most < gemm_min && static_cast<int64_t>(active.size()) >= at::get_num_threads()) {
     // Small batches: each thread takes whole experts, so it streams each expert's weights start to end with
     // no barrier in between (projections called inside the parallel region run on the calling thread).
-    auto y = at::empty({num_tokens * top_k, hidden}, xf.options());  // row = the (token, slot) pair
-    float* yp = y.data_ptr<float>();
     at::parallel_for(0, static_cast<int64_t>(active.size()), 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t e = active[i], n = count[e + 1] - count[e];
-        std::vector<float> ye(n * hidden);
-        run_expert(e, ye.data());
-        for (int64_t t = 0; t < n; ++t)
-          std::memcpy(yp + order[count[e] + t] * hidden, ye.data() + t * hidden, sizeof(float) * hidden);
-      }
+      for (int64_t i = i0; i < i1; ++i) run_expert(active[i], yp + count[active[i]] * hidden);
     });
-    // Routing-weighted sum over each token's experts in expert order, as the other schedule adds them, so
-    // a token's result does not depend on which schedule its batch took.
-    at::parallel_for(0, num_tokens, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<int64_t> slots(top_k);
-      for (int64_t token = t0; token < t1; ++token) {
-        for (int64_t slot = 0; slot < top_k; ++slot) slots[slot] = token * top_k + slot;
-        std::stable_sort(slots.begin(), slots.end(), [&](int64_t l, int64_t r) { return id[l] < id[r]; });
-        for (const int64_t pair : slots) {
-          const float w = wp[pair];
-          const float* row = yp + pair * hidden;
-          for (int64_t j = 0; j < hidden; ++j) outp[token * hidden + j] += w * row[j];
-        }
-      }
-    });
-    return out.to(x.scalar_type());
+  } else {
+    // Larger batches: experts one after another, each projection split over the threads.
+    for (const int64_t e : active) run_expert(e, yp + count[e] * hidden);
   }
-  // Larger batches: experts one after another, each projection split over the threads.
-  for (int64_t e : active) {
-    const int64_t n = count[e + 1] - count[e];
-    const int64_t* pairs = order.data() + count[e];
-    auto y = at::empty({n, hidden}, xf.options());
-    const float* yp = y.data_ptr<float>();
-    run_expert(e, y.data_ptr<float>());
-    // Routing-weighted sum; tokens of one expert are distinct, so rows never collide.
-    at::parallel_for(0, n, 1, [&](int64_t s, int64_t t1) {
-      for (int64_t t = s; t < t1; ++t) {
-        const int64_t token = pairs[t] / top_k;
-        const float w = wp[pairs[t]];
-        for (int64_t j = 0; j < hidden; ++j) outp[token * hidden + j] += w * yp[t * hidden + j];
+  // Routing-weighted sum over each token's experts in expert order (whatever the schedule or the batch).
+  std::vector<int64_t> row_of(num_tokens * top_k);
+  for (int64_t i = 0; i < num_tokens * top_k; ++i) row_of[order[i]] = i;
+  at::parallel_for(0, num_tokens, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<int64_t> rows(top_k);
+    for (int64_t token = t0; token < t1; ++token) {
+      for (int64_t slot = 0; slot < top_k; ++slot) rows[slot] = row_of[token * top_k + slot];
+      std::sort(rows.begin(), rows.end());
+      for (const int64_t row : rows) {
+        const float w = wp[order[row]];
+        const float* yr = yp + row * hidden;
+        for (int64_t j = 0; j < hidden; ++j) outp[token * hidden + j] += w * yr[j];
       }
-    });
-  }
+    }
+  });
   return out.to(x.scalar_type());
 }
 
