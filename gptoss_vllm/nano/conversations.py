@@ -4,7 +4,8 @@ The prompt of each example is built from the Chat Completions messages a client 
 same vLLM functions the serving layer calls (system message with the effort and a date, developer message
 with the tools, the conversation), so training sees exactly the tokens the engine will see. The completion
 is ``analysis`` then ``final`` (or a ``commentary`` call of ``functions.lookup``). Digits the model computes
-are written one token per digit: the text decodes the same and each token is one step of the arithmetic.
+(joined by ``tasks.SPELL``) are written one token per digit: the text decodes the same and each token is one
+step of the arithmetic; numbers read from the prompt keep the tokenizer's own tokens.
 """
 
 from __future__ import annotations
@@ -16,9 +17,19 @@ import re
 from dataclasses import dataclass
 from functools import cache
 
-from gptoss_vllm.nano.tasks import EFFORTS, FAMILIES, LOOKUP_KEYS, LOOKUP_TOOL, Task, analysis, make_task
+from gptoss_vllm.nano.tasks import (
+    EFFORTS,
+    FAMILIES,
+    FAMILY_WEIGHTS,
+    LOOKUP_KEYS,
+    LOOKUP_TOOL,
+    SPELL,
+    Task,
+    analysis,
+    make_task,
+)
 
-_DIGITS = re.compile(r"(\d+)")
+_SPELLED = re.compile(rf"(\d(?:{SPELL}\d)+)")
 _SPECIAL = re.compile(r"(<\|[a-z_]+\|>)")
 TOOL_CALL_ID = "call_lookup_0"
 
@@ -36,17 +47,21 @@ def _token_id(token: str) -> int:
     return _encoding().encode(token, allowed_special="all")[0]
 
 
-def encode_text(text: str, split_digits: bool) -> list[int]:
-    """Harmony tokens of ``text``; ``<|...|>`` are special tokens, digit runs one token per digit if asked."""
+def decode_token(token: int) -> str:
+    return _encoding().decode([token])
+
+
+def encode_text(text: str) -> list[int]:
+    """Harmony tokens of ``text``: ``<|...|>`` are special tokens, digits joined by ``SPELL`` one token each."""
     enc = _encoding()
     ids: list[int] = []
     for i, part in enumerate(_SPECIAL.split(text)):
         if i % 2:
             ids.append(_token_id(part))
             continue
-        for j, piece in enumerate(_DIGITS.split(part) if split_digits else [part]):
-            if piece and j % 2:
-                ids += [_token_id(d) for d in piece]  # a lone digit is a single token too
+        for j, piece in enumerate(_SPELLED.split(part)):
+            if j % 2:
+                ids += [_token_id(d) for d in piece.split(SPELL)]
             elif piece:
                 ids += enc.encode(piece, disallowed_special=())
     return ids
@@ -88,17 +103,13 @@ def prompt_ids(messages: list[dict], effort: str, with_tools: bool, date: str) -
 
 def completion_ids(task: Task, effort: str, after_tool: bool) -> list[int]:
     """What the assistant writes after ``<|start|>assistant``, ending in ``<|return|>`` or ``<|call|>``."""
-    split = task.family != "lookup"  # lookup codes are copied from the tool result, token for token
-    ids = encode_text("<|channel|>analysis<|message|>", False)
-    ids += encode_text(analysis(task, effort, after_tool), split)
-    ids += encode_text("<|end|><|start|>assistant", False)
+    ids = encode_text("<|channel|>analysis<|message|>" + analysis(task, effort, after_tool))
+    ids += encode_text("<|end|><|start|>assistant")
     if task.family == "lookup" and not after_tool:
-        ids += encode_text("<|channel|>commentary to=functions.lookup <|constrain|>json<|message|>", False)
-        ids += encode_text(json.dumps({"key": task.key}), False)
-        return ids + encode_text("<|call|>", False)
-    ids += encode_text("<|channel|>final<|message|>", False)
-    ids += encode_text(task.answer, split)
-    return ids + encode_text("<|return|>", False)
+        ids += encode_text("<|channel|>commentary to=functions.lookup <|constrain|>json<|message|>")
+        ids += encode_text(json.dumps({"key": task.key}))
+        return ids + encode_text("<|call|>")
+    return ids + encode_text(f"<|channel|>final<|message|>{task.written_answer}<|return|>")
 
 
 @dataclass(frozen=True)
@@ -125,10 +136,12 @@ def examples_for(task: Task, effort: str, with_tools: bool, date: str) -> list[E
 
 
 def sample_examples(rng: random.Random) -> list[Example]:
-    """One random task at a random effort (lookup always with its tool, the others half of the time)."""
-    family, effort = rng.choice(FAMILIES), rng.choice(EFFORTS)
+    """One random task at a random effort (lookup always with its tool, the others a quarter of the time:
+    the tool's declaration doubles a prompt's length)."""
+    family = rng.choices(FAMILIES, weights=[FAMILY_WEIGHTS[f] for f in FAMILIES])[0]
+    effort = rng.choice(EFFORTS)
     task = make_task(rng, family)
-    with_tools = family == "lookup" or rng.random() < 0.5
+    with_tools = family == "lookup" or rng.random() < 0.25
     return examples_for(task, effort, with_tools, random_date(rng))
 
 
@@ -149,7 +162,8 @@ def vocabulary(seed: int = 0) -> list[int]:
     for key in LOOKUP_KEYS:
         task = Task("lookup", f"Look up the code for {key}.", f"The code for {key} is 100.", (100,), key)
         texts += [task.user, json.dumps({"key": key})]
-        texts += [analysis(task, effort, after) for effort in EFFORTS for after in (False, True)]
+        for effort in EFFORTS:
+            ids.update(encode_text(analysis(task, effort, False)) + encode_text(analysis(task, effort, True)))
     texts += [f"The code for x is {n}. {json.dumps({'code': n})}" for n in range(1000)]
     day = datetime.date(2025, 1, 1)
     while day.year < 2036:

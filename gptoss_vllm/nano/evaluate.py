@@ -90,7 +90,7 @@ def parse_harmony(text: str) -> Turn:
     if not text.startswith(head) or "<|end|>" not in text:
         return Turn(False)
     reasoning, rest = text[len(head) :].split("<|end|>", 1)
-    reasoning_tokens = len(encode_text(reasoning, False))
+    reasoning_tokens = len(encode_text(reasoning))
     final = "<|start|>assistant<|channel|>final<|message|>"
     call = "<|start|>assistant<|channel|>commentary to=functions.lookup <|constrain|>json<|message|>"
     if rest.startswith(final) and rest.endswith("<|return|>"):
@@ -110,7 +110,7 @@ def vllm_runner(llm: Any, date: str = "2026-11-29") -> Runner:
 
     from gptoss_vllm.nano.conversations import _encoding
 
-    stops = [encode_text("<|return|>", False)[0], encode_text("<|call|>", False)[0]]
+    stops = [encode_text("<|return|>")[0], encode_text("<|call|>")[0]]
     params = SamplingParams(temperature=0.0, max_tokens=256, stop_token_ids=stops, skip_special_tokens=False)
 
     def run(requests: list[Request]) -> list[Turn]:

@@ -1,8 +1,8 @@
 """Synthetic tasks for nano: what the user asks, the analysis the model writes at each effort, the answer.
 
-Four families: two-digit addition with carries, reversing and sorting short digit lists, and a code lookup
+Three families: two-digit addition with carries, sorting a short list of distinct digits, and a code lookup
 that needs a call of the ``lookup`` function through the ``commentary`` channel. The analysis grows with the
-effort: low states the plan, medium gives the key steps, high works step by step and restates the result.
+effort: low states the plan, medium gives the key steps, high works step by step.
 Everything is drawn from a ``random.Random``, so a seed fixes the data.
 """
 
@@ -12,8 +12,11 @@ import json
 import random
 from dataclasses import dataclass
 
-FAMILIES = ("add", "reverse", "sort", "lookup")
+FAMILIES = ("add", "sort", "lookup")
 EFFORTS = ("low", "medium", "high")
+# Addition needs the most training: it takes half of the examples.
+FAMILY_WEIGHTS = {"add": 2, "sort": 1, "lookup": 1}
+SPELL = "\u2060"  # joins the digits of a number the model computes: it writes them one token per digit
 
 LOOKUP_KEYS = (
     "apple", "river", "falcon", "copper", "maple", "harbor", "violet", "granite", "lantern", "meadow",
@@ -40,14 +43,24 @@ LOOKUP_TOOL = {
 class Task:
     family: str
     user: str
-    answer: str
+    written_answer: str  # as the model writes it (computed digits joined by SPELL)
     numbers: tuple[int, ...] = ()
     key: str = ""
+
+    @property
+    def answer(self) -> str:
+        """The answer as the client reads it."""
+        return self.written_answer.replace(SPELL, "")
 
     @property
     def tool_result(self) -> str:
         """What the lookup function returns for this task (lookup family only)."""
         return json.dumps({"code": self.numbers[0]})
+
+
+def spelled(n: int) -> str:
+    """``n`` as the model computes it: each digit its own token."""
+    return SPELL.join(str(n))
 
 
 def _listed(values: list[int] | tuple[int, ...]) -> str:
@@ -57,12 +70,10 @@ def _listed(values: list[int] | tuple[int, ...]) -> str:
 def make_task(rng: random.Random, family: str) -> Task:
     if family == "add":
         a, b = rng.randint(10, 99), rng.randint(10, 99)
-        return Task("add", f"What is {a} + {b}?", str(a + b), (a, b))
-    if family in ("reverse", "sort"):
-        values = tuple(rng.randint(0, 9) for _ in range(rng.randint(3, 5)))
-        result = values[::-1] if family == "reverse" else tuple(sorted(values))
-        verb = "Reverse" if family == "reverse" else "Sort"
-        return Task(family, f"{verb} the list [{_listed(values)}].", f"[{_listed(result)}]", values)
+        return Task("add", f"What is {a} + {b}?", spelled(a + b), (a, b))
+    if family == "sort":
+        values = tuple(rng.sample(range(10), rng.randint(3, 5)))  # distinct: each step names a new item
+        return Task("sort", f"Sort the list [{_listed(values)}].", f"[{_listed(sorted(values))}]", values)
     key, code = rng.choice(LOOKUP_KEYS), rng.randint(100, 999)
     return Task("lookup", f"Look up the code for {key}.", f"The code for {key} is {code}.", (code,), key)
 
@@ -71,57 +82,44 @@ def analysis(task: Task, effort: str, after_tool: bool = False) -> str:
     """The ``analysis`` message at ``effort`` (for lookup: before the call, or after the tool answered)."""
     if task.family == "add":
         return _add_analysis(task, effort)
-    if task.family in ("reverse", "sort"):
-        return _list_analysis(task, effort)
+    if task.family == "sort":
+        return _sort_analysis(task, effort)
     return _lookup_analysis(task, effort, after_tool)
 
 
+# Every digit is read from a fixed place just before it: each column first restates the operands (copied from
+# the prompt in its order), then names their digits of that column, so that one kind of attention, learnt
+# early, carries the whole computation. Measured on 500 steps of additions alone: operands restated in the
+# prompt's order are copied right 98% of the time (naming the smaller first: 45%), and the tens digits read
+# from operands restated once at the start, 20 tokens back, were the first thing to go wrong.
 def _add_analysis(task: Task, effort: str) -> str:
-    a, b = task.numbers
-    total = a + b
+    first, second = task.numbers
     if effort == "low":
-        return "Add the two numbers."
-    ones = a % 10 + b % 10
-    carry = ones // 10
-    tens = a // 10 + b // 10 + carry
+        return f"Add {first} and {second}."
+    o1, o2, t1, t2 = first % 10, second % 10, first // 10, second // 10
+    ones = o1 + o2
+    carry, tens = ones // 10, t1 + t2 + ones // 10
     if effort == "medium":
         return (
-            f"Ones: {a % 10} + {b % 10} = {ones}. Tens: {a // 10} + {b // 10} + {carry} = {tens}. So {total}."
+            f"Ones of {first} and {second}: {o1} + {o2} = {spelled(ones)}. "
+            f"Tens: {t1} + {t2} + {carry} = {spelled(tens)}. The answer is {spelled(first + second)}."
         )
-    steps = [
-        f"We need {a} + {b}.",
-        f"Ones place: {a % 10} + {b % 10} = {ones}, write {ones % 10} and carry {carry}.",
-        f"Tens place: {a // 10} + {b // 10} + {carry} = {tens}, write {tens % 10} and carry {tens // 10}.",
-    ]
-    if tens >= 10:
-        steps.append(f"Hundreds place: the carry gives {tens // 10}.")
-    steps.append(f"Reading the written digits gives {total}. So {a} + {b} = {total}.")
-    return " ".join(steps)
+    return (
+        f"Ones of {first} and {second}: {o1} + {o2} = {spelled(ones)}, write {ones % 10}, carry {carry}. "
+        f"Tens of {first} and {second}: {t1} + {t2} = {spelled(t1 + t2)}, and the carry {carry} makes "
+        f"{spelled(tens)}. The answer is {spelled(first + second)}."
+    )
 
 
-def _list_analysis(task: Task, effort: str) -> str:
-    values = list(task.numbers)
-    if task.family == "reverse":
-        if effort == "low":
-            return "Reverse the order."
-        result = values[::-1]
-        if effort == "medium":
-            return f"From the end: {_listed(result)}."
-        steps = [f"The list has {len(values)} items: {_listed(values)}.", f"The last item is {values[-1]}."]
-        steps += [f"Before it comes {v}." for v in values[-2::-1]]
-        steps.append(f"Reading from the end gives {_listed(result)}.")
-        return " ".join(steps)
+def _sort_analysis(task: Task, effort: str) -> str:
+    result = sorted(task.numbers)
     if effort == "low":
         return "Sort in ascending order."
-    result = sorted(values)
     if effort == "medium":
         return f"In order: {_listed(result)}."
-    steps, left = [f"Items: {_listed(values)}."], list(values)
-    while len(left) > 1:
-        smallest = min(left)
-        left.remove(smallest)
-        steps.append(f"Smallest is {smallest}, leaving {_listed(left)}.")
-    steps.append(f"Last is {left[0]}. Sorted: {_listed(result)}.")
+    steps = [f"The smallest is {result[0]}."]
+    steps += [f"The next is {v}." for v in result[1:]]
+    steps.append("No items are left.")
     return " ".join(steps)
 
 

@@ -6,6 +6,8 @@ the full 201088-token vocabulary every other token has a zero embedding row and 
 logit of exactly 0, so the loss counts them as one extra class of logit 0 with their multiplicity: training
 pushes the right token's logit far above all of them. The last part of training runs the experts through
 MXFP4 quantise-dequantise (straight-through gradients), so the quantised model is the one that was trained.
+Two choices of starting point make the arithmetic learnable within the budget: number tokens start as sums of
+place-value vectors (``place_value_embeddings``) and the unembedding starts equal to the embedding.
 Steps run the model's parameters through ``forward.forward_logits`` (HF's math, several times faster).
 """
 
@@ -36,12 +38,17 @@ EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 @dataclass(frozen=True)
 class TrainSettings:
     seed: int = 0
-    steps: int = 900  # the committed asset's recipe
+    steps: int = 1600  # the committed asset's recipe
     batch_size: int = 16
     lr: float = 3e-3
     warmup: int = 60
     qat_fraction: float = 0.25  # the last quarter trains through MXFP4 experts
     micro_batches: int = 2  # per step, cut by length (same gradient, less padding)
+    place_value_init: bool = True  # number tokens start as the sum of their digits' place vectors
+    # The unembedding starts equal to the embedding (they train apart, as gpt-oss's are untied): copying a
+    # token from the prompt is then one map to learn for every token, not one per token. With it (and the
+    # operands restated at every effort) the restated operands went from 0-5% to 98% right.
+    tied_init: bool = True
     threads: int = 0  # 0: torch's default
 
 
@@ -95,6 +102,32 @@ class quantised_experts:  # a context manager, named like one
                 module._parameters[name] = param
 
 
+def place_value_embeddings(model: Any, vocab: list[int], seed: int) -> int:
+    """Start the embedding of every number token of one or two digits (``7``, ``47``) as the sum of one random
+    vector per (place, digit), so that ``47`` and ``4``, ``7`` share features from the first step. Returns how
+    many rows were set. Three-digit tokens (the lookup codes, copied whole, never taken apart) keep their
+    random start: sharing features with each other, they were no longer copied at all.
+
+    o200k writes a number as runs of up to three digits, each run one token: nothing in a random embedding
+    says that ``47`` holds a 4 and a 7. Reading a digit out of a number restated just before was right 93-97%
+    of the time after 500 steps of additions alone with this start, 75-82% without it."""
+    from gptoss_vllm.nano.conversations import decode_token
+
+    std = model.config.initializer_range
+    generator = torch.Generator().manual_seed(seed)
+    places = torch.randn(3, 10, model.config.hidden_size, generator=generator) * std
+    weight = model.model.embed_tokens.weight
+    count = 0
+    with torch.no_grad():
+        for row, token in enumerate(vocab):
+            text = decode_token(token)
+            if text.isascii() and text.isdigit() and len(text) <= 2:
+                digits = [int(d) for d in reversed(text)]  # ones first
+                weight[row] = sum(places[place, d] for place, d in enumerate(digits)) / len(digits) ** 0.5
+                count += 1
+    return count
+
+
 def batch_tensors(
     examples: list[Example], to_sub: dict[int, int], pad: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,6 +172,11 @@ def train(settings: TrainSettings, progress: bool = True) -> TrainResult:
     to_sub = {token: i for i, token in enumerate(vocab)}
     pad = to_sub[vocab[0]]
     model = GptOssForCausalLM(nano_hf_config(len(vocab)))
+    if settings.place_value_init:
+        place_value_embeddings(model, vocab, settings.seed)
+    if settings.tied_init:
+        with torch.no_grad():
+            model.lm_head.weight.copy_(model.model.embed_tokens.weight)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=(0.9, 0.95), weight_decay=0.01)
     qat_from = int(settings.steps * (1 - settings.qat_fraction))
