@@ -49,9 +49,11 @@ def test_high_effort_analysis_works_the_carries_and_computed_digits_are_one_toke
     task = Task("add", "What is 67 + 58?", spelled(125), (67, 58))
     text = analysis(task, "high")
     plain = text.replace(SPELL, "")
-    # Each column restates the operands in the prompt's order, then names their digits of that column.
-    assert plain.startswith("Ones of 67 and 58: 7 + 8 = 15, write 5, carry 1.")
-    assert "Tens of 67 and 58: 6 + 5 = 11, and the carry 1 makes 12." in plain
+    assert plain.startswith("The numbers are 67 and 58.")  # restated in the prompt's order
+    assert (
+        "Ones: 7 + 8 = 15, write 5, carry 1." in plain
+        and "Tens: 6 + 5 = 11, and the carry 1 makes 12." in plain
+    )
     assert plain.endswith("The answer is 125.") and task.answer == "125"
     tokens = [_decode([t]) for t in encode_text(text)]
     assert "58" in tokens and "67" in tokens  # read from the prompt: the tokenizer's own tokens

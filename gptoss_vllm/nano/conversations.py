@@ -141,7 +141,7 @@ def sample_examples(rng: random.Random) -> list[Example]:
     family = rng.choices(FAMILIES, weights=[FAMILY_WEIGHTS[f] for f in FAMILIES])[0]
     effort = rng.choice(EFFORTS)
     task = make_task(rng, family)
-    with_tools = family == "lookup" or rng.random() < 0.25
+    with_tools = family == "lookup" or rng.random() < 0.5
     return examples_for(task, effort, with_tools, random_date(rng))
 
 

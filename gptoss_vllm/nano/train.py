@@ -103,10 +103,9 @@ class quantised_experts:  # a context manager, named like one
 
 
 def place_value_embeddings(model: Any, vocab: list[int], seed: int) -> int:
-    """Start the embedding of every number token of one or two digits (``7``, ``47``) as the sum of one random
-    vector per (place, digit), so that ``47`` and ``4``, ``7`` share features from the first step. Returns how
-    many rows were set. Three-digit tokens (the lookup codes, copied whole, never taken apart) keep their
-    random start: sharing features with each other, they were no longer copied at all.
+    """Start the embedding of every number token (``7``, ``47``, ``473``) as the sum of one random vector per
+    (place, digit), so that ``47`` and ``4``, ``7`` share features from the first step. Returns how many rows
+    were set.
 
     o200k writes a number as runs of up to three digits, each run one token: nothing in a random embedding
     says that ``47`` holds a 4 and a 7. Reading a digit out of a number restated just before was right 93-97%
@@ -121,7 +120,7 @@ def place_value_embeddings(model: Any, vocab: list[int], seed: int) -> int:
     with torch.no_grad():
         for row, token in enumerate(vocab):
             text = decode_token(token)
-            if text.isascii() and text.isdigit() and len(text) <= 2:
+            if text.isascii() and text.isdigit() and len(text) <= 3:
                 digits = [int(d) for d in reversed(text)]  # ones first
                 weight[row] = sum(places[place, d] for place, d in enumerate(digits)) / len(digits) ** 0.5
                 count += 1
