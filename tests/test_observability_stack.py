@@ -107,7 +107,7 @@ def test_request_counts_and_tokens_agree_with_the_answers(stack):
     )
     high_usage = whole.json()["usage"]
     response = _post(
-        stack, "/v1/responses", {"input": "Reverse the list [1, 2, 3].", "reasoning": {"effort": "medium"}}
+        stack, "/v1/responses", {"input": "Sort the list [2, 3, 1].", "reasoning": {"effort": "medium"}}
     )
     medium_usage = response.json()["usage"]
     after = _ingress_metrics(stack)
