@@ -6,8 +6,8 @@ the full 201088-token vocabulary every other token has a zero embedding row and 
 logit of exactly 0, so the loss counts them as one extra class of logit 0 with their multiplicity: training
 pushes the right token's logit far above all of them. The last part of training runs the experts through
 MXFP4 quantise-dequantise (straight-through gradients), so the quantised model is the one that was trained.
-Two choices of starting point make the arithmetic learnable within the budget: number tokens start as sums of
-place-value vectors (``place_value_embeddings``) and the unembedding starts equal to the embedding.
+Two choices of starting point help it copy tokens and read digits within the budget: number tokens start as
+sums of place-value vectors (``place_value_embeddings``) and the unembedding starts equal to the embedding.
 Steps run the model's parameters through ``forward.forward_logits`` (HF's math, several times faster).
 """
 
