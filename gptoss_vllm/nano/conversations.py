@@ -136,8 +136,7 @@ def examples_for(task: Task, effort: str, with_tools: bool, date: str) -> list[E
 
 
 def sample_examples(rng: random.Random) -> list[Example]:
-    """One random task at a random effort (lookup always with its tool, the others a quarter of the time:
-    the tool's declaration doubles a prompt's length)."""
+    """One random task at a random effort (lookup always with its tool, the others half of the time)."""
     family = rng.choices(FAMILIES, weights=[FAMILY_WEIGHTS[f] for f in FAMILIES])[0]
     effort = rng.choice(EFFORTS)
     task = make_task(rng, family)
