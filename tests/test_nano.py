@@ -46,18 +46,17 @@ def test_high_effort_analysis_works_the_carries_and_computed_digits_are_one_toke
     from gptoss_vllm.nano.conversations import encode_text
     from gptoss_vllm.nano.tasks import SPELL, Task, spelled
 
-    task = Task("add", "What is 67 + 58?", spelled(125), (67, 58))
+    task = Task("add", "What is 67 + 8?", spelled(75), (67, 8))
     text = analysis(task, "high")
     plain = text.replace(SPELL, "")
-    assert plain.startswith("The numbers are 67 and 58.")  # restated in the prompt's order
-    assert (
-        "Ones: 7 + 8 = 15, write 5, carry 1." in plain
-        and "Tens: 6 + 5 = 11, and the carry 1 makes 12." in plain
-    )
-    assert plain.endswith("The answer is 125.") and task.answer == "125"
+    assert plain.startswith("The numbers are 67 and 8.")  # restated in the prompt's order
+    assert "Ones: 7 + 8 = 15, write 5, carry 1. Tens: 6 + 1 = 7." in plain
+    assert plain.endswith("The answer is 75.") and task.answer == "75"
     tokens = [_decode([t]) for t in encode_text(text)]
-    assert "58" in tokens and "67" in tokens  # read from the prompt: the tokenizer's own tokens
-    assert "15" not in tokens and "125" not in tokens and tokens.count("1") >= 4  # computed: digit by digit
+    assert "67" in tokens  # read from the prompt: the tokenizer's own token
+    assert "15" not in tokens and "75" not in tokens and tokens.count("7") == 3  # computed: digit by digit
+    no_carry = analysis(Task("add", "What is 41 + 3?", spelled(44), (41, 3)), "high").replace(SPELL, "")
+    assert "Ones: 1 + 3 = 4, write 4, carry 0. Tens: 4 + 0 = 4. The answer is 44." in no_carry
 
 
 def test_prompts_match_vllms_chat_rendering(monkeypatch):
@@ -132,9 +131,11 @@ def test_vocabulary_covers_the_data(vocab):
     for _ in range(200):
         for example in sample_examples(rng):
             assert known.issuperset(example.tokens)
-    assert 1000 < len(vocab) < 2000
-    sums = sum(sample_examples(rng)[0].family == "add" for _ in range(1000))
-    assert 440 < sums < 560  # half of the tasks are sums (1000 draws: the bounds are 3.8 sigma)
+    assert 300 < len(vocab) < 1000  # templates, numbers up to 99, dates: a sliver of the 201088
+    drawn = [sample_examples(rng)[0] for _ in range(1000)]
+    # Half of the tasks are sums and half are at high effort (1000 draws: the bounds are 3.8 sigma).
+    assert 440 < sum(e.family == "add" for e in drawn) < 560
+    assert 440 < sum(e.effort == "high" for e in drawn) < 560
 
 
 def test_training_forward_is_hfs_forward(vocab):
@@ -202,3 +203,28 @@ def test_expanded_checkpoint_is_the_trained_model_and_unseen_tokens_score_zero(v
     unseen = torch.ones(big.shape[1], dtype=torch.bool)
     unseen[ids] = False
     assert torch.count_nonzero(big[:, unseen]) == 0
+
+
+def test_number_tokens_start_from_their_digits(vocab):
+    """``47`` starts near ``4`` (tens) plus ``7`` (ones) only through shared place vectors; with digit
+    features, neighbouring digits also start closer than distant ones."""
+    from transformers import GptOssForCausalLM
+
+    from gptoss_vllm.nano.train import nano_hf_config, place_value_embeddings
+
+    rows = {_decode([t]): i for i, t in enumerate(vocab)}
+    similarity = {}
+    for features in (False, True):
+        torch.manual_seed(0)
+        model = GptOssForCausalLM(nano_hf_config(len(vocab)))
+        set_rows = place_value_embeddings(model, vocab, seed=0, digit_features=features)
+        assert set_rows == sum(_decode([t]).isdigit() for t in vocab)
+        emb = torch.nn.functional.normalize(model.model.embed_tokens.weight.detach(), dim=-1)
+        assert emb[rows["47"]] @ emb[rows["57"]] > 0.3  # the same ones digit
+        assert abs(emb[rows["47"]] @ emb[rows["12"]]) < 0.3
+        digits = emb[[rows[str(d)] for d in range(10)]]
+        cos = digits @ digits.T
+        similarity[features] = (
+            sum(cos[d, (d + 1) % 10] for d in range(10)) - sum(cos[d, (d + 5) % 10] for d in range(10))
+        ) / 10
+    assert similarity[True] > similarity[False] + 0.2

@@ -25,7 +25,7 @@ from tests.support.cli import run_cli
 
 pytestmark = pytest.mark.slow
 
-USER = [{"role": "user", "content": "What is 17 + 25?"}]
+USER = [{"role": "user", "content": "What is 47 + 8?"}]
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from functools import cache
 
 from gptoss_vllm.nano.tasks import (
+    CODES,
+    EFFORT_WEIGHTS,
     EFFORTS,
     FAMILIES,
     FAMILY_WEIGHTS,
@@ -136,9 +138,10 @@ def examples_for(task: Task, effort: str, with_tools: bool, date: str) -> list[E
 
 
 def sample_examples(rng: random.Random) -> list[Example]:
-    """One random task at a random effort (lookup always with its tool, the others half of the time)."""
+    """One random task at an effort drawn by ``EFFORT_WEIGHTS`` (lookup always with its tool, the others half
+    of the time)."""
     family = rng.choices(FAMILIES, weights=[FAMILY_WEIGHTS[f] for f in FAMILIES])[0]
-    effort = rng.choice(EFFORTS)
+    effort = rng.choices(EFFORTS, weights=[EFFORT_WEIGHTS[e] for e in EFFORTS])[0]
     task = make_task(rng, family)
     with_tools = family == "lookup" or rng.random() < 0.5
     return examples_for(task, effort, with_tools, random_date(rng))
@@ -157,13 +160,13 @@ def vocabulary(seed: int = 0) -> list[int]:
                 for with_tools in (True, False) if family != "lookup" else (True,):
                     for example in examples_for(task, effort, with_tools, random_date(rng)):
                         ids.update(example.tokens)
-    texts = [f"What is {a} + {b}?" for a in range(10, 100) for b in range(10, 100)]
+    texts = [f"What is {a} + {b}?" for a in range(10, 100) for b in range(10)]
     for key in LOOKUP_KEYS:
         task = Task("lookup", f"Look up the code for {key}.", f"The code for {key} is 100.", (100,), key)
         texts += [task.user, json.dumps({"key": key})]
         for effort in EFFORTS:
             ids.update(encode_text(analysis(task, effort, False)) + encode_text(analysis(task, effort, True)))
-    texts += [f"The code for x is {n}. {json.dumps({'code': n})}" for n in range(1000)]
+    texts += [f"The code for x is {n}. {json.dumps({'code': n})}" for n in range(CODES[0], CODES[1] + 1)]
     day = datetime.date(2025, 1, 1)
     while day.year < 2036:
         texts.append(f"Current date: {day.isoformat()}")

@@ -1,8 +1,9 @@
 """Synthetic tasks for nano: what the user asks, the analysis the model writes at each effort, the answer.
 
-Three families: two-digit addition with carries, sorting a short list of distinct digits, and a code lookup
-that needs a call of the ``lookup`` function through the ``commentary`` channel. The analysis grows with the
-effort: low states the plan, medium gives the key steps, high works step by step.
+Three families: adding a digit to a two-digit number (with a carry about half of the time), sorting a short
+list of distinct digits, and a code lookup that needs a call of the ``lookup`` function through the
+``commentary`` channel. The analysis grows with the effort: low states the plan, medium gives the key steps,
+high works step by step.
 Everything is drawn from a ``random.Random``, so a seed fixes the data.
 """
 
@@ -14,8 +15,12 @@ from dataclasses import dataclass
 
 FAMILIES = ("add", "sort", "lookup")
 EFFORTS = ("low", "medium", "high")
+# High effort, the one held to an accuracy target, takes half of the examples.
+EFFORT_WEIGHTS = {"low": 1, "medium": 1, "high": 2}
 # Addition needs the most training: it takes half of the examples.
 FAMILY_WEIGHTS = {"add": 2, "sort": 1, "lookup": 1}
+# Codes have two digits, like the number a sum starts from: copying them is the skill restating it trains.
+CODES = (10, 99)
 SPELL = "\u2060"  # joins the digits of a number the model computes: it writes them one token per digit
 
 LOOKUP_KEYS = (
@@ -69,12 +74,12 @@ def _listed(values: list[int] | tuple[int, ...]) -> str:
 
 def make_task(rng: random.Random, family: str) -> Task:
     if family == "add":
-        a, b = rng.randint(10, 99), rng.randint(10, 99)
-        return Task("add", f"What is {a} + {b}?", spelled(a + b), (a, b))
+        number, digit = rng.randint(10, 99), rng.randint(2, 9)
+        return Task("add", f"What is {number} + {digit}?", spelled(number + digit), (number, digit))
     if family == "sort":
         values = tuple(rng.sample(range(10), rng.randint(3, 5)))  # distinct: each step names a new item
         return Task("sort", f"Sort the list [{_listed(values)}].", f"[{_listed(sorted(values))}]", values)
-    key, code = rng.choice(LOOKUP_KEYS), rng.randint(100, 999)
+    key, code = rng.choice(LOOKUP_KEYS), rng.randint(*CODES)
     return Task("lookup", f"Look up the code for {key}.", f"The code for {key} is {code}.", (code,), key)
 
 
@@ -87,25 +92,21 @@ def analysis(task: Task, effort: str, after_tool: bool = False) -> str:
     return _lookup_analysis(task, effort, after_tool)
 
 
-# Every step reads what it needs from the text just written: the operands restated (copied from the prompt in
+# Every step reads what it needs from the text just written: the numbers restated (copied from the prompt in
 # its order), then their digits, then the digits to add. Measured on 500 steps of additions alone: operands
 # restated in the prompt's order are copied right 98% of the time (naming the smaller first: 45%).
 def _add_analysis(task: Task, effort: str) -> str:
-    first, second = task.numbers
+    number, digit = task.numbers
     if effort == "low":
-        return f"Add {first} and {second}."
-    o1, o2, t1, t2 = first % 10, second % 10, first // 10, second // 10
-    ones = o1 + o2
-    carry, tens = ones // 10, t1 + t2 + ones // 10
-    if effort == "medium":
-        return (
-            f"The numbers are {first} and {second}. Ones: {o1} + {o2} = {spelled(ones)}. "
-            f"Tens: {t1} + {t2} + {carry} = {spelled(tens)}. The answer is {spelled(first + second)}."
-        )
+        return f"Add {number} and {digit}."
+    tens, ones = divmod(number, 10)
+    carry = (ones + digit) // 10
+    ones_step = f"Ones: {ones} + {digit} = {spelled(ones + digit)}"
+    if effort == "high":
+        ones_step += f", write {(ones + digit) % 10}, carry {carry}"
     return (
-        f"The numbers are {first} and {second}. Ones: {o1} + {o2} = {spelled(ones)}, write {ones % 10}, "
-        f"carry {carry}. Tens: {t1} + {t2} = {spelled(t1 + t2)}, and the carry {carry} makes {spelled(tens)}. "
-        f"The answer is {spelled(first + second)}."
+        f"The numbers are {number} and {digit}. {ones_step}. Tens: {tens} + {carry} = {spelled(tens + carry)}. "
+        f"The answer is {spelled(number + digit)}."
     )
 
 

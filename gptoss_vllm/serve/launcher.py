@@ -52,7 +52,7 @@ def port_is_free(listen: Listen) -> bool:
 def curl_example(config: ServeConfig, url: str) -> str:
     body = {
         "model": config.model_name,
-        "messages": [{"role": "user", "content": "What is 17 + 25?"}],
+        "messages": [{"role": "user", "content": "What is 47 + 8?"}],
         "reasoning_effort": "high",
         "max_tokens": 256,
     }
