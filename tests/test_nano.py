@@ -206,8 +206,8 @@ def test_expanded_checkpoint_is_the_trained_model_and_unseen_tokens_score_zero(v
 
 
 def test_number_tokens_start_from_their_digits(vocab):
-    """``47`` starts near ``4`` (tens) plus ``7`` (ones) only through shared place vectors; with digit
-    features, neighbouring digits also start closer than distant ones."""
+    """Number tokens that share a digit in the same place start alike (``47``, ``57``), others do not; with
+    digit features, neighbouring digits also start closer than distant ones."""
     from transformers import GptOssForCausalLM
 
     from gptoss_vllm.nano.train import nano_hf_config, place_value_embeddings

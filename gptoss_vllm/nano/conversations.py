@@ -50,6 +50,7 @@ def _token_id(token: str) -> int:
 
 
 def decode_token(token: int) -> str:
+    """The text of one token id."""
     return _encoding().decode([token])
 
 
