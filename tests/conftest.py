@@ -13,6 +13,7 @@ import yaml
 from gptoss_vllm.checkpoints.builder import write_checkpoint
 from gptoss_vllm.checkpoints.config import build_config
 from gptoss_vllm.serve.config import load_config
+from tests.support.admission import HOLD_ENV, HOLD_MAX_MODEL_LEN, HOLD_TOKENS
 from tests.support.otlp_receiver import OtlpReceiver
 from tests.support.stack import free_port, start_stack
 
@@ -49,8 +50,13 @@ def observed_stack(tmp_path_factory, otlp_receiver):
     config["pools"]["fast"] |= {"max_ongoing_requests": 1, "max_queued_requests": 2}
     config["pools"]["fast"]["spillover"] = {"to": "deep", "queue_above": 0}
     config["pools"]["deep"] |= {"max_ongoing_requests": 2, "max_queued_requests": 1}
+    # Held slots (tests.support.admission) need a long context and budgets that allow their outputs.
+    for pool in config["pools"].values():
+        pool["engine_args"]["max_model_len"] = HOLD_MAX_MODEL_LEN
+        pool["env"] |= HOLD_ENV
     config["budgets"]["low"] = {"max_tokens": 48}
-    config["budgets"]["high"] = {"max_tokens": 600, "over_budget": "reject"}
+    config["budgets"]["medium"] = {"max_tokens": HOLD_TOKENS}
+    config["budgets"]["high"] = {"max_tokens": HOLD_TOKENS, "over_budget": "reject"}
     config["auth"] = {"api_keys_file": str(root / "keys")}
     (root / "serve.yaml").write_text(yaml.safe_dump(config))
     prometheus_port = free_port()

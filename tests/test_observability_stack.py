@@ -10,22 +10,25 @@ import json
 import secrets
 import subprocess
 import time
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from dashboards.queries import panel_queries
 from gptoss_vllm.observability.local_prometheus import RULES
+from tests.support.admission import HOLD_TOKENS, Samples, holding, ingress_samples
 from tests.support.cli import run_cli
 
 pytestmark = pytest.mark.slow
 
 USER = [{"role": "user", "content": "What is 47 + 8?"}]
+CHAT = "/v1/chat/completions"
+# Held slots: outputs at their effort's budget (conftest), released by the test.
+OVER_BUDGET = HOLD_TOKENS + 10_000  # above high's rejecting budget
+MEDIUM_HOLD = {"messages": USER, "reasoning_effort": "medium", "max_tokens": HOLD_TOKENS, "ignore_eos": True}
+HIGH_HOLD = {"messages": USER, "reasoning_effort": "high", "max_tokens": HOLD_TOKENS, "ignore_eos": True}
 
 
 @pytest.fixture(scope="module")
@@ -51,15 +54,8 @@ def _targets(stack) -> list[dict]:
     return httpx.get(f"{stack.url}/metrics/targets", timeout=10).json()
 
 
-def _ingress_metrics(stack) -> dict[tuple[str, frozenset], float]:
-    """The ingress's own exposition, as {(sample name, labels): value}."""
-    (ingress,) = [t for t in _targets(stack) if t["labels"]["component"] == "ingress"]
-    text = httpx.get(f"http://{ingress['targets'][0]}/metrics", timeout=10).text
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
+def _ingress_metrics(stack) -> Samples:
+    return ingress_samples(stack.url)
 
 
 def _delta(before: dict, after: dict, name: str, **labels: str) -> float:
@@ -156,49 +152,43 @@ def test_usage_the_client_did_not_ask_for_is_counted_but_not_sent(stack):
     assert _delta(before, after, "gptoss_output_tokens_total", effort="medium", kind="answer") > 0
 
 
+def _spill_one(stack) -> httpx.Response:
+    """A medium request that spills from fast to deep: fast (one running, one queued) is held full first."""
+    with holding(stack.url, CHAT, {"fast": [MEDIUM_HOLD, MEDIUM_HOLD]}, stack.api_key):
+        return _post(stack, CHAT, {"messages": USER, "reasoning_effort": "medium", "max_tokens": 8})
+
+
 def test_refusals_spills_and_clamps_are_counted_by_reason(stack):
     before = _ingress_metrics(stack)
-    assert (
-        httpx.post(f"{stack.url}/v1/chat/completions", json={"messages": USER}, timeout=30).status_code == 401
-    )
-    assert (
-        _post(stack, "/v1/chat/completions", {"messages": USER, "reasoning_effort": "huge"}).status_code
-        == 400
-    )
-    clamped = _post(
-        stack, "/v1/chat/completions", {"messages": USER, "reasoning_effort": "low", "max_tokens": 500}
-    )
+    assert httpx.post(f"{stack.url}{CHAT}", json={"messages": USER}, timeout=30).status_code == 401
+    assert _post(stack, CHAT, {"messages": USER, "reasoning_effort": "huge"}).status_code == 400
+    clamped = _post(stack, CHAT, {"messages": USER, "reasoning_effort": "low", "max_tokens": 500})
     assert clamped.headers["x-gptoss-budget-clamped-from"] == "500"
-    over = {"messages": USER, "reasoning_effort": "high", "max_tokens": 5000}
-    assert _post(stack, "/v1/chat/completions", over).status_code == 400
-    long = {"messages": USER, "max_tokens": 300, "ignore_eos": True}
-    with ThreadPoolExecutor(8) as pool:
-        medium = list(
-            pool.map(
-                lambda _: _post(stack, "/v1/chat/completions", {**long, "reasoning_effort": "medium"}),
-                range(5),
-            )
-        )
-    with ThreadPoolExecutor(8) as pool:
-        high = list(
-            pool.map(
-                lambda _: _post(stack, "/v1/chat/completions", {**long, "reasoning_effort": "high"}), range(8)
-            )
-        )
+    over = {"messages": USER, "reasoning_effort": "high", "max_tokens": OVER_BUDGET}
+    assert _post(stack, CHAT, over).status_code == 400
+    spilled = _spill_one(stack)
+    assert spilled.status_code == 200, spilled.text
+    assert spilled.headers["x-gptoss-spilled-from"] == "fast" and spilled.headers["x-gptoss-pool"] == "deep"
+    # deep admits two running and one queued; with those held, the next high request is refused at once.
+    with holding(stack.url, CHAT, {"deep": [HIGH_HOLD] * 3}, stack.api_key):
+        refused = _post(stack, CHAT, {"messages": USER, "reasoning_effort": "high", "max_tokens": 8})
+    assert refused.status_code == 429, refused.text
+    assert refused.json()["error"]["code"] == "queue_full" and int(refused.headers["Retry-After"]) >= 1
     after = _ingress_metrics(stack)
 
-    spilled = sum(1 for a in medium if a.headers.get("x-gptoss-spilled-from") == "fast")
-    refused = Counter(a.status_code for a in high)[429]
-    assert spilled >= 1 and refused >= 1
-    assert _delta(before, after, "gptoss_spillovers_total", from_pool="fast", to_pool="deep") == spilled
+    assert _delta(before, after, "gptoss_spillovers_total", from_pool="fast", to_pool="deep") == 1
     assert _delta(before, after, "gptoss_rejections_total", reason="auth") == 1
     assert _delta(before, after, "gptoss_rejections_total", reason="invalid") == 1
     assert _delta(before, after, "gptoss_rejections_total", reason="budget", pool="deep") == 1
-    assert _delta(before, after, "gptoss_rejections_total", reason="queue_full", pool="deep") == refused
+    assert _delta(before, after, "gptoss_rejections_total", reason="queue_full", pool="deep") == 1
     assert _delta(before, after, "gptoss_budget_clamps_total", effort="low") == 1
     assert _delta(before, after, "gptoss_requests_total", endpoint="chat", effort="none", status="401") == 1
     assert _delta(before, after, "gptoss_requests_total", endpoint="chat", effort="none", status="400") == 1
-    assert _delta(before, after, "gptoss_requests_total", effort="high", pool="deep", status="429") == refused
+    assert _delta(before, after, "gptoss_requests_total", effort="high", pool="deep", status="429") == 1
+    # The held requests were let go by their client: recorded as 499, never as the service's failure.
+    assert _delta(before, after, "gptoss_requests_total", effort="medium", pool="fast", status="499") == 2
+    assert _delta(before, after, "gptoss_requests_total", effort="high", pool="deep", status="499") == 3
+    assert _delta(before, after, "gptoss_requests_total", status="500") == 0
 
 
 def _query(stack, expr: str) -> list[dict[str, Any]]:
@@ -275,7 +265,7 @@ def test_a_refused_request_is_traced_without_an_engine_span(stack, receiver):
     answer = _post(
         stack,
         "/v1/chat/completions",
-        {"messages": USER, "reasoning_effort": "high", "max_tokens": 5000},
+        {"messages": USER, "reasoning_effort": "high", "max_tokens": OVER_BUDGET},
         headers={"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"},
     )
     assert answer.status_code == 400
@@ -291,20 +281,42 @@ def _recording_rule_exprs() -> list[tuple[str, str]]:
     return [(r["record"], r["expr"]) for group in rules["groups"] for r in group["rules"] if "record" in r]
 
 
-def test_every_dashboard_and_recording_rule_expression_returns_data(stack):
-    # A stream at every effort, through both generating endpoints, so every histogram has observations.
+def _streams_at_every_effort(stack) -> None:
     for effort in ("low", "medium", "high"):
         chat = {"messages": USER, "reasoning_effort": effort, "stream": True, "max_tokens": 200}
-        assert _post(stack, "/v1/chat/completions", chat).status_code == 200
+        assert _post(stack, CHAT, chat).status_code == 200
         response = {"input": "Sort the list [3, 1, 2].", "reasoning": {"effort": effort}, "stream": True}
         assert _post(stack, "/v1/responses", response).status_code == 200
-    # Two scrapes after the last request, and one rule evaluation after that.
-    _wait_for(stack, 'gptoss:requests:rate5m{effort="high"}')
-    time.sleep(12)
+
+
+def _wait_for_a_scrape_after(stack, moment: float, timeout_s: float = 60) -> None:
+    """Until Prometheus holds an ingress sample taken after ``moment`` (Unix time; one clock on this machine)."""
+    _wait_for(stack, f'timestamp(gptoss_pool_running_replicas{{pool="fast"}}) > {moment}', timeout_s)
+
+
+def test_every_dashboard_and_recording_rule_expression_returns_data(stack):
+    # The test makes every series the dashboards and rules read, whatever ran before it: streams at every
+    # effort through both generating endpoints (histograms, tokens), a budget clamp, a refusal and a spill.
+    _streams_at_every_effort(stack)
+    assert (
+        _post(stack, CHAT, {"messages": USER, "reasoning_effort": "low", "max_tokens": 500}).status_code
+        == 200
+    )
+    assert httpx.post(f"{stack.url}{CHAT}", json={"messages": USER}, timeout=30).status_code == 401
+    assert _spill_one(stack).headers["x-gptoss-spilled-from"] == "fast"
+    # A rate is only non-zero over two samples that differ: the second round comes after a scrape of the first.
+    _wait_for_a_scrape_after(stack, time.time())
+    _streams_at_every_effort(stack)
+    _wait_for_a_scrape_after(stack, time.time())
     queries = [(f"{board} / {panel}", expr) for board, panel, expr in panel_queries()]
     queries += [(f"rule {record}", expr) for record, expr in _recording_rule_exprs()]
     assert len(queries) > 60
-    empty = [f"{where}: {expr}" for where, expr in queries if not _query(stack, expr)]
+    # Recording rules are evaluated on their own interval after the scrape: poll until every one has data.
+    deadline = time.monotonic() + 60
+    while empty := [f"{where}: {expr}" for where, expr in queries if not _query(stack, expr)]:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(2)
     assert not empty, "expressions without data:\n" + "\n".join(empty)
 
 

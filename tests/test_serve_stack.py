@@ -9,7 +9,6 @@ import os
 import signal
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -18,6 +17,7 @@ import pytest
 import yaml
 from transformers import AutoTokenizer
 
+from tests.support.admission import HOLD_ENV, HOLD_MAX_MODEL_LEN, HOLD_TOKENS, holding
 from tests.support.stack import start_stack
 
 pytestmark = pytest.mark.slow
@@ -34,11 +34,12 @@ USER = [{"role": "user", "content": "What is 2 + 2?"}]
 def stack(tiny_checkpoint_dirs, tmp_path_factory):
     root = tmp_path_factory.mktemp("stack")
     (root / "keys").write_text(f"# tenants\nmain:{MAIN_KEY}\nlimited:{LIMITED_KEY}\n")
-    engine = {"max_model_len": 1024, "enforce_eager": True}
+    engine = {"max_model_len": HOLD_MAX_MODEL_LEN, "enforce_eager": True}  # held slots need long outputs
     env = {
         "VLLM_CPU_KVCACHE_SPACE": "1",
         "VLLM_ENABLE_RESPONSES_API_STORE": "1",
         "GPTOSS_VLLM_MOE_BACKEND": "cpu",
+        **HOLD_ENV,
     }
     model = str(tiny_checkpoint_dirs["mxfp4"])
     config = {
@@ -67,8 +68,8 @@ def stack(tiny_checkpoint_dirs, tmp_path_factory):
         },
         "budgets": {
             "low": {"max_tokens": 64},
-            "medium": {"max_tokens": 512},
-            "high": {"max_tokens": 900, "over_budget": "reject"},
+            "medium": {"max_tokens": HOLD_TOKENS},
+            "high": {"max_tokens": HOLD_TOKENS, "over_budget": "reject"},
         },
         "auth": {
             "api_keys_file": str(root / "keys"),
@@ -331,7 +332,7 @@ def test_budgets_clamp_or_reject(stack):
     rejected = _post(
         stack,
         "/v1/chat/completions",
-        {"messages": USER, "reasoning_effort": "high", "max_completion_tokens": 1000},
+        {"messages": USER, "reasoning_effort": "high", "max_completion_tokens": HOLD_TOKENS + 1},
     )
     assert rejected.status_code == 400
     assert rejected.json()["error"]["code"] == "over_budget"
@@ -343,28 +344,37 @@ def _long_request(stack, effort: str, tokens: int = 256) -> httpx.Response:
     return _post(stack, "/v1/chat/completions", body)
 
 
+def _hold(effort: str) -> dict:
+    """A held slot (tests.support.admission): the longest output the effort's budget allows."""
+    return {
+        "messages": USER,
+        "max_tokens": HOLD_TOKENS,
+        "ignore_eos": True,
+        "reasoning_effort": effort,
+    }
+
+
 def test_full_queue_is_429_with_retry_after_and_service_continues(stack):
-    # deep admits 2 running + 1 queued at the ingress; the rest must be refused at once, not held.
-    with ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(lambda _: _long_request(stack, "high"), range(8)))
-    codes = sorted(a.status_code for a in answers)
-    assert codes.count(200) >= 3 and codes.count(429) >= 1, codes
-    assert set(codes) <= {200, 429}
-    refused = next(a for a in answers if a.status_code == 429)
+    # deep admits 2 running + 1 queued at the ingress; with those held, the next one is refused at once.
+    with holding(stack.url, "/v1/chat/completions", {"deep": [_hold("high")] * 3}, MAIN_KEY):
+        refused = _long_request(stack, "high", 4)
+    assert refused.status_code == 429, refused.text
     assert int(refused.headers["Retry-After"]) >= 1
     assert refused.headers["x-gptoss-pool"] == "deep"
     assert refused.json()["error"]["code"] == "queue_full"
+    # The held requests' client hung up: deep's slots are free again.
     assert _long_request(stack, "high", 4).status_code == 200
 
 
 def test_spillover_to_the_named_pool(stack):
-    # fast runs 1 and spills to deep as soon as one waits; deep has room for 3.
-    with ThreadPoolExecutor(5) as pool:
-        answers = list(pool.map(lambda _: _long_request(stack, "medium", 400), range(5)))
-    assert all(a.status_code == 200 for a in answers), [a.text for a in answers if a.status_code != 200]
-    spilled = [a for a in answers if a.headers.get("x-gptoss-spilled-from") == "fast"]
-    assert spilled and all(a.headers["x-gptoss-pool"] == "deep" for a in spilled)
-    assert any(a.headers["x-gptoss-pool"] == "fast" for a in answers)
+    # fast runs 1 and spills to deep as soon as one waits: with one running and one waiting held, it spills.
+    with holding(stack.url, "/v1/chat/completions", {"fast": [_hold("medium")] * 2}, MAIN_KEY):
+        spilled = _long_request(stack, "medium", 4)
+    assert spilled.status_code == 200, spilled.text
+    assert spilled.headers["x-gptoss-spilled-from"] == "fast" and spilled.headers["x-gptoss-pool"] == "deep"
+    # With fast free again, the same request stays in its own pool.
+    unspilled = _long_request(stack, "medium", 4)
+    assert unspilled.headers["x-gptoss-pool"] == "fast" and "x-gptoss-spilled-from" not in unspilled.headers
 
 
 # -- a client this project did not write ------------------------------------------------------------------------
@@ -472,11 +482,12 @@ def test_killed_replica_gives_a_clean_error_and_is_replaced(stack, client):
 def test_ctrl_c_drains_in_flight_streams_then_exits(stack):
     _wait_ready(stack)
     lines: list[str] = []
+    streaming = threading.Event()
 
     def consume():
         body = {
             "messages": USER,
-            "max_tokens": 200,
+            "max_tokens": 600,
             "ignore_eos": True,
             "stream": True,
             "reasoning_effort": "high",
@@ -484,11 +495,15 @@ def test_ctrl_c_drains_in_flight_streams_then_exits(stack):
         with httpx.stream(
             "POST", f"{stack.url}/v1/chat/completions", json=body, headers=AUTH, timeout=120
         ) as response:
-            lines.extend(response.iter_lines())
+            for line in response.iter_lines():
+                lines.append(line)
+                if line.startswith("data: {"):
+                    streaming.set()
 
     thread = threading.Thread(target=consume)
     thread.start()
-    time.sleep(1.0)
+    assert streaming.wait(timeout=120), "the stream never started"
+    assert "data: [DONE]" not in lines  # Ctrl-C lands mid-stream
     assert stack.stop(timeout_s=180) == 0, stack.log_tail()
     thread.join(timeout=60)
     events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]

@@ -247,6 +247,9 @@ class Ingress:
         record = self._record(endpoint, request)
         try:
             answer = await self._admit_and_forward(endpoint, request, record)
+        except asyncio.CancelledError:
+            record.finish(499)  # the client hung up before the pool answered: not the service's failure
+            raise
         except BaseException:
             record.finish(500)
             raise

@@ -1,0 +1,125 @@
+"""Admission states made on purpose, for stack tests that need a pool to queue, spill or refuse.
+
+A test that needs a pool full does not send a burst and hope that the requests overlap (whether they do depends
+on how fast the machine answers). It holds slots with :class:`HeldRequest`, streams that stay in flight until
+the test releases them, and waits on the in-flight counts the ingress exports (``gptoss_in_flight_requests``)
+until the ingress has admitted every one of them. Only then does it send the request whose admission it checks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import socket
+import time
+from collections.abc import Iterator
+from urllib.parse import urlsplit
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+Samples = dict[tuple[str, frozenset], float]
+
+# A held request generates until it is released, so its output must outlast whatever the test does meanwhile
+# on a slow, loaded machine (scrapes of a busy 2-core stack took up to 5 s here). Stacks that hold slots run
+# their pools with this context, beyond the tiny presets' 4096 positions, and budgets that allow HOLD_TOKENS.
+HOLD_MAX_MODEL_LEN = 32768
+HOLD_TOKENS = 30000
+HOLD_ENV = {"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"}
+POLL_S = 0.25
+
+
+@functools.cache
+def _ingress_target(url: str) -> str:
+    targets = httpx.get(f"{url}/metrics/targets", timeout=30).json()
+    (ingress,) = [t for t in targets if t["labels"]["component"] == "ingress"]
+    return ingress["targets"][0]
+
+
+def ingress_samples(url: str) -> Samples:
+    """The ingress's own exposition, as {(sample name, labels): value}, read from the target it announces."""
+    text = httpx.get(f"http://{_ingress_target(url)}/metrics", timeout=60).text
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def in_flight(url: str) -> dict[str, int]:
+    """Requests the ingress has admitted to each pool and not finished."""
+    return {
+        dict(labels)["pool"]: int(value)
+        for (name, labels), value in ingress_samples(url).items()
+        if name == "gptoss_in_flight_requests"
+    }
+
+
+def wait_for_in_flight(url: str, expected: dict[str, int], timeout_s: float = 120) -> None:
+    """Until the ingress counts exactly ``expected`` in flight for each pool named (a deadline, not a pace)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        counts = in_flight(url)
+        if all(counts.get(pool) == n for pool, n in expected.items()):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"in-flight requests {counts}, expected {expected} after {timeout_s} s")
+        time.sleep(POLL_S)
+
+
+class HeldRequest:
+    """A streamed request that stays in flight until :meth:`release` (the client hangs up).
+
+    It is sent over a raw socket and its answer is never read: only the ingress's admission of it matters.
+    Give it a long output (``max_tokens`` near its budget, ``ignore_eos``), so that it outlasts the requests
+    the test sends while it holds the slot; :func:`holding` checks that it did.
+    """
+
+    def __init__(self, url: str, path: str, body: dict, api_key: str | None = None) -> None:
+        address = urlsplit(url)
+        payload = json.dumps({**body, "stream": True}).encode()
+        head = [
+            f"POST {path} HTTP/1.1",
+            f"Host: {address.netloc}",
+            "Content-Type: application/json",
+            f"Content-Length: {len(payload)}",
+        ]
+        if api_key:
+            head.append(f"Authorization: Bearer {api_key}")
+        self._sock = socket.create_connection((address.hostname, address.port), timeout=30)
+        self._sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + payload)
+
+    def release(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+
+
+@contextlib.contextmanager
+def holding(
+    url: str, path: str, bodies: dict[str, list[dict]], api_key: str | None = None
+) -> Iterator[list[HeldRequest]]:
+    """Hold ``bodies[pool]`` in flight at each pool (sent one by one, each admitted before the next), yield,
+    then check that they were all still in flight, release them and wait until the ingress let them go.
+
+    The pools named must have nothing else in flight when this starts."""
+    held: list[HeldRequest] = []
+    counts = dict.fromkeys(bodies, 0)
+    try:
+        wait_for_in_flight(url, counts)
+        for pool, pool_bodies in bodies.items():
+            for body in pool_bodies:
+                held.append(HeldRequest(url, path, body, api_key))
+                counts[pool] += 1
+                wait_for_in_flight(url, counts)
+        yield held
+        now = in_flight(url)
+        assert all(now.get(pool, 0) >= n for pool, n in counts.items()), (
+            f"a held request finished before the test released it (in flight {now}, held {counts}): "
+            "give the held requests a longer output"
+        )
+    finally:
+        for request in held:
+            request.release()
+    wait_for_in_flight(url, dict.fromkeys(bodies, 0))
