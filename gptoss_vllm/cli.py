@@ -110,6 +110,32 @@ def _train_nano(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     return 0
 
 
+def _bench_overhead(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from gptoss_vllm.bench.overhead import Settings, format_table, run_bench
+
+    if args.json:
+        try:
+            with open(args.json, "a"):
+                pass
+        except OSError as exc:
+            parser.error(f"--json: cannot write {args.json}: {exc.strerror}")
+    if args.model is not None and not (Path(args.model) / "config.json").is_file():
+        parser.error(f"--model: {args.model} is not a checkpoint directory (no config.json)")
+    settings = Settings(
+        concurrency=tuple(args.concurrency),
+        rounds=args.rounds,
+        requests=args.requests,
+        streams=args.streams,
+        output_tokens=args.output_tokens,
+        model=args.model,
+    )
+    report = run_bench(settings, args.json, Path(args.keep) if args.keep else None)
+    print(format_table(report))
+    if args.json:
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _bench_routing(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from gptoss_vllm.bench.routing import format_table, run_bench
 
@@ -200,6 +226,10 @@ def _port(text: str) -> int:
     if not 1 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"must be 1..65535, got {value}")
     return value
+
+
+def _positive_ints(text: str) -> list[int]:
+    return [_positive_int(part) for part in text.split(",")]
 
 
 def _positive_int(text: str) -> int:
@@ -352,6 +382,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--report", metavar="DIR", help="keep each arm's load-test report and serve log here"
     )
     routing.set_defaults(handler=_bench_routing, subparser=routing)
+    overhead = bench_sub.add_parser(
+        "overhead",
+        help="the stack's serving path vs vLLM's own OpenAI server on the same engine: latency, TTFT, "
+        "tokens/s and CPU per request and per token outside the engine",
+    )
+    overhead.add_argument("--json", metavar="FILE", help="also write the figures as JSON to FILE")
+    overhead.add_argument(
+        "--concurrency", type=_positive_ints, default=[4, 32], metavar="N[,N]", help="clients (default 4,32)"
+    )
+    overhead.add_argument(
+        "--rounds", type=_positive_int, default=2, help="rounds per target, alternating (default 2)"
+    )
+    overhead.add_argument(
+        "--requests", type=_positive_int, default=64, help="non-streamed requests per round (default 64)"
+    )
+    overhead.add_argument(
+        "--streams", type=_positive_int, default=32, help="streamed requests per round (default 32)"
+    )
+    overhead.add_argument(
+        "--output-tokens", type=_positive_int, default=64, help="tokens per stream (default 64)"
+    )
+    overhead.add_argument("--model", metavar="DIR", help="checkpoint directory (default: the embedded nano)")
+    overhead.add_argument("--keep", metavar="DIR", help="keep both servers' logs and the stack config here")
+    overhead.set_defaults(handler=_bench_overhead, subparser=overhead)
     return parser
 
 

@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gptoss_vllm.serve.admission import Admission, Rejected
+from gptoss_vllm.serve.admission import Admission
 from gptoss_vllm.serve.auth import KeyConfigError, KeyRing, RateLimiter
 from gptoss_vllm.serve.budget import BudgetError, apply_budget
 from gptoss_vllm.serve.config import Auth, Budget, ConfigError, RateLimit, load_config, parse_config
 from gptoss_vllm.serve.effort import EffortError, apply_effort, resolve_effort
 from gptoss_vllm.serve.engine_args import server_argv
+from gptoss_vllm.serve.refusal import Refusal
 
 BASE = {
     "model_name": "m",
@@ -319,7 +320,7 @@ def test_admission_queue_bound_spillover_and_no_replica():
         )
     )
     admission = Admission(config)
-    with pytest.raises(Rejected) as err:
+    with pytest.raises(Refusal) as err:
         admission.admit("deep")
     assert (err.value.status, err.value.reason) == (503, "no_replica")
     admission.running.update(fast=1, deep=1)
@@ -327,7 +328,7 @@ def test_admission_queue_bound_spillover_and_no_replica():
     for _ in range(6):
         try:
             decision = admission.admit("fast")
-        except Rejected as exc:
+        except Refusal as exc:
             placed.append(exc.reason)
             continue
         admission.started(decision.pool)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from gptoss_vllm.serve.refusal import Reason
+
 # Tens of milliseconds (a cached prefix on a GPU) to minutes (a high-effort answer on a CPU).
 LATENCY_BUCKETS_S = (
     0.01,
@@ -129,7 +131,7 @@ class IngressMetrics:
         )  # fmt: skip
         self.rejections = Counter(
             "gptoss_rejections",
-            "Requests refused: queue_full, no_replica, replica_failed, budget, auth, rate_limit, invalid",
+            "Requests refused, by reason: " + ", ".join(reason.value for reason in Reason),
             ("reason", "pool"),
             registry=registry,
         )

@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from gptoss_vllm.observability.metrics import LATENCY_BUCKETS_S
+from gptoss_vllm.serve.refusal import SERVICE_REASONS
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ QUEUE_SATURATION_RATIO = 0.8  # queue depth / queue limit
 QUEUE_SATURATION_FOR = "10m"
 # Rejections per second (5 m rate) per reason and pool, sustained for REJECTIONS_FOR. The service's own refusals
 # (no room, no replica, a replica died) matter at a low rate; the client-caused ones only when they are heavy.
-SERVICE_REJECTION_REASONS = ("queue_full", "no_replica", "replica_failed")
+SERVICE_REJECTION_REASONS = tuple(reason.value for reason in SERVICE_REASONS)
 SERVICE_REJECTIONS_PER_S = 0.05
 CLIENT_REJECTIONS_PER_S = 1.0
 REJECTIONS_FOR = "15m"

@@ -3,7 +3,7 @@
 The ingress counts the requests it has in flight to each pool. Whatever exceeds the pool's running capacity
 (running replicas x ``max_ongoing_requests``) is that pool's queue. Past ``spillover.queue_above`` a request goes
 to the named other pool if that one has room; past ``max_queued_requests`` it is refused with 429 and
-Retry-After. A pool with no running replica answers 503 at once instead of holding the request. Counts are per
+Retry-After (a :class:`Refusal`). A pool with no running replica answers 503 at once instead of holding the request. Counts are per
 ingress replica (one by default); Ray Serve's own ``max_queued_requests`` on the pool handle is the backstop.
 """
 
@@ -12,16 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gptoss_vllm.serve.config import ServeConfig
-
-
-class Rejected(Exception):
-    """The request cannot be admitted; carries the HTTP answer."""
-
-    def __init__(self, reason: str, status: int, message: str, retry_after_s: int) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.status = status
-        self.retry_after_s = retry_after_s
+from gptoss_vllm.serve.refusal import Reason, Refusal
 
 
 @dataclass(frozen=True)
@@ -60,12 +51,12 @@ class Admission:
         if not pinned and spill is not None and overflowing and self._has_room(spill.to):
             return Admitted(spill.to, spilled_from=pool)
         if self.running[pool] == 0:
-            raise Rejected(
-                "no_replica", 503, f"Pool '{pool}' has no running replica yet; retry in {retry} s", retry
+            raise Refusal.retry_later(
+                Reason.NO_REPLICA, 503, f"Pool '{pool}' has no running replica yet; retry in {retry} s", retry
             )
         if self._is_full(pool):
-            raise Rejected(
-                "queue_full",
+            raise Refusal.retry_later(
+                Reason.QUEUE_FULL,
                 429,
                 f"Pool '{pool}' is at its queue bound ({settings.max_queued_requests} waiting); retry in {retry} s",
                 retry,

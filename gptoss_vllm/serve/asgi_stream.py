@@ -3,7 +3,8 @@
 The pool replica runs vLLM's own OpenAI FastAPI app without a socket: the ingress hands it the HTTP request
 and relays the ``http.response.start`` message and each body chunk as they come. (httpx's ASGITransport would
 buffer the whole body, which breaks SSE.) When the caller stops reading (client gone, replica shutting down),
-the app sees ``http.disconnect`` and vLLM aborts the request in the engine.
+the app sees ``http.disconnect`` and vLLM aborts the request in the engine. Chunks the app has already sent
+when the caller asks for the next are joined into one.
 """
 
 from __future__ import annotations
@@ -67,23 +68,33 @@ async def stream_asgi(
     task.add_done_callback(lambda _: messages.put_nowait(None))
     try:
         while True:
-            message = await messages.get()
-            if message is None:
-                if not task.cancelled() and task.exception() is not None:
-                    raise task.exception()  # type: ignore[misc]
-                return
-            if message["type"] == "http.response.start":
-                yield ResponseStart(
-                    status=message["status"],
-                    headers=[
-                        (k.decode("latin-1"), v.decode("latin-1")) for k, v in message.get("headers", [])
-                    ],
-                )
-            elif message["type"] == "http.response.body":
-                if message.get("body"):
-                    yield message["body"]
-                if not message.get("more_body", False):
+            # Whatever the app has sent by now goes out as one item: under load, fewer and larger stream items.
+            batch = [await messages.get()]
+            while not messages.empty():
+                batch.append(messages.get_nowait())
+            body = b""
+            for message in batch:
+                if message is None:
+                    if body:
+                        yield body
+                    if not task.cancelled() and task.exception() is not None:
+                        raise task.exception()  # type: ignore[misc]
                     return
+                if message["type"] == "http.response.start":
+                    yield ResponseStart(
+                        status=message["status"],
+                        headers=[
+                            (k.decode("latin-1"), v.decode("latin-1")) for k, v in message.get("headers", [])
+                        ],
+                    )
+                elif message["type"] == "http.response.body":
+                    body += message.get("body", b"")
+                    if not message.get("more_body", False):
+                        if body:
+                            yield body
+                        return
+            if body:
+                yield body
     finally:
         disconnected.set()
         if not task.done():
