@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gptoss_vllm.observability import targets, tracing
 from gptoss_vllm.observability.local_prometheus import SD_REFRESH_INTERVAL, prometheus_config
 from gptoss_vllm.observability.metrics import IngressMetrics
-from gptoss_vllm.observability.request_record import RequestRecord, request_usage
+from gptoss_vllm.observability.request_record import RequestRecord, StreamObserver, request_usage
 
 
 def _event(payload: dict) -> bytes:
@@ -56,7 +56,7 @@ def test_request_usage_is_forced_on_streams_and_remembered():
 
 def test_a_chat_stream_split_anywhere_is_relayed_intact_and_timed():
     record, registry = _record()
-    record.strip_usage = True
+    observer = StreamObserver("chat", strip_usage=True)
     stream = (
         _chat_chunk(role="assistant")
         + _chat_chunk(reasoning="We")
@@ -67,14 +67,23 @@ def test_a_chat_stream_split_anywhere_is_relayed_intact_and_timed():
     )
     relayed = b""
     for i in range(0, len(stream), 7):  # events cut at arbitrary points
-        relayed += record.relay(stream[i : i + 7])
-    relayed += record.flush()
+        relayed += observer.relay(stream[i : i + 7])
+    relayed += observer.flush()
     assert b'"usage"' not in relayed
     assert relayed == stream.replace(_event({"choices": [], "usage": USAGE}), b"")
+    seen = observer.seen
+    assert len(seen.gaps_s) == 2 and 0 <= seen.first_token_s <= seen.first_answer_s
+    # The observation was made elsewhere (the pool replica): its times count from when its answer arrived.
+    record.take(seen, origin=record.started + 0.5)
+    assert record.time_to_first_token_s == pytest.approx(0.5 + seen.first_token_s)
+    assert record.time_to_first_answer_token_s == pytest.approx(0.5 + seen.first_answer_s)
     record.finish()
     samples = _samples(registry)
     labels = frozenset({"endpoint": "chat", "effort": "high", "pool": "deep"}.items())
     assert samples[("gptoss_time_to_first_token_seconds_count", labels)] == 1
+    assert samples[("gptoss_time_to_first_token_seconds_sum", labels)] == pytest.approx(
+        0.5 + seen.first_token_s
+    )
     assert samples[("gptoss_time_to_first_answer_token_seconds_count", labels)] == 1
     assert samples[("gptoss_inter_token_latency_seconds_count", labels)] == 2  # three token events
     tokens = {k: v for (name, k), v in samples.items() if name == "gptoss_output_tokens_total"}
@@ -83,25 +92,32 @@ def test_a_chat_stream_split_anywhere_is_relayed_intact_and_timed():
 
 
 def test_usage_the_client_asked_for_is_kept():
-    record, _ = _record()
+    observer = StreamObserver("chat")
     usage_event = _event({"choices": [], "usage": USAGE})
-    assert record.relay(usage_event) == usage_event
-    assert record.output_tokens == 12
+    assert observer.relay(usage_event) == usage_event
+    assert observer.seen.output_tokens == 12
 
 
 def test_responses_events_and_a_whole_answer():
-    record, _ = _record("responses")
-    record.relay(_event({"type": "response.reasoning_text.delta", "delta": "x"}))
-    assert record.time_to_first_answer_token_s is None
-    record.relay(_event({"type": "response.output_text.delta", "delta": "y"}))
+    observer = StreamObserver("responses")
+    observer.relay(_event({"type": "response.created", "response": {"id": "resp_1", "status": "queued"}}))
+    assert observer.seen.response_id == "resp_1"  # known before the answer ends (cancel, follow-ups)
+    observer.relay(_event({"type": "response.reasoning_text.delta", "delta": "x"}))
+    assert observer.seen.first_answer_s is None
+    observer.relay(_event({"type": "response.output_text.delta", "delta": "y"}))
     usage = {"input_tokens": 5, "output_tokens": 4, "output_tokens_details": {"reasoning_tokens": 1}}
-    record.relay(_event({"type": "response.completed", "response": {"usage": usage}}))
-    assert record.time_to_first_answer_token_s >= record.time_to_first_token_s
-    assert (record.prompt_tokens, record.output_tokens, record.reasoning_tokens) == (5, 4, 1)
-    whole, _ = _record()
-    whole.observe_body(json.dumps({"usage": USAGE}).encode())
-    assert (whole.prompt_tokens, whole.output_tokens, whole.reasoning_tokens) == (70, 12, 9)
-    whole.observe_body(b"not json")  # an error page passes through without breaking the record
+    observer.relay(_event({"type": "response.completed", "response": {"id": "resp_1", "usage": usage}}))
+    seen = observer.seen
+    assert seen.first_answer_s >= seen.first_token_s
+    assert (seen.prompt_tokens, seen.output_tokens, seen.reasoning_tokens) == (5, 4, 1)
+    whole = StreamObserver("responses")
+    whole.observe_body(json.dumps({"id": "resp_2", "usage": USAGE}).encode())
+    assert (whole.seen.prompt_tokens, whole.seen.output_tokens, whole.seen.reasoning_tokens) == (70, 12, 9)
+    assert whole.seen.response_id == "resp_2"
+    whole.observe_body(b"not json")  # an error page passes through without breaking the observation
+    chat = StreamObserver("chat")
+    chat.observe_body(json.dumps({"id": "chatcmpl-1", "usage": USAGE}).encode())
+    assert chat.seen.response_id is None  # only Responses are stored
 
 
 def test_a_record_is_written_once_with_its_rejection():

@@ -1,6 +1,7 @@
 """What the ingress learns about one request as its answer passes through: timings, token counts, status.
 
-Streams are read event by event as they are relayed (Server-Sent Events from vLLM's OpenAI app): the first
+Streams are read event by event by a :class:`StreamObserver` where they are made, in the pool replica, which
+sends its :class:`Observation` to the ingress at the end, so that the ingress only forwards bytes. The first
 event carrying a token gives the time to first token, the first carrying answer text or a tool call gives the
 time to first answer token (gpt-oss writes its ``analysis`` channel first), and the gaps between token events
 give the inter-token latency. Token counts come from the answer's ``usage``; for chat and completions streams
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from gptoss_vllm.observability.metrics import NONE, IngressMetrics
@@ -32,35 +34,33 @@ def request_usage(endpoint: str, body: dict[str, Any]) -> bool:
     return True
 
 
-class RequestRecord:
-    """Collects one request's observations and writes them to the metrics (and its span) once, at the end."""
+@dataclass
+class Observation:
+    """What one answer's bytes said; times are seconds after the observer started."""
 
-    def __init__(self, metrics: IngressMetrics, endpoint: str, span: Any | None = None) -> None:
-        self._metrics = metrics
-        self.span = span
-        self.started = time.monotonic()
+    first_token_s: float | None = None
+    first_answer_s: float | None = None
+    gaps_s: list[float] = field(default_factory=list)
+    prompt_tokens: int | None = None
+    output_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    response_id: str | None = None
+
+
+class StreamObserver:
+    """Reads an answer as it passes: an event stream chunk by chunk, or a whole JSON body.
+
+    It runs where the events are made (the pool replica, so that the ingress only forwards bytes) and drops
+    the usage event the ingress asked for on the client's behalf (``strip_usage``).
+    """
+
+    def __init__(self, endpoint: str, strip_usage: bool = False) -> None:
         self.endpoint = endpoint
-        self.effort = NONE
-        self.effort_source = NONE
-        self.pool = NONE
-        self.status = 0
-        self.strip_usage = False
-        self.rejected: str | None = None  # the rejection reason, when the ingress refused the request
-        self.replica: str | None = None
-        self.spilled_from: str | None = None
-        self.admission_span: Any | None = None
-        self.engine_span: Any | None = None
-        self.prompt_tokens: int | None = None
-        self.output_tokens: int | None = None
-        self.reasoning_tokens: int | None = None
-        self._first_token: float | None = None
-        self._first_answer: float | None = None
+        self.strip_usage = strip_usage
+        self.started = time.monotonic()
+        self.seen = Observation()
         self._last_token: float | None = None
-        self._gaps: list[float] = []
         self._pending = b""
-        self._finished = False
-
-    # -- what passes through ---------------------------------------------------------------------------------
 
     def relay(self, chunk: bytes) -> bytes:
         """Observe a chunk of an event stream; returns what the client gets (without a forced usage event)."""
@@ -85,6 +85,8 @@ class RequestRecord:
             return
         if isinstance(answer, dict):
             self._read_usage(answer.get("usage"))
+            if self.endpoint == "responses" and isinstance(answer.get("id"), str):
+                self.seen.response_id = answer["id"]
 
     def _observe_event(self, event: bytes) -> bool:
         data = next((line[6:] for line in event.split(b"\n") if line.startswith(b"data: ")), None)
@@ -102,8 +104,12 @@ class RequestRecord:
                 self._token(answer=False)
             elif kind in _RESPONSES_ANSWER:
                 self._token(answer=True)
-            elif kind == "response.completed" and isinstance(payload.get("response"), dict):
-                self._read_usage(payload["response"].get("usage"))
+            elif isinstance(payload.get("response"), dict):
+                response = payload["response"]
+                if self.seen.response_id is None and isinstance(response.get("id"), str):
+                    self.seen.response_id = response["id"]
+                if kind == "response.completed":
+                    self._read_usage(response.get("usage"))
             return True
         choices = payload.get("choices") or []
         for choice in choices:
@@ -123,13 +129,14 @@ class RequestRecord:
 
     def _token(self, answer: bool | None) -> None:
         now = time.monotonic()
-        if self._first_token is None:
-            self._first_token = now
+        seen = self.seen
+        if seen.first_token_s is None:
+            seen.first_token_s = now - self.started
         elif self._last_token is not None:
-            self._gaps.append(now - self._last_token)
+            seen.gaps_s.append(now - self._last_token)
         self._last_token = now
-        if answer and self._first_answer is None:
-            self._first_answer = now
+        if answer and seen.first_answer_s is None:
+            seen.first_answer_s = now - self.started
 
     def _read_usage(self, usage: Any) -> None:
         if not isinstance(usage, dict):
@@ -138,21 +145,67 @@ class RequestRecord:
         output = usage.get("completion_tokens", usage.get("output_tokens"))
         details = usage.get("completion_tokens_details") or usage.get("output_tokens_details") or {}
         if isinstance(prompt, int):
-            self.prompt_tokens = prompt
+            self.seen.prompt_tokens = prompt
         if isinstance(output, int):
-            self.output_tokens = output
+            self.seen.output_tokens = output
         if isinstance(details, dict) and isinstance(details.get("reasoning_tokens"), int):
-            self.reasoning_tokens = details["reasoning_tokens"]
+            self.seen.reasoning_tokens = details["reasoning_tokens"]
+
+
+class RequestRecord:
+    """Collects one request's observations and writes them to the metrics (and its span) once, at the end."""
+
+    def __init__(self, metrics: IngressMetrics, endpoint: str, span: Any | None = None) -> None:
+        self._metrics = metrics
+        self.span = span
+        self.started = time.monotonic()
+        self.endpoint = endpoint
+        self.effort = NONE
+        self.effort_source = NONE
+        self.pool = NONE
+        self.status = 0
+        self.rejected: str | None = None  # the rejection reason, when the ingress refused the request
+        self.replica: str | None = None
+        self.spilled_from: str | None = None
+        self.admission_span: Any | None = None
+        self.engine_span: Any | None = None
+        self._seen = Observation()
+        self._origin = self.started  # when, on this process's clock, the observer started
+        self._finished = False
+
+    # -- what the answer said --------------------------------------------------------------------------------
+
+    def take(self, seen: Observation, origin: float) -> None:
+        """The observation of the answer, made elsewhere (the pool replica) from ``origin`` on this clock."""
+        self._seen, self._origin = seen, origin
+
+    @property
+    def prompt_tokens(self) -> int | None:
+        return self._seen.prompt_tokens
+
+    @property
+    def output_tokens(self) -> int | None:
+        return self._seen.output_tokens
+
+    @property
+    def reasoning_tokens(self) -> int | None:
+        return self._seen.reasoning_tokens
+
+    @property
+    def response_id(self) -> str | None:
+        return self._seen.response_id
 
     # -- the end ---------------------------------------------------------------------------------------------
 
     @property
     def time_to_first_token_s(self) -> float | None:
-        return None if self._first_token is None else self._first_token - self.started
+        first = self._seen.first_token_s
+        return None if first is None else self._origin + first - self.started
 
     @property
     def time_to_first_answer_token_s(self) -> float | None:
-        return None if self._first_answer is None else self._first_answer - self.started
+        first = self._seen.first_answer_s
+        return None if first is None else self._origin + first - self.started
 
     def finish(self, status: int | None = None) -> None:
         """Write the observations (once; later calls do nothing)."""
@@ -171,9 +224,9 @@ class RequestRecord:
             m.time_to_first_token.labels(*latency).observe(ttft)
         if (ttfa := self.time_to_first_answer_token_s) is not None:
             m.time_to_first_answer_token.labels(*latency).observe(ttfa)
-        if self._gaps:
+        if self._seen.gaps_s:
             histogram = m.inter_token_latency.labels(*latency)
-            for gap in self._gaps:
+            for gap in self._seen.gaps_s:
                 histogram.observe(gap)
         if self.prompt_tokens is not None:
             m.prompt_tokens.labels(self.effort, self.pool).inc(self.prompt_tokens)

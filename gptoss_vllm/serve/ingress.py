@@ -9,7 +9,6 @@ Rendering, parsing and generation are the pool's (vLLM's).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -31,7 +30,7 @@ from gptoss_vllm.serve.config import ServeConfig
 from gptoss_vllm.serve.effort import Endpoint
 from gptoss_vllm.serve.openai_errors import error_response, sse_error_event
 from gptoss_vllm.serve.pipeline import Decision, RequestPipeline, ResponseRoutes
-from gptoss_vllm.serve.pool import PoolAnswerStart, PoolRequest
+from gptoss_vllm.serve.pool import PoolAnswerEnd, PoolAnswerStart, PoolRequest, StoredResponse
 from gptoss_vllm.serve.refusal import SERVICE_REASONS, Reason, Refusal
 
 log = logging.getLogger("ray.serve")
@@ -48,18 +47,6 @@ app = FastAPI(title="gptoss-vllm", docs_url=None, redoc_url=None, openapi_url=No
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     message = f"{request.method} {request.url.path}: {exc.detail}"
     return error_response(exc.status_code, message, code="not_found" if exc.status_code == 404 else None)
-
-
-def _response_id_in_sse(buffer: bytes) -> str | None:
-    for line in buffer.split(b"\n"):
-        if line.startswith(b"data: {"):
-            try:
-                event = json.loads(line[6:])
-            except ValueError:
-                continue
-            if isinstance(event.get("response"), dict) and event["response"].get("id"):
-                return event["response"]["id"]
-    return None
 
 
 class Ingress:
@@ -239,7 +226,6 @@ class Ingress:
             return self._refused(record, decision, refusal)
         assert decision.body is not None and decision.effort is not None
         record.effort, record.effort_source = decision.effort.effort, decision.effort.source
-        record.strip_usage = decision.strip_usage
         if decision.clamped_from is not None:
             self._metrics.budget_clamps.labels(decision.effort.effort).inc()
         forwarded = [(k, v) for k, v in request.headers.items() if k in _FORWARDED_HEADERS]
@@ -253,6 +239,9 @@ class Ingress:
             headers=forwarded,
             payload=decision.body,
             replica_id=decision.replica_id,
+            endpoint=endpoint,
+            strip_usage=decision.strip_usage,
+            remember=decision.remember,
         )
         return await self._forward(decision, pool_request, record)
 
@@ -322,6 +311,7 @@ class Ingress:
             else:
                 raise
             return self._refused(record, Decision(headers=headers), refusal)
+        started_at = time.monotonic()  # the replica's observation counts from its first item's arrival
         headers["x-gptoss-replica"] = record.replica = start.replica_id
         headers |= {k: v for k, v in start.headers if k.lower() in _PASSED_BACK_HEADERS}
         streaming = (
@@ -330,49 +320,55 @@ class Ingress:
             .startswith("text/event-stream")
         )
         if not streaming:
+            chunks = []
             try:
-                content = b"".join([chunk async for chunk in answer])
+                async for item in answer:
+                    if isinstance(item, bytes):
+                        chunks.append(item)
+                    elif isinstance(item, PoolAnswerEnd):
+                        record.take(item.seen, started_at)
             except RayError as exc:
                 log.warning("pool %s failed while answering: %s", pool, exc)
                 refusal = Refusal(Reason.REPLICA_FAILED, 503, f"Pool '{pool}' failed while answering")
                 return self._refused(record, Decision(headers=headers), refusal)
             finally:
                 self._admission.finished(pool)
-            record.observe_body(content)
-            if decision.remember and start.status == 200:
-                with contextlib.suppress(ValueError, KeyError, TypeError):
-                    self._pipeline.routes.remember(json.loads(content)["id"], pool, start.replica_id)
+            response_id = record.response_id
+            if decision.remember and start.status == 200 and response_id is not None:
+                self._pipeline.routes.remember(response_id, pool, start.replica_id)
             log.debug(
                 "%s %s -> %s in %.3f s", pool, pool_request.path, start.status, time.monotonic() - started
             )
-            return Response(content, status_code=start.status, headers=headers)
+            return Response(b"".join(chunks), status_code=start.status, headers=headers)
         return StreamingResponse(
-            self._relay(answer, pool, start.replica_id, decision.remember, record, start.status),
+            self._relay(answer, pool, start.replica_id, decision.remember, record, start.status, started_at),
             status_code=start.status,
             headers=headers,
         )
 
     async def _relay(
-        self, answer: Any, pool: str, replica_id: str, remember: bool, record: RequestRecord, status: int
+        self,
+        answer: Any,
+        pool: str,
+        replica_id: str,
+        remember: bool,
+        record: RequestRecord,
+        status: int,
+        started_at: float,
     ) -> AsyncIterator[bytes]:
+        """Forward the pool's bytes as they come; the replica observed them and says what it saw at the end."""
         from ray.exceptions import RayError
 
-        seen = b""
         finished = False
         record.status = status
         try:
-            async for chunk in answer:
-                if remember:
-                    seen += chunk
-                    response_id = _response_id_in_sse(seen)
-                    if response_id is not None or len(seen) > 1 << 16:
-                        if response_id is not None:
-                            self._pipeline.routes.remember(response_id, pool, replica_id)
-                        remember, seen = False, b""
-                if relayed := record.relay(chunk):
-                    yield relayed
-            if rest := record.flush():
-                yield rest
+            async for item in answer:
+                if isinstance(item, bytes):
+                    yield item
+                elif isinstance(item, PoolAnswerEnd):
+                    record.take(item.seen, started_at)
+                elif isinstance(item, StoredResponse) and remember:
+                    self._pipeline.routes.remember(item.response_id, pool, replica_id)
             finished = True
         except RayError as exc:
             log.warning("pool %s replica %s failed mid-stream: %s", pool, replica_id, exc)

@@ -2,7 +2,8 @@
 
 Harmony rendering, the reasoning parser, tool calls, the Responses store and request validation are vLLM's;
 this module only starts the engine from the pool's config and relays HTTP requests into that app. The replica
-identifies itself in every answer so that the ingress can pin Responses follow-ups to it.
+identifies itself in every answer so that the ingress can pin Responses follow-ups to it, and observes the
+answers of generating requests (timings, usage) where their events are made, so the ingress forwards bytes.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ import fcntl
 import hashlib
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from gptoss_vllm.cache import cache_root
+from gptoss_vllm.observability.request_record import Observation, StreamObserver
 from gptoss_vllm.observability.targets import MetricsEndpoint
 from gptoss_vllm.observability.tracing import engine_tracing_env
 from gptoss_vllm.serve.asgi_stream import ResponseStart, stream_asgi
@@ -37,6 +40,10 @@ class PoolRequest:
     headers: list[tuple[str, str]] = field(default_factory=list)
     payload: dict[str, Any] = field(default_factory=dict)
     replica_id: str | None = None  # pin to this replica (Responses follow-ups)
+    # Generating requests: the replica observes the answer (timings, usage) and sends a PoolAnswerEnd.
+    endpoint: str | None = None
+    strip_usage: bool = False  # drop the usage event the ingress asked for on the client's behalf
+    remember: bool = False  # announce the stored response's id (StoredResponse) as soon as it is known
 
     # Read by Ray Serve's prefix-aware router (PrefixCacheAffinityRouter) to match prompt prefixes.
     @property
@@ -55,6 +62,20 @@ class PoolAnswerStart:
     status: int
     headers: list[tuple[str, str]]
     replica_id: str
+
+
+@dataclass(frozen=True)
+class StoredResponse:
+    """A stream item: the answer is a stored Response with this id (sent once, as soon as it is seen)."""
+
+    response_id: str
+
+
+@dataclass(frozen=True)
+class PoolAnswerEnd:
+    """Last item of a generating request's answer: what the replica observed of it."""
+
+    seen: Observation
 
 
 def _builtin_source(preset: str) -> str:
@@ -124,14 +145,41 @@ class PoolServer:
         self._metrics_endpoint = MetricsEndpoint(labels)
         log.info("pool %s replica %s ready (model %s)", pool_name, self._replica_id, config.model)
 
-    async def handle_request(self, request: PoolRequest) -> AsyncIterator[PoolAnswerStart | bytes]:
+    async def handle_request(
+        self, request: PoolRequest
+    ) -> AsyncIterator[PoolAnswerStart | bytes | StoredResponse | PoolAnswerEnd]:
+        """The answer as it is produced: its start, then bytes; a generating request's answer is observed
+        here, where its events are made, and ends with a :class:`PoolAnswerEnd`."""
+        observer = StreamObserver(request.endpoint, request.strip_usage) if request.endpoint else None
+        streaming = announced = False
+        body = b""
         async for item in stream_asgi(
             self._app, request.method, request.path, request.query, request.headers, request.body
         ):
             if isinstance(item, ResponseStart):
+                streaming = any(
+                    k.lower() == "content-type" and v.startswith("text/event-stream") for k, v in item.headers
+                )
+                if observer is not None:
+                    observer.started = time.monotonic()  # the ingress counts from this item's arrival
                 yield PoolAnswerStart(item.status, item.headers, self._replica_id)
-            else:
+            elif observer is None:
                 yield item
+            elif streaming:
+                if relayed := observer.relay(item):
+                    yield relayed
+                if request.remember and not announced and observer.seen.response_id is not None:
+                    announced = True
+                    yield StoredResponse(observer.seen.response_id)
+            else:
+                body += item
+                yield item
+        if observer is not None:
+            if streaming and (rest := observer.flush()):
+                yield rest
+            if not streaming:
+                observer.observe_body(body)
+            yield PoolAnswerEnd(observer.seen)
 
     async def check_health(self) -> None:
         # A dead engine core fails this; Ray Serve then replaces the replica.
