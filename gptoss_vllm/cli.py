@@ -116,17 +116,29 @@ def _train_nano(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 
 
 def _bench_overhead(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import json
+
     from gptoss_vllm.bench.overhead import Settings, format_table, run_bench
 
     _check_writable(parser, args.json)
+    if args.relay:
+        from gptoss_vllm.bench.relay import STREAMS, format_relay_table, run_relay_bench
+
+        streams = tuple(args.concurrency) if args.concurrency else STREAMS
+        relay = run_relay_bench(streams, args.output_tokens or 128)
+        print(format_relay_table(relay))
+        if args.json:
+            Path(args.json).write_text(json.dumps(relay, indent=2))
+            print(f"wrote {args.json}")
+        return 0
     if args.model is not None and not (Path(args.model) / "config.json").is_file():
         parser.error(f"--model: {args.model} is not a checkpoint directory (no config.json)")
     settings = Settings(
-        concurrency=tuple(args.concurrency),
+        concurrency=tuple(args.concurrency or (4, 32)),
         rounds=args.rounds,
         requests=args.requests,
         streams=args.streams,
-        output_tokens=args.output_tokens,
+        output_tokens=args.output_tokens or 64,
         model=args.model,
     )
     report = run_bench(settings, args.json, Path(args.keep) if args.keep else None)
@@ -389,7 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     overhead.add_argument("--json", metavar="FILE", help="also write the figures as JSON to FILE")
     overhead.add_argument(
-        "--concurrency", type=_positive_ints, default=[4, 32], metavar="N[,N]", help="clients (default 4,32)"
+        "--concurrency",
+        type=_positive_ints,
+        metavar="N[,N]",
+        help="clients (default 4,32; with --relay: streams, default 1,32,128,512)",
     )
     overhead.add_argument(
         "--rounds", type=_positive_int, default=2, help="rounds per target, alternating (default 2)"
@@ -401,10 +416,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--streams", type=_positive_int, default=32, help="streamed requests per round (default 32)"
     )
     overhead.add_argument(
-        "--output-tokens", type=_positive_int, default=64, help="tokens per stream (default 64)"
+        "--output-tokens", type=_positive_int, help="tokens per stream (default 64; with --relay 128)"
     )
     overhead.add_argument("--model", metavar="DIR", help="checkpoint directory (default: the embedded nano)")
     overhead.add_argument("--keep", metavar="DIR", help="keep both servers' logs and the stack config here")
+    overhead.add_argument(
+        "--relay",
+        action="store_true",
+        help="instead: tokens/s one ingress replica relays from a synthetic pool (no engine), at 1, 32, 128 "
+        "and 512 streams (or --concurrency), --output-tokens per stream (default 128)",
+    )
     overhead.set_defaults(handler=_bench_overhead, subparser=overhead)
     return parser
 

@@ -109,7 +109,7 @@ def _processes(target: str, root_pid: int) -> dict[str, list[psutil.Process]]:
     return found
 
 
-def _cpu_s(processes: dict[str, list[psutil.Process]]) -> dict[str, float]:
+def cpu_seconds(processes: dict[str, list[psutil.Process]]) -> dict[str, float]:
     totals = {}
     for role, procs in processes.items():
         total = 0.0
@@ -201,18 +201,18 @@ async def _round(url: str, concurrency: int, settings: Settings, procs, samples:
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         requests = max(settings.requests, 2 * concurrency)
-        before = _cpu_s(procs)
+        before = cpu_seconds(procs)
         samples.request_wall_s += await _run_clients(
             concurrency, requests, lambda: _one_request(client, url, samples)
         )
-        _add(samples.request_cpu_s, before, _cpu_s(procs))
+        _add(samples.request_cpu_s, before, cpu_seconds(procs))
         samples.requests += requests
         streams = max(settings.streams, concurrency)
-        before = _cpu_s(procs)
+        before = cpu_seconds(procs)
         samples.stream_wall_s += await _run_clients(
             concurrency, streams, lambda: _one_stream(client, url, settings.output_tokens, samples)
         )
-        _add(samples.stream_cpu_s, before, _cpu_s(procs))
+        _add(samples.stream_cpu_s, before, cpu_seconds(procs))
         samples.streams += streams
 
 
@@ -296,7 +296,7 @@ def bench_pool(model: str | None) -> Pool:
     return Pool.model_validate(base.model_dump() | changes)
 
 
-def _machine() -> dict[str, Any]:
+def machine_info() -> dict[str, Any]:
     model = platform.processor()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -352,7 +352,7 @@ def run_bench(settings: Settings, json_path: str | None = None, keep: Path | Non
             stack.stop()
         vllm.stop()
     report = {
-        "machine": _machine(),
+        "machine": machine_info(),
         "settings": {**settings.__dict__, "concurrency": list(settings.concurrency), "model": pool.model},
         "results": results,
         "ratios": ratios(results),

@@ -45,9 +45,11 @@ def pool_deployment_options(name: str, pool: Pool) -> dict[str, Any]:
     return options
 
 
-def build_application(config: ServeConfig) -> serve.Application:
+def build_application(config: ServeConfig, pool_class: type = PoolServer) -> serve.Application:
+    """The ingress and one deployment per pool; ``pool_class`` is the pool replicas' class (a benchmark's
+    stand-in that speaks the same protocol; never anything but :class:`PoolServer` in a serving config)."""
     pools = {
-        name: serve.deployment(PoolServer)
+        name: serve.deployment(pool_class)
         .options(**pool_deployment_options(name, pool))
         .bind(name, pool.model_dump(), config.model_name)
         for name, pool in config.pools.items()

@@ -1,0 +1,178 @@
+"""``gptoss-vllm bench overhead --relay``: how many tokens/s one ingress replica relays, without an engine.
+
+The real ingress (and Ray Serve's proxy in front of it) serves one pool whose replica is :class:`SyntheticPool`:
+it speaks the pool protocol (:class:`~gptoss_vllm.serve.pool.PoolAnswerStart`, bytes,
+:class:`~gptoss_vllm.serve.pool.PoolAnswerEnd`) and emits pre-rendered chat-completion SSE events, one stream
+item per token as vLLM's app sends them, as fast as it is asked. Clients hold 1, 32, 128 and 512 streams at
+once; the figures are tokens/s through the ingress and the CPU per token of the proxy, the ingress and the
+synthetic pool. The synthetic pool lives here and in no serving config.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+from tqdm import tqdm
+
+from gptoss_vllm.bench.overhead import cpu_seconds, machine_info
+from gptoss_vllm.observability.request_record import Observation
+from gptoss_vllm.serve.pool import PoolAnswerEnd, PoolAnswerStart, PoolRequest
+
+STREAMS = (1, 32, 128, 512)
+POOL = "relay"
+MODEL_NAME = "gpt-oss-relay"
+ROLES = {
+    "proxy": "ray::ProxyActor",
+    "ingress": "ServeReplica:gptoss:ingress",
+    "pool": f"ServeReplica:gptoss:{POOL}",
+}
+
+
+def _event(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+class SyntheticPool:
+    """A pool replica without an engine: ``max_tokens`` token events, then usage and ``[DONE]``."""
+
+    def __init__(self, pool_name: str, pool: dict[str, Any], model_name: str) -> None:
+        from ray import serve
+
+        self._replica_id = serve.get_replica_context().replica_id.unique_id
+        base = {"id": "chatcmpl-relay", "object": "chat.completion.chunk", "created": 0, "model": model_name}
+        self._token = _event(
+            {**base, "choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": None}]}
+        )
+        self._base = base
+
+    async def handle_request(
+        self, request: PoolRequest
+    ) -> AsyncIterator[PoolAnswerStart | bytes | PoolAnswerEnd]:
+        tokens = int(request.payload.get("max_tokens") or 16)
+        yield PoolAnswerStart(200, [("content-type", "text/event-stream")], self._replica_id)
+        started = time.monotonic()
+        for _ in range(tokens):
+            yield self._token
+            await asyncio.sleep(0)  # one item per token, as vLLM's app sends them
+        usage = {"prompt_tokens": 8, "completion_tokens": tokens, "total_tokens": 8 + tokens}
+        if not request.strip_usage:
+            yield _event({**self._base, "choices": [], "usage": usage})
+        yield b"data: [DONE]\n\n"
+        seen = Observation(first_token_s=0.0, prompt_tokens=8, output_tokens=tokens, reasoning_tokens=0)
+        seen.gaps_s = [(time.monotonic() - started) / max(1, tokens)] * max(0, tokens - 1)
+        yield PoolAnswerEnd(seen)
+
+    async def check_health(self) -> None:
+        pass
+
+
+async def _stream(client: httpx.AsyncClient, url: str, tokens: int) -> int:
+    body = {
+        "model": MODEL_NAME,
+        "messages": [{"role": "user", "content": "x"}],
+        "max_tokens": tokens,
+        "stream": True,
+    }
+    received = 0
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+        response.raise_for_status()
+        async for chunk in response.aiter_raw():
+            received += chunk.count(b'"delta":{"content"')
+    return received
+
+
+async def _measure(url: str, streams: int, tokens: int, procs: dict) -> dict[str, Any]:
+    limits = httpx.Limits(max_connections=streams, max_keepalive_connections=streams)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        before = cpu_seconds(procs)
+        started = time.perf_counter()
+        received = await asyncio.gather(*(_stream(client, url, tokens) for _ in range(streams)))
+        wall = time.perf_counter() - started
+        after = cpu_seconds(procs)
+    relayed = sum(received)
+    cpu = {role: round((after[role] - before[role]) * 1000 / max(1, relayed), 4) for role in after}
+    return {
+        "streams": streams,
+        "tokens_per_stream": tokens,
+        "tokens": relayed,
+        "expected_tokens": streams * tokens,
+        "wall_s": round(wall, 3),
+        "tokens_per_s": round(relayed / wall, 1),
+        "cpu_ms_per_token": cpu,
+    }
+
+
+def run_relay_bench(streams: tuple[int, ...] = STREAMS, tokens: int = 128) -> dict[str, Any]:
+    """Start Ray, the real ingress and a synthetic pool in this process; measure; stop."""
+    import psutil
+    import ray
+    from ray import serve
+
+    from gptoss_vllm.serve.app import APP_NAME, build_application
+    from gptoss_vllm.serve.config import parse_config
+    from gptoss_vllm.serve.process import free_port
+
+    config = parse_config(
+        {
+            "model_name": MODEL_NAME,
+            "pools": {
+                POOL: {
+                    "model": "builtin:nano",  # never loaded: the synthetic pool has no engine
+                    "efforts": ["low", "medium", "high"],
+                    "max_ongoing_requests": 4096,
+                    "max_queued_requests": 4096,
+                    "ray_actor_options": {"num_cpus": 0},
+                }
+            },
+            "ingress": {"max_ongoing_requests": 4096},
+        },
+        source="bench overhead --relay",
+    )
+    port = free_port()
+    ray.init(
+        address="local", include_dashboard=False, object_store_memory=1 << 30, namespace="gptoss-vllm-relay"
+    )
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_application(config, pool_class=SyntheticPool), name=APP_NAME, route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60  # the ingress learns of the pool's replica from the controller
+        while httpx.get(f"{url}/ready", timeout=5).status_code != 200:
+            if time.monotonic() > deadline:
+                raise RuntimeError("bench overhead --relay: the ingress never saw the synthetic pool running")
+            time.sleep(0.5)
+        procs: dict[str, list] = {role: [] for role in ROLES}
+        for proc in psutil.process_iter():
+            try:
+                title = " ".join(proc.cmdline())
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            for role, mark in ROLES.items():
+                if mark in title:
+                    procs[role].append(proc)
+        results = []
+        asyncio.run(_measure(url, 1, 8, {}))  # warm-up
+        for count in tqdm(streams, desc="bench overhead --relay", unit="level"):
+            results.append(asyncio.run(_measure(url, count, tokens, procs)))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return {"machine": machine_info(), "results": results}
+
+
+def format_relay_table(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = [f"machine: {m['cpu']}, {m['cores']} cores; one ingress replica, synthetic pool", ""]
+    lines.append(f"{'streams':>7} {'tokens':>8} {'tok/s':>9} {'proxy ms/tok':>12} {'ingress':>8} {'pool':>8}")
+    for r in report["results"]:
+        cpu = r["cpu_ms_per_token"]
+        lines.append(
+            f"{r['streams']:>7} {r['tokens']:>8} {r['tokens_per_s']:>9} {cpu['proxy']:>12} "
+            f"{cpu['ingress']:>8} {cpu['pool']:>8}"
+        )
+    return "\n".join(lines)
