@@ -162,7 +162,11 @@ def run_relay_bench(streams: tuple[int, ...] = STREAMS, tokens: int = 128) -> di
     finally:
         serve.shutdown()
         ray.shutdown()
-    return {"machine": machine_info(), "results": results}
+    return {
+        "machine": machine_info(),
+        "processes": {role: len(found) for role, found in procs.items()},
+        "results": results,
+    }
 
 
 def format_relay_table(report: dict[str, Any]) -> str:
