@@ -1,9 +1,9 @@
 """``gptoss-vllm bench overhead --relay``: how many tokens/s one ingress replica relays, without an engine.
 
 The real ingress (and Ray Serve's proxy in front of it) serves one pool whose replica is :class:`SyntheticPool`:
-it speaks the pool protocol (:class:`~gptoss_vllm.serve.pool.PoolAnswerStart`, bytes,
-:class:`~gptoss_vllm.serve.pool.PoolAnswerEnd`) and emits pre-rendered chat-completion SSE events, one stream
-item per token as vLLM's app sends them, as fast as it is asked. Clients hold 1, 32, 128 and 512 streams at
+it answers through the same :class:`~gptoss_vllm.serve.answer_channel.AnswerChannel` as a pool replica and
+emits pre-rendered chat-completion SSE events, one item per token as vLLM's app sends them, as fast as it is
+asked. Clients hold 1, 32, 128 and 512 streams at
 once; the figures are tokens/s through the ingress and the CPU per token of the proxy, the ingress and the
 synthetic pool. The synthetic pool lives here and in no serving config.
 """
@@ -21,7 +21,14 @@ from tqdm import tqdm
 
 from gptoss_vllm.bench.overhead import cpu_seconds, machine_info
 from gptoss_vllm.observability.request_record import Observation
-from gptoss_vllm.serve.pool import PoolAnswerEnd, PoolAnswerStart, PoolRequest
+from gptoss_vllm.serve.answer_channel import (
+    AnswerChannel,
+    AnswerItem,
+    AnswerTicket,
+    PoolAnswerEnd,
+    PoolAnswerStart,
+)
+from gptoss_vllm.serve.pool import PoolRequest
 
 STREAMS = (1, 32, 128, 512)
 POOL = "relay"
@@ -40,9 +47,11 @@ def _event(payload: dict[str, Any]) -> bytes:
 class SyntheticPool:
     """A pool replica without an engine: ``max_tokens`` token events, then usage and ``[DONE]``."""
 
-    def __init__(self, pool_name: str, pool: dict[str, Any], model_name: str) -> None:
+    async def __init__(self, pool_name: str, pool: dict[str, Any], model_name: str) -> None:
+        import ray
         from ray import serve
 
+        self._channel = await AnswerChannel.open(ray.util.get_node_ip_address())
         self._replica_id = serve.get_replica_context().replica_id.unique_id
         base = {"id": "chatcmpl-relay", "object": "chat.completion.chunk", "created": 0, "model": model_name}
         self._token = _event(
@@ -50,9 +59,11 @@ class SyntheticPool:
         )
         self._base = base
 
-    async def handle_request(
-        self, request: PoolRequest
-    ) -> AsyncIterator[PoolAnswerStart | bytes | PoolAnswerEnd]:
+    async def handle_request(self, request: PoolRequest) -> AsyncIterator[AnswerTicket]:
+        async for ticket in self._channel.answer(self._answer(request)):
+            yield ticket
+
+    async def _answer(self, request: PoolRequest) -> AsyncIterator[AnswerItem]:
         tokens = int(request.payload.get("max_tokens") or 16)
         yield PoolAnswerStart(200, [("content-type", "text/event-stream")], self._replica_id)
         started = time.monotonic()

@@ -25,12 +25,19 @@ from gptoss_vllm.observability.request_record import RequestRecord
 from gptoss_vllm.observability.targets import MetricsEndpoint, targets_actor
 from gptoss_vllm.observability.tracing import ingress_tracer
 from gptoss_vllm.serve.admission import Admission
+from gptoss_vllm.serve.answer_channel import (
+    AnswerLost,
+    AnswerReader,
+    PoolAnswerEnd,
+    PoolAnswerStart,
+    StoredResponse,
+)
 from gptoss_vllm.serve.auth import KeyRing, RateLimiter
 from gptoss_vllm.serve.config import ServeConfig
 from gptoss_vllm.serve.effort import Endpoint
 from gptoss_vllm.serve.openai_errors import error_response, sse_error_event
 from gptoss_vllm.serve.pipeline import Decision, RequestPipeline, ResponseRoutes
-from gptoss_vllm.serve.pool import PoolAnswerEnd, PoolAnswerStart, PoolRequest, StoredResponse
+from gptoss_vllm.serve.pool import PoolRequest
 from gptoss_vllm.serve.refusal import SERVICE_REASONS, Reason, Refusal
 
 log = logging.getLogger("ray.serve")
@@ -293,18 +300,18 @@ class Ingress:
         self._start_engine_span(record, pool_request)
         self._admission.started(pool)
         started = time.monotonic()
-        answer = self._handles[pool].handle_request.remote(pool_request)
+        # Ray Serve routes the call and counts it until the answer is done; the answer comes over the channel.
+        answer = _Answer(self._handles[pool].handle_request.remote(pool_request))
         try:
-            start = await answer.__anext__()
-            assert isinstance(start, PoolAnswerStart)
+            start = await answer.claim()
         except BaseException as exc:
             self._admission.finished(pool)
-            answer.cancel()
+            answer.hang_up()
             retry = self._config.ingress.retry_after_s
             if isinstance(exc, BackPressureError):
                 message = f"Pool '{pool}' is at its queue bound; retry in {retry} s"
                 refusal = Refusal.retry_later(Reason.QUEUE_FULL, 429, message, retry)
-            elif isinstance(exc, (RayError, StopAsyncIteration)):
+            elif isinstance(exc, (RayError, StopAsyncIteration, AnswerLost)):
                 log.warning("pool %s failed before answering: %s", pool, exc)
                 message = f"Pool '{pool}' failed to answer (replica lost); retry in {retry} s"
                 refusal = Refusal.retry_later(Reason.REPLICA_FAILED, 503, message, retry)
@@ -322,15 +329,18 @@ class Ingress:
         if not streaming:
             chunks = []
             try:
-                async for item in answer:
+                async for item in answer.reader:
                     if isinstance(item, bytes):
                         chunks.append(item)
-                    elif isinstance(item, PoolAnswerEnd):
+                    elif isinstance(item, PoolAnswerEnd) and item.seen is not None:
                         record.take(item.seen, started_at)
-            except RayError as exc:
+            except AnswerLost as exc:
                 log.warning("pool %s failed while answering: %s", pool, exc)
                 refusal = Refusal(Reason.REPLICA_FAILED, 503, f"Pool '{pool}' failed while answering")
                 return self._refused(record, Decision(headers=headers), refusal)
+            except BaseException:
+                answer.hang_up()
+                raise
             finally:
                 self._admission.finished(pool)
             response_id = record.response_id
@@ -348,7 +358,7 @@ class Ingress:
 
     async def _relay(
         self,
-        answer: Any,
+        answer: _Answer,
         pool: str,
         replica_id: str,
         remember: bool,
@@ -357,20 +367,18 @@ class Ingress:
         started_at: float,
     ) -> AsyncIterator[bytes]:
         """Forward the pool's bytes as they come; the replica observed them and says what it saw at the end."""
-        from ray.exceptions import RayError
-
         finished = False
         record.status = status
         try:
-            async for item in answer:
+            async for item in answer.reader:
                 if isinstance(item, bytes):
                     yield item
-                elif isinstance(item, PoolAnswerEnd):
+                elif isinstance(item, PoolAnswerEnd) and item.seen is not None:
                     record.take(item.seen, started_at)
                 elif isinstance(item, StoredResponse) and remember:
                     self._pipeline.routes.remember(item.response_id, pool, replica_id)
             finished = True
-        except RayError as exc:
+        except AnswerLost as exc:
             log.warning("pool %s replica %s failed mid-stream: %s", pool, replica_id, exc)
             record.status, record.rejected = 503, Reason.REPLICA_FAILED.value
             yield sse_error_event(
@@ -380,6 +388,42 @@ class Ingress:
         finally:
             self._admission.finished(pool)
             if not finished:
-                answer.cancel()  # the client went away: free the engine
+                answer.hang_up()  # the client went away: free the engine
                 record.status = 499  # nginx's "client closed request": not the server's failure
             record.finish()
+
+
+class _Answer:
+    """One pool call in flight: the Ray call that routed it and the answer channel its bytes come over."""
+
+    def __init__(self, call: Any) -> None:
+        self.call = call
+        self.reader: AnswerReader | None = None  # type: ignore[assignment]
+        self._watcher: asyncio.Future | None = None
+
+    async def claim(self) -> PoolAnswerStart:
+        """Wait for the routed replica's ticket, connect, and read the answer's start."""
+        self.reader = await AnswerReader.claim(await self.call.__anext__())
+        self._watcher = asyncio.ensure_future(self._watch())
+        start = await self.reader.__anext__()
+        if not isinstance(start, PoolAnswerStart):
+            raise AnswerLost(f"the answer began with {type(start).__name__}, not its start")
+        return start
+
+    async def _watch(self) -> None:
+        """Follow the Ray call: if it fails (replica or node lost), so does the answer."""
+        from ray.exceptions import RayError
+
+        try:
+            async for _ in self.call:
+                pass
+        except RayError as exc:
+            self.reader.lose(AnswerLost(f"the pool call failed: {exc}"))
+
+    def hang_up(self) -> None:
+        """Stop the answer: the replica cancels it (and vLLM aborts the request) when its connection closes."""
+        if self.reader is not None:
+            self.reader.close()
+        if self._watcher is not None:
+            self._watcher.cancel()
+        self.call.cancel()

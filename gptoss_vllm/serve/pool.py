@@ -4,6 +4,7 @@ Harmony rendering, the reasoning parser, tool calls, the Responses store and req
 this module only starts the engine from the pool's config and relays HTTP requests into that app. The replica
 identifies itself in every answer so that the ingress can pin Responses follow-ups to it, and observes the
 answers of generating requests (timings, usage) where their events are made, so the ingress forwards bytes.
+Answers go to the ingress over the replica's :mod:`~gptoss_vllm.serve.answer_channel`, not Ray's stream.
 """
 
 from __future__ import annotations
@@ -19,9 +20,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gptoss_vllm.cache import cache_root
-from gptoss_vllm.observability.request_record import Observation, StreamObserver
+from gptoss_vllm.observability.request_record import StreamObserver
 from gptoss_vllm.observability.targets import MetricsEndpoint
 from gptoss_vllm.observability.tracing import engine_tracing_env
+from gptoss_vllm.serve.answer_channel import (
+    AnswerChannel,
+    AnswerItem,
+    AnswerTicket,
+    PoolAnswerEnd,
+    PoolAnswerStart,
+    StoredResponse,
+)
 from gptoss_vllm.serve.asgi_stream import ResponseStart, stream_asgi
 from gptoss_vllm.serve.config import BUILTIN_PREFIX, Pool
 from gptoss_vllm.serve.engine_args import parse_server_args, server_argv
@@ -53,29 +62,6 @@ class PoolRequest:
     @property
     def prompt(self) -> Any:
         return self.payload.get("prompt") or ""
-
-
-@dataclass(frozen=True)
-class PoolAnswerStart:
-    """First item of every pool answer stream: the HTTP status and headers, and who served it."""
-
-    status: int
-    headers: list[tuple[str, str]]
-    replica_id: str
-
-
-@dataclass(frozen=True)
-class StoredResponse:
-    """A stream item: the answer is a stored Response with this id (sent once, as soon as it is seen)."""
-
-    response_id: str
-
-
-@dataclass(frozen=True)
-class PoolAnswerEnd:
-    """Last item of a generating request's answer: what the replica observed of it."""
-
-    seen: Observation
 
 
 def _builtin_source(preset: str) -> str:
@@ -112,6 +98,7 @@ class PoolServer:
     """The Ray Serve replica class of every pool deployment."""
 
     async def __init__(self, pool_name: str, pool: dict[str, Any], model_name: str) -> None:
+        import ray
         from ray import serve
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
@@ -143,13 +130,17 @@ class PoolServer:
             "app": context.app_name,
         }
         self._metrics_endpoint = MetricsEndpoint(labels)
+        self._channel = await AnswerChannel.open(ray.util.get_node_ip_address())
         log.info("pool %s replica %s ready (model %s)", pool_name, self._replica_id, config.model)
 
-    async def handle_request(
-        self, request: PoolRequest
-    ) -> AsyncIterator[PoolAnswerStart | bytes | StoredResponse | PoolAnswerEnd]:
-        """The answer as it is produced: its start, then bytes; a generating request's answer is observed
-        here, where its events are made, and ends with a :class:`PoolAnswerEnd`."""
+    async def handle_request(self, request: PoolRequest) -> AsyncIterator[AnswerTicket]:
+        """Ray's stream of a pool call: the ticket for the answer, which goes over the answer channel."""
+        async for ticket in self._channel.answer(self._answer(request)):
+            yield ticket
+
+    async def _answer(self, request: PoolRequest) -> AsyncIterator[AnswerItem]:
+        """The answer as it is produced: its start, then bytes, then a :class:`PoolAnswerEnd`; a generating
+        request's answer is observed here, where its events are made."""
         observer = StreamObserver(request.endpoint, request.strip_usage) if request.endpoint else None
         streaming = announced = False
         body = b""
@@ -174,12 +165,14 @@ class PoolServer:
             else:
                 body += item
                 yield item
-        if observer is not None:
-            if streaming and (rest := observer.flush()):
-                yield rest
-            if not streaming:
-                observer.observe_body(body)
-            yield PoolAnswerEnd(observer.seen)
+        if observer is None:
+            yield PoolAnswerEnd()
+            return
+        if streaming and (rest := observer.flush()):
+            yield rest
+        if not streaming:
+            observer.observe_body(body)
+        yield PoolAnswerEnd(observer.seen)
 
     async def check_health(self) -> None:
         # A dead engine core fails this; Ray Serve then replaces the replica.
@@ -188,4 +181,6 @@ class PoolServer:
     async def __del__(self) -> None:
         if hasattr(self, "_metrics_endpoint"):
             self._metrics_endpoint.close()
+        if hasattr(self, "_channel"):
+            self._channel.close()
         await self._stack.aclose()
