@@ -121,11 +121,13 @@ def _bench_overhead(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     from gptoss_vllm.bench.overhead import Settings, format_table, run_bench
 
     _check_writable(parser, args.json)
+    if args.direct_ingress and not args.relay:
+        parser.error("--direct-ingress: only with --relay")
     if args.relay:
         from gptoss_vllm.bench.relay import STREAMS, format_relay_table, run_relay_bench
 
         streams = tuple(args.concurrency) if args.concurrency else STREAMS
-        relay = run_relay_bench(streams, args.output_tokens or 128)
+        relay = run_relay_bench(streams, args.output_tokens or 128, direct_ingress=args.direct_ingress)
         print(format_relay_table(relay))
         if args.json:
             Path(args.json).write_text(json.dumps(relay, indent=2))
@@ -140,6 +142,7 @@ def _bench_overhead(args: argparse.Namespace, parser: argparse.ArgumentParser) -
         streams=args.streams,
         output_tokens=args.output_tokens or 64,
         model=args.model,
+        idle_s=float(args.idle_seconds),
     )
     report = run_bench(settings, args.json, Path(args.keep) if args.keep else None)
     print(format_table(report))
@@ -421,10 +424,22 @@ def build_parser() -> argparse.ArgumentParser:
     overhead.add_argument("--model", metavar="DIR", help="checkpoint directory (default: the embedded nano)")
     overhead.add_argument("--keep", metavar="DIR", help="keep both servers' logs and the stack config here")
     overhead.add_argument(
+        "--idle-seconds",
+        type=_non_negative_int,
+        default=10,
+        help="seconds both targets are measured up and unloaded (default 10; 0 skips it)",
+    )
+    overhead.add_argument(
         "--relay",
         action="store_true",
         help="instead: tokens/s one ingress replica relays from a synthetic pool (no engine), at 1, 32, 128 "
         "and 512 streams (or --concurrency), --output-tokens per stream (default 128)",
+    )
+    overhead.add_argument(
+        "--direct-ingress",
+        action="store_true",
+        help="with --relay: clients reach the ingress replica directly (Ray Serve's experimental direct "
+        "ingress, no proxy), to measure what the proxy hop costs",
     )
     overhead.set_defaults(handler=_bench_overhead, subparser=overhead)
     return parser

@@ -17,6 +17,8 @@ def test_argument_errors_name_the_argument(tmp_path):
         (["--rounds", "x"], "--rounds"),
         (["--model", str(tmp_path / "none")], "--model"),
         (["--json", str(tmp_path / "missing" / "out.json")], "--json"),
+        (["--idle-seconds", "-1"], "--idle-seconds"),
+        (["--direct-ingress"], "--direct-ingress"),
     ):
         answer = run_cli("bench", "overhead", *args)
         assert answer.returncode == 2, (args, answer.stderr)
@@ -29,7 +31,7 @@ def test_both_targets_are_measured_side_by_side(tmp_path):
     answer = run_cli(
         "bench", "overhead", "--concurrency", "2",
         "--rounds", "2", "--requests", "4", "--streams", "2", "--output-tokens", "8", "--json", str(out),
-        "--keep", str(tmp_path / "keep"), timeout=1200,
+        "--keep", str(tmp_path / "keep"), "--idle-seconds", "2", timeout=1200,
     )  # fmt: skip
     assert answer.returncode == 0, answer.stdout[-3000:] + answer.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -50,6 +52,11 @@ def test_both_targets_are_measured_side_by_side(tmp_path):
     stack_roles = results["stack"]["cpu_ms_per_streamed_token"]
     assert {"proxy", "ingress", "pool_replica", "controller", "ray_daemons", "total"} <= set(stack_roles)
     assert stack_roles["ingress"] > 0 and stack_roles["pool_replica"] > 0 and stack_roles["proxy"] > 0
+    idle = report["idle_cpu_ms_per_s"]
+    assert set(idle["vllm"]) == {"api_server", "total"} and set(idle["stack"]) == set(stack_roles)
+    assert idle["stack"]["total"] == pytest.approx(
+        sum(v for k, v in idle["stack"].items() if k != "total"), abs=0.2
+    )
     (ratio,) = report["ratios"]
     assert ratio["concurrency"] == 2
     assert ratio["streamed_tokens_per_s"] > 0 and ratio["cpu_per_streamed_token"] > 0
@@ -76,3 +83,21 @@ def test_relay_bench_counts_every_token_through_the_real_ingress(tmp_path):
     busy = report["results"][-1]["cpu_ms_per_token"]
     assert busy["ingress"] > 0 and busy["proxy"] > 0
     assert "one ingress replica" in answer.stdout
+
+
+@pytest.mark.slow
+def test_relay_bench_with_direct_ingress_has_no_proxy_in_the_path(tmp_path):
+    out = tmp_path / "relay.json"
+    answer = run_cli(
+        "bench", "overhead", "--relay", "--direct-ingress", "--concurrency", "8", "--output-tokens", "64",
+        "--json", str(out), timeout=600,
+    )  # fmt: skip
+    assert answer.returncode == 0, answer.stdout[-3000:] + answer.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["direct_ingress"] is True
+    (r,) = report["results"]
+    assert r["tokens"] == r["expected_tokens"] == 8 * 64
+    # Ray Serve still starts a proxy, but the streams pass it by: the ingress did the relaying.
+    cpu = r["cpu_ms_per_token"]
+    assert cpu["ingress"] > 0 and cpu["proxy"] <= cpu["ingress"]
+    assert "direct ingress" in answer.stdout

@@ -52,6 +52,7 @@ class Settings:
     streams: int = 32  # streamed requests per round
     output_tokens: int = 64
     model: str | None = None  # a checkpoint directory; None: the embedded default's model (nano)
+    idle_s: float = 10.0  # both targets up and unloaded: what their processes cost doing nothing
 
 
 @dataclass
@@ -121,6 +122,19 @@ def cpu_seconds(processes: dict[str, list[psutil.Process]]) -> dict[str, float]:
                 pass
         totals[role] = total
     return totals
+
+
+def _idle_cpu(procs: dict[str, dict[str, list[psutil.Process]]], seconds: float) -> dict[str, dict]:
+    """CPU milliseconds per second each target's processes spend with no request in flight (Ray Serve's
+    control loop, health checks, metrics pushes): a floor under the CPU per token at any load."""
+    before = {target: cpu_seconds(found) for target, found in procs.items()}
+    time.sleep(seconds)
+    idle = {}
+    for target, found in procs.items():
+        after = cpu_seconds(found)
+        per_s = {role: round((after[role] - before[target][role]) * 1000 / seconds, 1) for role in after}
+        idle[target] = {**per_s, "total": round(sum(per_s.values()), 1)}
+    return idle
 
 
 def _add(into: dict[str, float], before: dict[str, float], after: dict[str, float]) -> None:
@@ -331,6 +345,7 @@ def run_bench(settings: Settings, json_path: str | None = None, keep: Path | Non
         stack = start_stack(work / "stack.yaml", work / "stack.log")
         roots = {"vllm": (vllm.url, vllm.proc.pid), "stack": (stack.url, stack.proc.pid)}
         procs = {target: _processes(target, pid) for target, (_, pid) in roots.items()}
+        idle = _idle_cpu(procs, settings.idle_s) if settings.idle_s > 0 else {}
         results = []
         steps = len(settings.concurrency) * settings.rounds * len(TARGETS)
         with tqdm(total=steps, desc="bench overhead", unit="round") as bar:
@@ -354,6 +369,7 @@ def run_bench(settings: Settings, json_path: str | None = None, keep: Path | Non
     report = {
         "machine": machine_info(),
         "settings": {**settings.__dict__, "concurrency": list(settings.concurrency), "model": pool.model},
+        "idle_cpu_ms_per_s": idle,
         "results": results,
         "ratios": ratios(results),
     }
@@ -390,6 +406,15 @@ def format_table(report: dict[str, Any]) -> str:
             f"non-streamed req/s x{row['non_streamed_requests_per_s']}, "
             f"TTFT p50 {row['ttft_p50_added_ms']:+} ms, CPU per streamed token x{row['cpu_per_streamed_token']}, "
             f"CPU per request x{row['cpu_per_request']}"
+        )
+    idle = report.get("idle_cpu_ms_per_s") or {}
+    if idle:
+        lines.append(
+            "  idle CPU ms/s: "
+            + "; ".join(
+                f"{target} " + ", ".join(f"{k} {v}" for k, v in roles.items())
+                for target, roles in idle.items()
+            )
         )
     stack = [r for r in report["results"] if r["target"] == "stack"]
     if stack:

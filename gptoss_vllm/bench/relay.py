@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -118,15 +119,46 @@ async def _measure(url: str, streams: int, tokens: int, procs: dict) -> dict[str
     }
 
 
-def run_relay_bench(streams: tuple[int, ...] = STREAMS, tokens: int = 128) -> dict[str, Any]:
-    """Start Ray, the real ingress and a synthetic pool in this process; measure; stop."""
+def _direct_ingress(port: int) -> None:
+    """Ray Serve's direct ingress: the ingress replica serves HTTP on ``port`` itself. Ray Serve reads
+    the flags when it is first imported, here and in every Ray process this one starts."""
+    import sys
+
+    from gptoss_vllm.serve.process import free_port
+
+    if "ray.serve" in sys.modules and os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") != "1":
+        raise RuntimeError("--direct-ingress: Ray Serve was imported before the flag could be set")
+    os.environ.update(
+        {
+            "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1),
+            "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(grpc := free_port()),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(grpc + 1),
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",  # nothing to deregister from here
+        }
+    )
+
+
+def run_relay_bench(
+    streams: tuple[int, ...] = STREAMS, tokens: int = 128, direct_ingress: bool = False
+) -> dict[str, Any]:
+    """Start Ray, the real ingress and a synthetic pool in this process; measure; stop. ``direct_ingress``:
+    clients reach the ingress replica without Ray Serve's proxy."""
+    from gptoss_vllm.serve.process import free_port
+
+    port = free_port()  # the proxy's (Ray Serve starts one even with direct ingress on)
+    url = f"http://127.0.0.1:{port}"
+    if direct_ingress:
+        ingress_port = free_port()
+        _direct_ingress(ingress_port)
+        url = f"http://127.0.0.1:{ingress_port}"
     import psutil
     import ray
     from ray import serve
 
     from gptoss_vllm.serve.app import APP_NAME, build_application
     from gptoss_vllm.serve.config import parse_config
-    from gptoss_vllm.serve.process import free_port
 
     config = parse_config(
         {
@@ -144,14 +176,12 @@ def run_relay_bench(streams: tuple[int, ...] = STREAMS, tokens: int = 128) -> di
         },
         source="bench overhead --relay",
     )
-    port = free_port()
     ray.init(
         address="local", include_dashboard=False, object_store_memory=1 << 30, namespace="gptoss-vllm-relay"
     )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_application(config, pool_class=SyntheticPool), name=APP_NAME, route_prefix="/")
-        url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60  # the ingress learns of the pool's replica from the controller
         while httpx.get(f"{url}/ready", timeout=5).status_code != 200:
             if time.monotonic() > deadline:
@@ -175,6 +205,7 @@ def run_relay_bench(streams: tuple[int, ...] = STREAMS, tokens: int = 128) -> di
         ray.shutdown()
     return {
         "machine": machine_info(),
+        "direct_ingress": direct_ingress,
         "processes": {role: len(found) for role, found in procs.items()},
         "results": results,
     }
@@ -182,7 +213,12 @@ def run_relay_bench(streams: tuple[int, ...] = STREAMS, tokens: int = 128) -> di
 
 def format_relay_table(report: dict[str, Any]) -> str:
     m = report["machine"]
-    lines = [f"machine: {m['cpu']}, {m['cores']} cores; one ingress replica, synthetic pool", ""]
+    hop = (
+        "clients straight to the ingress (direct ingress)"
+        if report.get("direct_ingress")
+        else "behind the proxy"
+    )
+    lines = [f"machine: {m['cpu']}, {m['cores']} cores; one ingress replica {hop}, synthetic pool", ""]
     lines.append(f"{'streams':>7} {'tokens':>8} {'tok/s':>9} {'proxy ms/tok':>12} {'ingress':>8} {'pool':>8}")
     for r in report["results"]:
         cpu = r["cpu_ms_per_token"]
