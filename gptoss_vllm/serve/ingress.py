@@ -39,6 +39,7 @@ from gptoss_vllm.serve.openai_errors import error_response, sse_error_event
 from gptoss_vllm.serve.pipeline import Decision, RequestPipeline, ResponseRoutes
 from gptoss_vllm.serve.pool import PoolRequest
 from gptoss_vllm.serve.refusal import SERVICE_REASONS, Reason, Refusal
+from gptoss_vllm.serve.router import routable_replicas
 
 log = logging.getLogger("ray.serve")
 
@@ -46,6 +47,7 @@ log = logging.getLogger("ray.serve")
 _FORWARDED_HEADERS = ("traceparent", "tracestate", "baggage", "x-request-id")
 _PASSED_BACK_HEADERS = ("content-type", "x-request-id")
 POOL_STATUS_PERIOD_S = 1.0
+ROUTER_READ_PERIOD_S = 0.2  # a dict read: cheap
 
 app = FastAPI(title="gptoss-vllm", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -75,6 +77,7 @@ class Ingress:
         )
         context = serve.get_replica_context()
         self._app_name = context.app_name
+        self._heard: set[str] = set()
         self._watcher = asyncio.get_running_loop().create_task(self._watch_pools())
         registry = CollectorRegistry()
         self._metrics = IngressMetrics(registry)
@@ -94,18 +97,32 @@ class Ingress:
     # -- pool readiness --------------------------------------------------------------------------------------
 
     async def _watch_pools(self) -> None:
+        """Keep admission's running-replica counts: from the pools' routers in this process once they have
+        heard from Ray Serve's long poll; until then (a router is built on its handle's first use) from the
+        Serve controller, whose full status is costly to build and read."""
         from ray import serve
 
         while True:
-            try:
-                status = await asyncio.to_thread(serve.status)
-                deployments = status.applications[self._app_name].deployments
-                for name in self._config.pools:
-                    states = deployments[name].replica_states if name in deployments else {}
-                    self._admission.running[name] = int(states.get("RUNNING", 0))
-            except Exception as exc:  # the controller restarting: keep the last known counts
-                log.warning("could not read pool status from the Serve controller: %s", exc)
-            await asyncio.sleep(POOL_STATUS_PERIOD_S)
+            unheard = []
+            for name in self._config.pools:
+                count = routable_replicas(self._app_name, name)
+                if count is None:
+                    unheard.append(name)
+                else:
+                    self._admission.running[name] = count
+                    if name not in self._heard:
+                        self._heard.add(name)
+                        log.info("pool %s: running replicas now read from its router (%d)", name, count)
+            if unheard:
+                try:
+                    status = await asyncio.to_thread(serve.status)
+                    deployments = status.applications[self._app_name].deployments
+                    for name in unheard:
+                        states = deployments[name].replica_states if name in deployments else {}
+                        self._admission.running[name] = int(states.get("RUNNING", 0))
+                except Exception as exc:  # the controller restarting: keep the last known counts
+                    log.warning("could not read pool status from the Serve controller: %s", exc)
+            await asyncio.sleep(POOL_STATUS_PERIOD_S if unheard else ROUTER_READ_PERIOD_S)
 
     # -- routes ----------------------------------------------------------------------------------------------
 

@@ -3,10 +3,15 @@
 vLLM keeps stored Responses in the replica that produced them, so a ``previous_response_id`` follow-up must
 reach that replica. The ingress marks such requests with the replica's id; every other request is routed by
 Ray Serve's own policy unchanged.
+
+The routers also say how many replicas they can route to (:func:`routable_replicas`): they live in the calling
+process (the ingress) and hear of every change from Ray Serve's long poll, so the ingress's admission needs
+no polling of the Serve controller.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
@@ -18,6 +23,15 @@ except ImportError as exc:  # pragma: no cover - only without pyarrow
     PREFIX_AWARE_IMPORT_ERROR: str | None = str(exc)
 else:
     PREFIX_AWARE_IMPORT_ERROR = None
+
+
+# (app, deployment) -> replicas the router in this process can route to; written from Ray Serve's router loop.
+_ROUTABLE: dict[tuple[str, str], int] = {}
+
+
+def routable_replicas(app: str, deployment: str) -> int | None:
+    """The replicas this process's router of that deployment routes to; None until it has heard of them."""
+    return _ROUTABLE.get((app, deployment))
 
 
 def _pinned_replica(pending_request: Any) -> str | None:
@@ -32,6 +46,20 @@ def _pinned_replica(pending_request: Any) -> str | None:
 
 class _Pinning:
     """Sends a request pinned to a running replica there; anything else to the policy of the next base."""
+
+    def update_replicas(self, replicas):  # type: ignore[no-untyped-def]
+        super().update_replicas(replicas)  # type: ignore[misc]
+        self._publish()
+
+    def on_replica_actor_died(self, replica_id):  # type: ignore[no-untyped-def]
+        super().on_replica_actor_died(replica_id)  # type: ignore[misc]
+        self._publish()
+
+    def _publish(self) -> None:
+        deployment = self._deployment_id  # type: ignore[attr-defined]
+        # Through sys.modules: Ray Serve may ship this class by value, with a copy of this module's globals.
+        routable = sys.modules[__name__]._ROUTABLE  # type: ignore[attr-defined]
+        routable[(deployment.app_name, deployment.name)] = len(self.curr_replicas)  # type: ignore[attr-defined]
 
     async def choose_replicas(self, candidate_replicas, pending_request=None):  # type: ignore[no-untyped-def]
         pinned = _pinned_replica(pending_request)
