@@ -35,6 +35,14 @@ async def _call(channel: AnswerChannel, items) -> tuple[AnswerTicket, asyncio.Fu
     return ticket, asyncio.ensure_future(answer.__anext__())
 
 
+async def _started(channel: AnswerChannel, items) -> tuple[AnswerReader, asyncio.Future]:
+    """The ingress's side: claim the ticket and read the answer's start."""
+    ticket, rest_of_call = await _call(channel, items)
+    reader = await AnswerReader.claim(ticket)
+    assert await reader.__anext__() == START
+    return reader, rest_of_call
+
+
 async def _ended(rest: asyncio.Future) -> None:
     """The call's stream ends with no second item once the answer is sent."""
     with pytest.raises(StopAsyncIteration):
@@ -113,9 +121,7 @@ def test_hanging_up_cancels_the_answer_in_the_replica() -> None:
     async def scenario():
         channel = await AnswerChannel.open("127.0.0.1")
         try:
-            ticket, rest_of_call = await _call(channel, items())
-            reader = await AnswerReader.claim(ticket)
-            assert await reader.__anext__() == START
+            reader, rest_of_call = await _started(channel, items())
             assert isinstance(await reader.__anext__(), bytes)
             reader.close()
             await _ended(rest_of_call)
@@ -158,9 +164,7 @@ def test_a_lost_call_ends_the_answer_even_if_the_connection_stays_up() -> None:
     async def scenario():
         channel = await AnswerChannel.open("127.0.0.1")
         try:
-            ticket, rest_of_call = await _call(channel, items())
-            reader = await AnswerReader.claim(ticket)
-            assert await reader.__anext__() == START
+            reader, rest_of_call = await _started(channel, items())
             reader.lose(AnswerLost("the pool call failed: node lost"))
             with pytest.raises(AnswerLost, match="node lost"):
                 await asyncio.wait_for(reader.__anext__(), 5)

@@ -3,8 +3,7 @@
 The real ingress (and Ray Serve's proxy in front of it) serves one pool whose replica is :class:`SyntheticPool`:
 it answers through the same :class:`~gptoss_vllm.serve.answer_channel.AnswerChannel` as a pool replica and
 emits pre-rendered chat-completion SSE events, one item per token as vLLM's app sends them, as fast as it is
-asked. Clients hold 1, 32, 128 and 512 streams at
-once; the figures are tokens/s through the ingress and the CPU per token of the proxy, the ingress and the
+asked. Clients hold 1, 32, 128 and 512 streams at once; the figures are tokens/s through the ingress and the CPU per token of the proxy, the ingress and the
 synthetic pool. The synthetic pool lives here and in no serving config.
 """
 
@@ -182,7 +181,7 @@ def run_relay_bench(
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_application(config, pool_class=SyntheticPool), name=APP_NAME, route_prefix="/")
-        deadline = time.monotonic() + 60  # the ingress learns of the pool's replica from the controller
+        deadline = time.monotonic() + 60  # the ingress learns of the pool's replica
         while httpx.get(f"{url}/ready", timeout=5).status_code != 200:
             if time.monotonic() > deadline:
                 raise RuntimeError("bench overhead --relay: the ingress never saw the synthetic pool running")

@@ -415,7 +415,7 @@ class _Answer:
 
     def __init__(self, call: Any) -> None:
         self.call = call
-        self.reader: AnswerReader | None = None  # type: ignore[assignment]
+        self.reader: AnswerReader | None = None
         self._watcher: asyncio.Future | None = None
 
     async def claim(self) -> PoolAnswerStart:
@@ -435,7 +435,8 @@ class _Answer:
             async for _ in self.call:
                 pass
         except RayError as exc:
-            self.reader.lose(AnswerLost(f"the pool call failed: {exc}"))
+            if self.reader is not None:
+                self.reader.lose(AnswerLost(f"the pool call failed: {exc}"))
 
     def hang_up(self) -> None:
         """Stop the answer: the replica cancels it (and vLLM aborts the request) when its connection closes."""

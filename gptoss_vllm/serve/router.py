@@ -48,18 +48,22 @@ class _Pinning:
     """Sends a request pinned to a running replica there; anything else to the policy of the next base."""
 
     def update_replicas(self, replicas):  # type: ignore[no-untyped-def]
-        super().update_replicas(replicas)  # type: ignore[misc]
+        result = super().update_replicas(replicas)  # type: ignore[misc]
         self._publish()
+        return result
 
     def on_replica_actor_died(self, replica_id):  # type: ignore[no-untyped-def]
-        super().on_replica_actor_died(replica_id)  # type: ignore[misc]
+        result = super().on_replica_actor_died(replica_id)  # type: ignore[misc]
         self._publish()
+        return result
 
     def _publish(self) -> None:
-        deployment = self._deployment_id  # type: ignore[attr-defined]
         # Through sys.modules: Ray Serve may ship this class by value, with a copy of this module's globals.
-        routable = sys.modules[__name__]._ROUTABLE  # type: ignore[attr-defined]
-        routable[(deployment.app_name, deployment.name)] = len(self.curr_replicas)  # type: ignore[attr-defined]
+        module = sys.modules.get(__name__)
+        if module is None:  # a process that routes but never reads the counts
+            return
+        deployment = self._deployment_id  # type: ignore[attr-defined]
+        module._ROUTABLE[(deployment.app_name, deployment.name)] = len(self.curr_replicas)  # type: ignore[attr-defined]
 
     async def choose_replicas(self, candidate_replicas, pending_request=None):  # type: ignore[no-untyped-def]
         pinned = _pinned_replica(pending_request)
