@@ -162,6 +162,26 @@ def _bench_routing(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     return 0
 
 
+def _bench_soak(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from gptoss_vllm.bench.soak import Settings, format_table, loopback_alias_works, run_soak
+
+    _check_writable(parser, args.json)
+    if args.keep and Path(args.keep).exists() and not Path(args.keep).is_dir():
+        parser.error(f"--keep: {args.keep} exists and is not a directory")
+    if not loopback_alias_works():
+        parser.error("bench soak: this machine cannot connect from 127.0.0.2 (its unknown-key clients do)")
+    if args.sample_every > args.duration:
+        parser.error(f"--sample-every: {args.sample_every:g}s is longer than --duration {args.duration:g}s")
+    settings = Settings(
+        duration_s=args.duration, users=args.users, sample_every_s=args.sample_every, seed=args.seed
+    )
+    report = run_soak(settings, args.json, Path(args.keep) if args.keep else None)
+    print(format_table(report))
+    if args.json:
+        print(f"wrote {args.json}")
+    return 0 if report["lost_requests"] == 0 and report["leaked_slots"] == 0 else 1
+
+
 def _loadtest(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import os
 
@@ -442,6 +462,20 @@ def build_parser() -> argparse.ArgumentParser:
         "ingress, no proxy), to measure what the proxy hop costs",
     )
     overhead.set_defaults(handler=_bench_overhead, subparser=overhead)
+    soak = bench_sub.add_parser(
+        "soak",
+        help="the embedded default under mixed hostile traffic (hang-ups, bad input, 429s) for a long time: "
+        "RSS per process over time, leaked admission slots, lost requests",
+    )
+    soak.add_argument("--json", metavar="FILE", help="also write the figures as JSON to FILE")
+    soak.add_argument("--duration", type=_duration, default=1800.0, metavar="D", help="default 30m")
+    soak.add_argument("--users", type=_positive_int, default=6, help="concurrent clients (default 6)")
+    soak.add_argument(
+        "--sample-every", type=_duration, default=30.0, metavar="D", help="RSS sample period (default 30s)"
+    )
+    soak.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the traffic mix")
+    soak.add_argument("--keep", metavar="DIR", help="keep the serve log and config here")
+    soak.set_defaults(handler=_bench_soak, subparser=soak)
     return parser
 
 

@@ -151,6 +151,19 @@ def chart_schema() -> dict[str, Any]:
                     "existingSecret": STR,
                     "key": {**STR, "minLength": 1},
                     "mountPath": {**STR, "pattern": "^/"},
+                    "allowAnonymous": {
+                        **BOOL,
+                        "description": "Serve an Ingress/HTTPRoute without API keys (else the render fails)",
+                    },
+                }
+            ),
+            "rayAuth": _obj(
+                {
+                    "enabled": {**BOOL, "description": "Ray token authentication (KubeRay authOptions)"},
+                    "existingSecret": {
+                        **STR,
+                        "description": "Secret with the token under auth_token; empty: the chart makes one",
+                    },
                 }
             ),
             "service": _obj(
@@ -187,6 +200,16 @@ def chart_schema() -> dict[str, Any]:
                         ),
                     },
                     "tls": K8S_LIST,
+                    "maxBodyBytes": {
+                        "anyOf": [{"type": "integer", "minimum": 1024}, {"const": ""}],
+                        "description": "GPTOSS_MAX_BODY_BYTES; empty: computed from the pools' max_model_len",
+                    },
+                    "maxHeaderBytes": {**INT1, "minimum": 1024, "description": "GPTOSS_MAX_HEADER_BYTES"},
+                    "bodyTimeoutSeconds": {
+                        "type": "number",
+                        "exclusiveMinimum": 0,
+                        "description": "GPTOSS_BODY_TIMEOUT_S",
+                    },
                 }
             ),
             "httpRoute": _obj(
@@ -208,6 +231,10 @@ def chart_schema() -> dict[str, Any]:
                     "podMonitor": _obj({"enabled": BOOL}),
                     "prometheusRule": _obj({"enabled": BOOL}),
                     "dashboards": _obj({"enabled": BOOL, "labels": STR_MAP, "annotations": STR_MAP}),
+                    "tokenSecret": _obj(
+                        {"name": STR, "key": {**STR, "minLength": 1}},
+                        description="The bearer token of GET /metrics/targets; name empty: the chart makes one",
+                    ),
                 }
             ),
             "otel": _obj(
@@ -224,6 +251,21 @@ def chart_schema() -> dict[str, Any]:
                     "ingressFrom": K8S_LIST,
                     "monitoringFrom": K8S_LIST,
                     "operatorFrom": K8S_LIST,
+                    "egress": _obj(
+                        {
+                            "enabled": BOOL,
+                            "allowAll": {
+                                **BOOL,
+                                "description": "Any pod and address but deniedCIDRs; false: DNS, Ray pods, rules",
+                            },
+                            "deniedCIDRs": {
+                                "type": "array",
+                                "items": {**STR, "pattern": "^[0-9a-fA-F.:]+/[0-9]+$"},
+                            },
+                            "dnsTo": K8S_LIST,
+                            "rules": K8S_LIST,
+                        }
+                    ),
                 }
             ),
             "podDisruptionBudget": _obj({"enabled": BOOL, "maxUnavailable": INT0, "head": BOOL}),

@@ -1,8 +1,11 @@
-"""Shared fixtures: tiny gpt-oss checkpoints (once per session); the observed stack (nano served with a local
-Prometheus and tracing, once per module that asks for it)."""
+"""Shared fixtures: tiny gpt-oss checkpoints and the shared ``stack`` (once per session; tests marked
+``stops_stack`` run last); the observed stack (nano served with a local Prometheus and tracing, once per module
+that asks for it). Every stack started here gets ``MONITORING_TOKEN`` for its service discovery route."""
 
 from __future__ import annotations
 
+import os
+import secrets
 import time
 from pathlib import Path
 
@@ -15,10 +18,18 @@ from gptoss_vllm.checkpoints.config import build_config
 from gptoss_vllm.serve.config import load_config
 from tests.support.admission import HOLD_ENV, HOLD_MAX_MODEL_LEN, HOLD_TOKENS
 from tests.support.otlp_receiver import OtlpReceiver
+from tests.support.shared_stack import start_shared_stack
 from tests.support.stack import free_port, start_stack
 
 TINY_SEED = 7
 OBSERVED_KEY = "sk-observed"
+# The stacks' processes inherit it (serve keeps a token it finds); tests present it to GET /metrics/targets.
+MONITORING_TOKEN = os.environ.setdefault("GPTOSS_MONITORING_TOKEN", secrets.token_urlsafe(18))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that stop or break the shared stack run after all others (a stable sort keeps the rest in order)."""
+    items.sort(key=lambda item: item.get_closest_marker("stops_stack") is not None)
 
 
 @pytest.fixture(scope="session")
@@ -30,6 +41,14 @@ def tiny_checkpoint_dirs(tmp_path_factory) -> dict[str, Path]:
         dtype: write_checkpoint(root / f"tiny-{dtype}", config, seed=TINY_SEED, dtype=dtype, progress=False)
         for dtype in ("mxfp4", "bf16")
     }
+
+
+@pytest.fixture(scope="session")
+def stack(tiny_checkpoint_dirs, tmp_path_factory):
+    """The shared stack (``tests/support/shared_stack.py``)."""
+    running = start_shared_stack(tiny_checkpoint_dirs["mxfp4"], tmp_path_factory.mktemp("stack"))
+    yield running
+    running.stop()
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +77,7 @@ def observed_stack(tmp_path_factory, otlp_receiver):
     config["budgets"]["medium"] = {"max_tokens": HOLD_TOKENS}
     config["budgets"]["high"] = {"max_tokens": HOLD_TOKENS, "over_budget": "reject"}
     config["auth"] = {"api_keys_file": str(root / "keys")}
+    config["ingress"] = {"expose_replica_ids": True}  # the span tests compare them
     (root / "serve.yaml").write_text(yaml.safe_dump(config))
     prometheus_port = free_port()
     env = {

@@ -86,13 +86,16 @@ def test_high_effort_answers_are_right(scores):
 def test_tool_call_then_answer_from_the_result(client):
     task = held_out_tasks(1)[-1]
     assert task.family == "lookup"
-    first = client.chat.completions.create(
+    raw = client.chat.completions.with_raw_response.create(
         model=MODEL,
         messages=chat_messages(task, False),
         tools=[LOOKUP_TOOL],
         reasoning_effort="low",
         temperature=0,
     )
+    # The embedded default keeps replica ids from clients (ingress.expose_replica_ids).
+    assert raw.headers["x-gptoss-pool"] == "fast" and "x-gptoss-replica" not in raw.headers
+    first = raw.parse()
     (call,) = first.choices[0].message.tool_calls
     assert first.choices[0].finish_reason == "tool_calls"
     assert call.type == "function" and call.function.name == "lookup"

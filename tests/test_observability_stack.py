@@ -18,7 +18,7 @@ import yaml
 
 from dashboards.queries import panel_queries
 from gptoss_vllm.observability.local_prometheus import RULES
-from tests.support.admission import HOLD_TOKENS, Samples, holding, ingress_samples
+from tests.support.admission import HOLD_TOKENS, Samples, holding, ingress_samples, monitoring_headers
 from tests.support.cli import run_cli
 
 pytestmark = pytest.mark.slow
@@ -51,7 +51,7 @@ def _post(stack, path: str, body: dict, headers: dict | None = None) -> httpx.Re
 
 
 def _targets(stack) -> list[dict]:
-    return httpx.get(f"{stack.url}/metrics/targets", timeout=10).json()
+    return httpx.get(f"{stack.url}/metrics/targets", headers=monitoring_headers(), timeout=10).json()
 
 
 def _ingress_metrics(stack) -> Samples:
@@ -211,7 +211,7 @@ def test_prometheus_scrapes_vllm_metrics_from_every_replica(stack):
     pools = sorted(s["metric"]["pool"] for s in series)
     assert pools == ["deep", "fast"]
     assert all(s["metric"]["replica"] and s["metric"]["component"] == "pool" for s in series)
-    up = _wait_for(stack, 'count(up{job="gptoss-vllm"} == 1)')
+    up = _wait_for(stack, 'count(up{job="gptoss-vllm", component=~"ingress|pool"} == 1)')
     assert up[0]["value"][1] == "3"
 
 

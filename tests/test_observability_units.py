@@ -211,6 +211,17 @@ def test_local_prometheus_discovers_targets_through_the_ingress():
         {"url": "http://127.0.0.1:8000/metrics/targets", "refresh_interval": SD_REFRESH_INTERVAL}
     ]
     assert config["rule_files"] == ["/x/rules.yaml"]
+    (job,) = prometheus_config("http://h:8000", [], monitoring_token="tok")["scrape_configs"]
+    assert job["http_sd_configs"][0]["authorization"] == {"type": "Bearer", "credentials": "tok"}
+
+
+def test_service_discovery_keeps_only_safe_target_labels():
+    listing = targets.MetricsTargets()
+    listing.announce("10.0.0.1:9500", {"component": "pool", "__address__": "evil:80", "__scheme__": "https",
+                                       "bad-name": "x", "pool": "fast"})  # fmt: skip
+    listing.announce("not an address", {"component": "pool"})
+    (entry,) = listing.http_sd()
+    assert entry == {"targets": ["10.0.0.1:9500"], "labels": {"component": "pool", "pool": "fast"}}
 
 
 def _serve(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -14,7 +14,8 @@ from gptoss_vllm.observability.rules import SERVICE_REJECTION_REASONS
 from gptoss_vllm.serve.admission import Admission
 from gptoss_vllm.serve.auth import KeyRing, RateLimiter
 from gptoss_vllm.serve.config import RateLimit, parse_config
-from gptoss_vllm.serve.pipeline import MAX_BODY_BYTES, Decision, RequestPipeline, ResponseRoutes
+from gptoss_vllm.serve.openai_errors import error_response
+from gptoss_vllm.serve.pipeline import MAX_N, Decision, RequestPipeline, ResponseRoutes
 from gptoss_vllm.serve.refusal import Reason, Refusal
 
 KEY = "sk-pipeline"
@@ -113,8 +114,14 @@ def test_refusals_carry_status_code_reason_and_param(tmp_path, headers, body, st
 
 
 def test_a_body_over_the_limit_is_413(tmp_path):
-    refusal, _ = _refusal(_pipeline(tmp_path), b" " * (MAX_BODY_BYTES + 1))
-    assert (refusal.status, refusal.reason) == (413, Reason.INVALID)
+    pipeline = _pipeline(tmp_path)
+    # No max_model_len in the pools: gpt-oss's 131072 tokens as JSON text, and a MiB for the structure.
+    assert pipeline.body_limit == 131072 * 32 + (1 << 20)
+    refusal, _ = _refusal(pipeline, b" " * (pipeline.body_limit + 1))
+    assert (refusal.status, refusal.reason, refusal.code) == (413, Reason.INVALID, "body_too_large")
+    small = _pipeline(tmp_path, ingress={"max_body_bytes": 4096})
+    assert small.body_limit == 4096
+    assert _refusal(small, {"messages": [{"role": "user", "content": "x" * 5000}]})[0].status == 413
 
 
 def test_a_refusal_keeps_what_the_steps_before_it_learnt(tmp_path):
@@ -214,3 +221,131 @@ def test_the_alert_rules_and_metrics_speak_the_reasons_of_the_one_enum():
     assert 'reason=~"queue_full|no_replica|replica_failed"' in RULES.read_text()
     help_text = IngressMetrics(CollectorRegistry()).rejections._documentation
     assert all(reason.value in help_text for reason in Reason)
+
+
+# -- hostile input ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"]
+)
+def test_a_body_a_cross_site_form_can_send_is_415(tmp_path, content_type):
+    refusal, _ = _refusal(_pipeline(tmp_path), {"messages": USER}, AUTH | {"content-type": content_type})
+    assert (refusal.status, refusal.code) == (415, "unsupported_media_type")
+
+
+def test_json_media_types_pass(tmp_path):
+    pipeline = _pipeline(tmp_path)
+    for content_type in ("application/json", "application/json; charset=utf-8", "application/vnd.x+json"):
+        assert _chat(pipeline, {"messages": USER}, AUTH | {"content-type": content_type}).pool == "fast"
+
+
+def test_deep_nesting_and_lone_surrogates_are_400_and_echo_safely(tmp_path):
+    pipeline = _pipeline(tmp_path)
+    deep = b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    refusal, _ = _refusal(pipeline, deep)
+    assert (refusal.status, refusal.code) == (400, "invalid_json")
+    lone = b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}'
+    refusal, _ = _refusal(pipeline, lone)
+    assert (refusal.status, refusal.code) == (400, "invalid_encoding")
+    paired = b'{"messages": [{"role": "user", "content": "\\ud83d\\ude00"}]}'
+    assert _chat(pipeline, paired).encoded.decode().count("\U0001f600") == 1
+    # A refusal that echoes a lone surrogate still renders (as ASCII JSON).
+    refusal, _ = _refusal(pipeline, b'{"model": "\\udfff", "messages": []}')
+    assert refusal.status == 404
+    rendered = error_response(refusal.status, refusal.message, code=refusal.code)
+    assert json.loads(rendered.body)["error"]["code"] == "model_not_found"
+
+
+def test_n_is_capped_and_counts_as_sequences(tmp_path):
+    pipeline = _pipeline(tmp_path)
+    for bad in (MAX_N + 1, 0, -3, "2", 1.5, True):
+        refusal, _ = _refusal(pipeline, {"messages": USER, "n": bad})
+        assert (refusal.status, refusal.param, refusal.code) == (400, "n", "invalid_value"), bad
+    # fast runs one sequence at a time per replica: n=2 would take more than a whole batch.
+    refusal, _ = _refusal(pipeline, {"messages": USER, "n": 2})
+    assert (refusal.status, refusal.code) == (400, "too_many_sequences")
+    assert "2 sequences" in refusal.message and "'fast'" in refusal.message
+    refusal, _ = _refusal(pipeline, {"prompt": ["a", "b"]}, endpoint="completions")
+    assert refusal.code == "too_many_sequences"
+    assert _chat(pipeline, {"prompt": [1, 2, 3]}, endpoint="completions").sequences == 1  # token ids: one
+
+
+def test_admission_counts_sequences_not_requests(tmp_path):
+    pipeline = _pipeline(
+        tmp_path,
+        pools={
+            "all": {
+                "model": "/m",
+                "efforts": ["low", "medium", "high"],
+                "max_ongoing_requests": 8,
+                "max_queued_requests": 4,
+            }
+        },
+        budgets={},
+    )
+    pipeline.admission.running["all"] = 1
+    first = _chat(pipeline, {"messages": USER, "n": 8})
+    pipeline.started(first)
+    assert pipeline.admission.in_flight["all"] == 8
+    second = _chat(pipeline, {"messages": USER, "n": 4})
+    pipeline.started(second)
+    refusal, _ = _refusal(pipeline, {"messages": USER})  # 12 sequences: at the bound of 8 + 4
+    assert (refusal.status, refusal.reason) == (429, Reason.QUEUE_FULL)
+    pipeline.finished(first)
+    pipeline.finished(first)  # once only
+    assert pipeline.admission.in_flight["all"] == 4
+
+
+def _tenant_pipeline(tmp_path, **limit) -> RequestPipeline:
+    return _pipeline(
+        tmp_path,
+        pools={"all": {"model": "/m", "efforts": ["low", "medium", "high"], "max_ongoing_requests": 8}},
+        budgets={},
+        auth={"api_keys_file": str(tmp_path / "keys"), "key_rate_limits": {"tenant": limit}},
+    )
+
+
+def test_a_key_is_capped_in_sequences_in_flight(tmp_path):
+    pipeline = _tenant_pipeline(tmp_path, concurrent_requests=3)
+    pipeline.admission.running["all"] = 4
+    held = _chat(pipeline, {"messages": USER, "n": 2})
+    pipeline.started(held)
+    refusal, _ = _refusal(pipeline, {"messages": USER, "n": 2})
+    assert (refusal.status, refusal.reason, refusal.code) == (429, Reason.RATE_LIMIT, "rate_limit_exceeded")
+    assert "3 sequences in flight" in refusal.message and refusal.headers["Retry-After"] == "1"
+    pipeline.started(_chat(pipeline, {"messages": USER}))  # one more fits
+    pipeline.finished(held)
+    assert _chat(pipeline, {"messages": USER, "n": 2}).key_name == "tenant"
+
+
+def test_a_key_is_capped_in_tokens_per_minute(tmp_path):
+    pipeline = _tenant_pipeline(tmp_path, tokens_per_minute=600)
+    pipeline.admission.running["all"] = 1
+    answer = _chat(pipeline, {"messages": USER})
+    pipeline.started(answer)
+    pipeline.finished(answer, tokens=900)  # prompt and output, reasoning included: 300 over the minute's 600
+    refusal, _ = _refusal(pipeline, {"messages": USER})
+    assert (refusal.status, refusal.reason) == (429, Reason.RATE_LIMIT)
+    assert "600 tokens per minute" in refusal.message
+    assert 25 <= int(refusal.headers["Retry-After"]) <= 31  # 300 tokens back at 10 per second
+
+
+def test_failed_authentication_is_limited_per_address(tmp_path):
+    pipeline = _pipeline(tmp_path, auth={"api_keys_file": str(tmp_path / "keys"), "failed_auth_per_address": {
+        "requests_per_minute": 6, "burst": 3}})  # fmt: skip
+    wrong = {"authorization": "Bearer sk-guess"}
+    for _ in range(3):
+        with pytest.raises(Refusal) as failed:
+            pipeline.generation("chat", wrong, b"{}", Decision(), client="10.0.0.9")
+        assert failed.value.status == 401
+    # Now every request of that address is 429, a valid key included: no oracle for guesses.
+    for headers in (wrong, AUTH):
+        with pytest.raises(Refusal) as throttled:
+            pipeline.generation(
+                "chat", headers, json.dumps({"messages": USER}).encode(), Decision(), "10.0.0.9"
+            )
+        assert (throttled.value.status, throttled.value.reason) == (429, Reason.AUTH_THROTTLED)
+        assert int(throttled.value.headers["Retry-After"]) >= 1
+    raw = json.dumps({"messages": USER}).encode()
+    assert pipeline.generation("chat", AUTH, raw, Decision(), client="10.0.0.10").pool == "fast"

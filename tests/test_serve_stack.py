@@ -1,6 +1,7 @@
 """The Ray Serve app end to end: the real CLI starts real Ray and two pools of real vLLM engines (tiny MXFP4
-model through the plugin's CPU kernel); requests go through the official ``openai`` client, raw HTTP, and vLLM's
-own benchmark client. Tests run in file order: the destructive ones (replica kill, Ctrl-C drain) come last."""
+model through the plugin's CPU kernel, the session's shared ``stack``); requests go through the official
+``openai`` client, raw HTTP, and vLLM's own benchmark client. The destructive tests (replica kill, Ctrl-C drain)
+are marked ``stops_stack``: they run after every other test of the session."""
 
 from __future__ import annotations
 
@@ -14,73 +15,16 @@ import httpx
 import openai
 import psutil
 import pytest
-import yaml
 from transformers import AutoTokenizer
 
-from tests.support.admission import HOLD_ENV, HOLD_MAX_MODEL_LEN, HOLD_TOKENS, holding
-from tests.support.stack import start_stack
+from tests.support.admission import HOLD_TOKENS, holding
+from tests.support.shared_stack import LIMITED_KEY, MAIN_KEY, MODEL
 
 pytestmark = pytest.mark.slow
 
-MODEL = "gpt-oss-test"
-MAIN_KEY = "sk-test-main"
-LIMITED_KEY = "sk-test-limited"
 AUTH = {"Authorization": f"Bearer {MAIN_KEY}"}
 POOL_OF = {"low": "fast", "medium": "fast", "high": "deep"}
 USER = [{"role": "user", "content": "What is 2 + 2?"}]
-
-
-@pytest.fixture(scope="module")
-def stack(tiny_checkpoint_dirs, tmp_path_factory):
-    root = tmp_path_factory.mktemp("stack")
-    (root / "keys").write_text(f"# tenants\nmain:{MAIN_KEY}\nlimited:{LIMITED_KEY}\n")
-    engine = {"max_model_len": HOLD_MAX_MODEL_LEN, "enforce_eager": True}  # held slots need long outputs
-    env = {
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        "VLLM_ENABLE_RESPONSES_API_STORE": "1",
-        "GPTOSS_VLLM_MOE_BACKEND": "cpu",
-        **HOLD_ENV,
-    }
-    model = str(tiny_checkpoint_dirs["mxfp4"])
-    config = {
-        "model_name": MODEL,
-        "pools": {
-            "fast": {
-                "model": model,
-                "efforts": ["low", "medium"],
-                # One request at a time, so that two overlapping ones already make fast spill over.
-                "max_ongoing_requests": 1,
-                "max_queued_requests": 2,
-                "spillover": {"to": "deep", "queue_above": 0},
-                "engine_args": engine,
-                "env": env,
-                "drain_timeout_s": 60,
-            },
-            "deep": {
-                "model": model,
-                "efforts": ["high"],
-                "max_ongoing_requests": 2,
-                "max_queued_requests": 1,
-                "engine_args": engine,
-                "env": env,
-                "drain_timeout_s": 60,
-            },
-        },
-        "budgets": {
-            "low": {"max_tokens": 64},
-            "medium": {"max_tokens": HOLD_TOKENS},
-            "high": {"max_tokens": HOLD_TOKENS, "over_budget": "reject"},
-        },
-        "auth": {
-            "api_keys_file": str(root / "keys"),
-            "key_rate_limits": {"limited": {"requests_per_minute": 6, "burst": 2}},
-        },
-    }
-    config_path = root / "serve.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    running = start_stack(config_path, root / "serve.log")
-    yield running
-    running.stop()
 
 
 @pytest.fixture(scope="module")
@@ -251,12 +195,6 @@ def test_bad_effort_is_400_listing_the_allowed_values(stack, client):
             {"X-Reasoning-Effort": "max"},
             "header X-Reasoning-Effort",
         ),
-        (
-            "/v1/chat/completions",
-            {"messages": [{"role": "system", "content": "Reasoning: extreme"}, *USER]},
-            {},
-            None,
-        ),
         ("/v1/responses", {"input": "hi", "reasoning": {"effort": "ultra"}}, {}, "reasoning.effort"),
     ]
     for path, body, headers, param in bad:
@@ -269,6 +207,10 @@ def test_bad_effort_is_400_listing_the_allowed_values(stack, client):
             assert error["param"] == param
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=MODEL, messages=USER, reasoning_effort="ultra")
+    # A system line is the lowest-priority source: an unknown value there is skipped (and logged), not refused.
+    prose = [{"role": "system", "content": "Reasoning: extreme"}, *USER]
+    skipped = _post(stack, "/v1/chat/completions", {"messages": prose, "max_tokens": 2})
+    assert skipped.status_code == 200 and skipped.headers["x-gptoss-effort-source"] == "default"
 
 
 # -- bad input, auth, limits ----------------------------------------------------------------------------------
@@ -422,6 +364,7 @@ def _replica_processes(pool: str) -> list[psutil.Process]:
     return found
 
 
+@pytest.mark.stops_stack
 def test_killed_replica_gives_a_clean_error_and_is_replaced(stack, client):
     (victim,) = _replica_processes("deep")
     before = client.chat.completions.with_raw_response.create(
@@ -479,6 +422,7 @@ def test_killed_replica_gives_a_clean_error_and_is_replaced(stack, client):
     )
 
 
+@pytest.mark.stops_stack
 def test_ctrl_c_drains_in_flight_streams_then_exits(stack):
     _wait_ready(stack)
     lines: list[str] = []

@@ -18,7 +18,7 @@ from gptoss_vllm.serve.admission import Admission
 from gptoss_vllm.serve.auth import KeyConfigError, KeyRing, RateLimiter
 from gptoss_vllm.serve.budget import BudgetError, apply_budget
 from gptoss_vllm.serve.config import Auth, Budget, ConfigError, RateLimit, load_config, parse_config
-from gptoss_vllm.serve.effort import EffortError, apply_effort, resolve_effort
+from gptoss_vllm.serve.effort import EffortError, ResolvedEffort, apply_effort, resolve_effort
 from gptoss_vllm.serve.engine_args import server_argv
 from gptoss_vllm.serve.refusal import Refusal
 
@@ -206,12 +206,6 @@ def test_effort_order_of_sources():
         ("chat", {"reasoning_effort": 3}, {}, "reasoning_effort"),
         ("chat", {}, {"x-reasoning-effort": "minimal"}, "header X-Reasoning-Effort"),
         ("responses", {"reasoning": {"effort": "none"}}, {}, "reasoning.effort"),
-        (
-            "chat",
-            {"messages": [{"role": "developer", "content": "Reasoning: max"}]},
-            {},
-            "the system message's Reasoning line",
-        ),
     ],
 )
 def test_bad_effort_values(endpoint, body, headers, param):
@@ -219,6 +213,15 @@ def test_bad_effort_values(endpoint, body, headers, param):
         resolve_effort(endpoint, body, headers, "medium")
     assert err.value.param == param
     assert "allowed values are low, medium, high" in str(err.value)
+
+
+def test_an_unknown_system_line_value_is_skipped_not_refused(caplog):
+    body = {"messages": [{"role": "developer", "content": "Reasoning: thorough\nReasoning: high"}]}
+    with caplog.at_level("INFO", logger="ray.serve"):
+        assert resolve_effort("chat", body, {}, "medium") == ResolvedEffort("high", "system")
+    assert "thorough" in caplog.text
+    prose = {"messages": [{"role": "system", "content": "Reasoning: careful, step by step"}]}
+    assert resolve_effort("chat", prose, {}, "low") == ResolvedEffort("low", "default")
 
 
 def test_the_resolved_effort_is_written_into_the_body():
@@ -273,14 +276,32 @@ def test_key_ring_from_file_and_env(tmp_path, monkeypatch):
     assert ring.name_of("Bearer sk-env").startswith("key-")
     for bad in (None, "", "Bearer", "Bearer sk-x", "Basic sk-a", "sk-a"):
         assert ring.name_of(bad) is None
-    # Rotation: a changed file is picked up, an emptied one (mid-rotation) does not lock everybody out.
-    ring = KeyRing(Auth(api_keys_file=str(keys)), recheck_s=0)
+    # Rotation: a changed file is picked up; one that cannot be read keeps the keys in force and is
+    # reported; one emptied on purpose (Secret updates are atomic) denies everyone.
+    reloads = []
+    ring = KeyRing(Auth(api_keys_file=str(keys)), recheck_s=0, on_reload=lambda *seen: reloads.append(seen))
     keys.write_text("carol:sk-c\n")
     os.utime(keys, (time.time() + 5, time.time() + 5))
     assert ring.name_of("Bearer sk-c") == "carol" and ring.name_of("Bearer sk-a") is None
-    keys.write_text("")
+    keys.write_bytes(b"\xff\xfe not text")
     os.utime(keys, (time.time() + 10, time.time() + 10))
     assert ring.name_of("Bearer sk-c") == "carol"
+    keys.write_text("")
+    os.utime(keys, (time.time() + 15, time.time() + 15))
+    assert ring.name_of("Bearer sk-c") is None and len(ring) == 0
+    assert reloads == [(True, 1), (False, 1), (True, 0)]
+
+
+def test_a_bare_key_with_colons_is_never_cut(tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("ops:sk-ops\nsk-proj:a:b\n:sk:explicit\nuser@example.com:pass\n")
+    ring = KeyRing(Auth(api_keys_file=str(keys)))
+    assert ring.name_of("Bearer sk-ops") == "ops"
+    assert ring.name_of("Bearer sk-proj:a:b").startswith("key-")  # two colons: bare, whole
+    assert ring.name_of("Bearer a:b") is None
+    assert ring.name_of("Bearer sk:explicit").startswith("key-")  # ':KEY' says bare
+    assert ring.name_of("Bearer user@example.com:pass").startswith("key-")  # not a valid name: bare
+    assert ring.name_of("Bearer pass") is None
 
 
 def test_key_ring_refuses_to_run_open(tmp_path, monkeypatch):
@@ -451,3 +472,28 @@ def test_build_app_takes_the_config_inline_as_the_helm_chart_writes_it():
     inline["pools"]["fast"]["efforts"] = ["low"]  # medium is served by no pool now
     with pytest.raises(ConfigError, match=r"^serveConfigV2 args\.serve: .*medium"):
         build_app({"serve": inline})
+
+
+def test_the_ingress_queue_is_bounded_and_answers_503_with_retry_after():
+    from gptoss_vllm.serve.app import build_application
+
+    config = parse_config(_config(ingress={"max_queued_requests": 50, "retry_after_s": 3}))
+    ingress = build_application(config)._bound_deployment
+    assert ingress.name == "ingress" and ingress.max_queued_requests == 50
+    assert ingress.backpressure_config.status_code == 503 and ingress.backpressure_config.retry_after_s == 3
+    # Ray's default (-1) would hold every connection of a flood.
+    assert build_application(parse_config(_config()))._bound_deployment.max_queued_requests == 1000
+
+
+def test_serve_hands_its_ray_the_proxy_gate_and_a_monitoring_token(monkeypatch):
+    from gptoss_vllm.serve.launcher import proxy_environment
+
+    monkeypatch.delenv("GPTOSS_MONITORING_TOKEN", raising=False)
+    config = parse_config(_config(ingress={"max_header_bytes": 4096, "body_timeout_s": 7}))
+    env = proxy_environment(config)
+    assert env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == "gptoss_vllm.serve.proxy_gate:middlewares"
+    assert env["GPTOSS_MAX_BODY_BYTES"] == str(config.body_limit())
+    assert (env["GPTOSS_MAX_HEADER_BYTES"], env["GPTOSS_BODY_TIMEOUT_S"]) == ("4096", "7")
+    assert len(env["GPTOSS_MONITORING_TOKEN"]) >= 24 and env != proxy_environment(config)  # fresh each time
+    monkeypatch.setenv("GPTOSS_MONITORING_TOKEN", "operator-chosen")
+    assert proxy_environment(config)["GPTOSS_MONITORING_TOKEN"] == "operator-chosen"

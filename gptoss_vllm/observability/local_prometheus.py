@@ -28,17 +28,19 @@ class PrometheusError(RuntimeError):
     """The local Prometheus is missing, failed to start or is not configured correctly."""
 
 
-def prometheus_config(ingress_url: str, rule_files: list[str]) -> dict:
-    """Scrape configuration: HTTP service discovery from the ingress; every target gets namespace=local."""
+def prometheus_config(ingress_url: str, rule_files: list[str], monitoring_token: str | None = None) -> dict:
+    """Scrape configuration: HTTP service discovery from the ingress (with the monitoring token it requires);
+    every target gets namespace=local."""
+    discovery: dict = {"url": f"{ingress_url}/metrics/targets", "refresh_interval": SD_REFRESH_INTERVAL}
+    if monitoring_token:
+        discovery["authorization"] = {"type": "Bearer", "credentials": monitoring_token}
     return {
         "global": {"scrape_interval": SCRAPE_INTERVAL, "evaluation_interval": SCRAPE_INTERVAL},
         "rule_files": rule_files,
         "scrape_configs": [
             {
                 "job_name": "gptoss-vllm",
-                "http_sd_configs": [
-                    {"url": f"{ingress_url}/metrics/targets", "refresh_interval": SD_REFRESH_INTERVAL}
-                ],
+                "http_sd_configs": [discovery],
                 "relabel_configs": [{"target_label": "namespace", "replacement": "local"}],
             }
         ],
@@ -48,7 +50,9 @@ def prometheus_config(ingress_url: str, rule_files: list[str]) -> dict:
 class LocalPrometheus:
     """The ``prometheus`` process; use as a context manager."""
 
-    def __init__(self, ingress_url: str, port: int, log_path: Path | None = None) -> None:
+    def __init__(
+        self, ingress_url: str, port: int, log_path: Path | None = None, monitoring_token: str | None = None
+    ) -> None:
         binary = shutil.which("prometheus")
         if binary is None:
             raise PrometheusError(f"--prometheus: the prometheus binary is not on PATH; {INSTALL_HINT}")
@@ -57,7 +61,9 @@ class LocalPrometheus:
         rules = self._dir / "rules.yaml"
         rules.write_text(RULES.read_text())
         config = self._dir / "prometheus.yml"
-        config.write_text(yaml.safe_dump(prometheus_config(ingress_url, [str(rules)]), sort_keys=False))
+        settings = prometheus_config(ingress_url, [str(rules)], monitoring_token)
+        config.write_text(yaml.safe_dump(settings, sort_keys=False))
+        config.chmod(0o600)  # it holds the monitoring token
         self._log = open(log_path or self._dir / "prometheus.log", "ab")  # noqa: SIM115 (lives with the process)
         self._process = subprocess.Popen(
             [

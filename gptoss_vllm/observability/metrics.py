@@ -104,7 +104,8 @@ class IngressMetrics:
             registry=registry,
         )
         self.in_flight = Gauge(
-            "gptoss_in_flight_requests", "Requests this ingress has sent to a pool and not finished", ("pool",),
+            "gptoss_in_flight_requests",
+            "Sequences (n x prompts) this ingress has sent to a pool and not finished", ("pool",),
             registry=registry,
         )  # fmt: skip
         self.queue_depth = Gauge(
@@ -139,3 +140,11 @@ class IngressMetrics:
             "gptoss_budget_clamps", "Requests whose output limit was clamped to the effort's budget", ("effort",),
             registry=registry,
         )  # fmt: skip
+        self.api_keys = Gauge(
+            "gptoss_api_keys", "API keys in force (0: every request is refused)", registry=registry
+        )
+        self.api_keys_reload_failures = Counter(
+            "gptoss_api_keys_reload_failures",
+            "Reloads of the API keys file that failed (the keys in force stay)",
+            registry=registry,
+        )

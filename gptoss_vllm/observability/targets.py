@@ -4,7 +4,10 @@ Each replica process (the ingress and every pool replica) serves its own prometh
 own port: ephemeral by default, or the first free port from ``GPTOSS_METRICS_PORT`` upwards (Kubernetes, where
 a PodMonitor names the port). It announces ``host:port`` and its labels (``component``, ``pool``, ``replica``,
 ``app``) to one named Ray actor every few seconds; the ingress serves that list in Prometheus' HTTP service
-discovery format at ``/metrics/targets``. A replica that stops announcing is dropped after ``TTL_S``.
+discovery format at ``/metrics/targets`` (to the bearer of the monitoring token only). A replica that stops
+announcing is dropped after ``TTL_S``. Any process in the cluster can announce, so the list keeps only label
+names Prometheus allows for target labels and none of its ``__`` meta labels (``__address__``, ``__scheme__``,
+``__metrics_path__`` would redirect the scrape).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import threading
 import time
 from typing import Any
@@ -29,6 +33,17 @@ HEARTBEAT_S = 5.0
 TTL_S = 20.0
 PORT_ENV = "GPTOSS_METRICS_PORT"
 PORT_TRIES = 16
+_LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]{0,63}$")
+_ADDRESS = re.compile(r"^[A-Za-z0-9.:\[\]-]{1,100}:[0-9]{1,5}$")
+
+
+def safe_labels(labels: dict[str, str]) -> dict[str, str]:
+    """The labels a target may carry: valid names, no ``__`` meta labels, short string values."""
+    return {
+        name: str(value)[:200]
+        for name, value in labels.items()
+        if isinstance(name, str) and _LABEL_NAME.match(name) and not name.startswith("__")
+    }
 
 
 class MetricsTargets:
@@ -38,7 +53,8 @@ class MetricsTargets:
         self._targets: dict[str, tuple[dict[str, str], float]] = {}
 
     def announce(self, address: str, labels: dict[str, str]) -> None:
-        self._targets[address] = (labels, time.monotonic())
+        if isinstance(address, str) and _ADDRESS.match(address) and isinstance(labels, dict):
+            self._targets[address] = (safe_labels(labels), time.monotonic())
 
     def forget(self, address: str) -> None:
         self._targets.pop(address, None)

@@ -1,6 +1,7 @@
 """Admission control and spillover at the ingress: per-pool queue bounds, never an unbounded wait.
 
-The ingress counts the requests it has in flight to each pool. Whatever exceeds the pool's running capacity
+The ingress counts the sequences it has in flight to each pool (a request is ``n`` times its prompts, so one
+request with ``n: 64`` is not one slot). Whatever exceeds the pool's running capacity
 (running replicas x ``max_ongoing_requests``) is that pool's queue. Past ``spillover.queue_above`` a request goes
 to the named other pool if that one has room; past ``max_queued_requests`` it is refused with 429 and
 Retry-After (a :class:`Refusal`). A pool with no running replica answers 503 at once instead of holding the request. Counts are per
@@ -31,30 +32,30 @@ class Admission:
         capacity = self.running[pool] * self._config.pools[pool].max_ongoing_requests
         return max(0, self.in_flight[pool] - capacity)
 
-    def _is_full(self, pool: str) -> bool:
+    def _is_full(self, pool: str, sequences: int = 1) -> bool:
         settings = self._config.pools[pool]
         bound = self.running[pool] * settings.max_ongoing_requests + settings.max_queued_requests
-        return self.in_flight[pool] >= bound
+        return self.in_flight[pool] + sequences > bound
 
-    def _has_room(self, pool: str) -> bool:
-        return self.running[pool] > 0 and not self._is_full(pool)
+    def _has_room(self, pool: str, sequences: int = 1) -> bool:
+        return self.running[pool] > 0 and not self._is_full(pool, sequences)
 
-    def admit(self, pool: str, pinned: bool = False) -> Admitted:
-        """Choose where a request for ``pool`` runs; ``pinned`` requests (stored-response follow-ups) never
-        spill, since only their pool holds the state they need."""
+    def admit(self, pool: str, pinned: bool = False, sequences: int = 1) -> Admitted:
+        """Choose where a request of ``sequences`` for ``pool`` runs; ``pinned`` requests (stored-response
+        follow-ups) never spill, since only their pool holds the state they need."""
         settings = self._config.pools[pool]
         retry = self._config.ingress.retry_after_s
         spill = settings.spillover
         overflowing = self.running[pool] == 0 or (
             spill is not None and self.queue_depth(pool) > spill.queue_above
         )
-        if not pinned and spill is not None and overflowing and self._has_room(spill.to):
+        if not pinned and spill is not None and overflowing and self._has_room(spill.to, sequences):
             return Admitted(spill.to, spilled_from=pool)
         if self.running[pool] == 0:
             raise Refusal.retry_later(
                 Reason.NO_REPLICA, 503, f"Pool '{pool}' has no running replica yet; retry in {retry} s", retry
             )
-        if self._is_full(pool):
+        if self._is_full(pool, sequences):
             raise Refusal.retry_later(
                 Reason.QUEUE_FULL,
                 429,
@@ -63,8 +64,8 @@ class Admission:
             )
         return Admitted(pool)
 
-    def started(self, pool: str) -> None:
-        self.in_flight[pool] += 1
+    def started(self, pool: str, sequences: int = 1) -> None:
+        self.in_flight[pool] += sequences
 
-    def finished(self, pool: str) -> None:
-        self.in_flight[pool] -= 1
+    def finished(self, pool: str, sequences: int = 1) -> None:
+        self.in_flight[pool] -= sequences

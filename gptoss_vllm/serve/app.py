@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from ray import serve
-from ray.serve.config import RequestRouterConfig
+from ray.serve.config import BackpressureConfig, RequestRouterConfig
 
 from gptoss_vllm.lifetime import EXIT_WITH_PARENT_ENV
 from gptoss_vllm.serve.config import Pool, ServeConfig, load_config, parse_config
@@ -59,6 +59,10 @@ def build_application(config: ServeConfig, pool_class: type = PoolServer) -> ser
         name="ingress",
         num_replicas=config.ingress.replicas,
         max_ongoing_requests=config.ingress.max_ongoing_requests,
+        # Bounded, unlike Ray's default: past it the proxy answers 503 with Retry-After (in OpenAI's shape, by
+        # the proxy gate), instead of holding every connection of a flood.
+        max_queued_requests=config.ingress.max_queued_requests,
+        backpressure_config=BackpressureConfig(status_code=503, retry_after_s=config.ingress.retry_after_s),
         ray_actor_options={"num_cpus": 0},
         graceful_shutdown_timeout_s=longest_drain,
         graceful_shutdown_wait_loop_s=1.0,

@@ -21,6 +21,8 @@ EFFORTS: tuple[str, ...] = ("low", "medium", "high")
 Effort = Literal["low", "medium", "high"]
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("default.yaml")
 BUILTIN_PREFIX = "builtin:"
+DEFAULT_MAX_MODEL_LEN = 131072  # gpt-oss's context, when a pool does not set max_model_len
+BODY_BYTES_PER_TOKEN = 32  # a token's text as escaped JSON, with room for message structure
 _POOL_NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
 
 
@@ -96,8 +98,26 @@ class Budget(_Strict):
 
 
 class RateLimit(_Strict):
-    requests_per_minute: float = Field(gt=0)
-    burst: int = Field(default=10, ge=1)
+    """What one API key (or, for failed authentication, one client address) may use; each bound optional."""
+
+    requests_per_minute: float | None = Field(default=None, gt=0)
+    burst: int = Field(default=10, ge=1, description="Requests at once before requests_per_minute applies")
+    concurrent_requests: int | None = Field(
+        default=None, ge=1, description="Sequences in flight at once (n x prompts), per ingress replica"
+    )
+    tokens_per_minute: int | None = Field(
+        default=None, ge=1, description="Prompt and output tokens (reasoning included) per minute"
+    )
+
+    @model_validator(mode="after")
+    def _bounds_something(self) -> RateLimit:
+        if (
+            self.requests_per_minute is None
+            and self.concurrent_requests is None
+            and not self.tokens_per_minute
+        ):
+            raise ValueError("set requests_per_minute, concurrent_requests or tokens_per_minute")
+        return self
 
 
 class Auth(_Strict):
@@ -107,6 +127,17 @@ class Auth(_Strict):
     api_keys_file: str | None = None
     rate_limit: RateLimit | None = Field(default=None, description="Default limit of every key")
     key_rate_limits: dict[str, RateLimit] = Field(default_factory=dict, description="Per key name")
+    failed_auth_per_address: RateLimit = Field(
+        default_factory=lambda: RateLimit(requests_per_minute=30, burst=10),
+        description="Failed authentications per client address; past it every request of the address is 429",
+    )
+
+    @field_validator("failed_auth_per_address")
+    @classmethod
+    def _rate_only(cls, value: RateLimit) -> RateLimit:
+        if value.requests_per_minute is None:
+            raise ValueError("needs requests_per_minute (and burst); it counts failed attempts")
+        return value
 
     @model_validator(mode="after")
     def _has_source(self) -> Auth:
@@ -118,8 +149,23 @@ class Auth(_Strict):
 class Ingress(_Strict):
     replicas: int = Field(default=1, ge=1)
     max_ongoing_requests: int = Field(default=1000, ge=1)
+    max_queued_requests: int = Field(
+        default=1000, ge=1, description="Requests waiting for an ingress replica; beyond: 503 + Retry-After"
+    )
     retry_after_s: int = Field(default=1, ge=1, description="Retry-After of 429/503 answers")
     response_routes: int = Field(default=100_000, ge=1, description="Responses remembered for follow-ups")
+    max_body_bytes: int | None = Field(
+        default=None,
+        ge=1024,
+        description="Request body limit (413); default: what the largest pool's max_model_len can use",
+    )
+    max_header_bytes: int = Field(default=32768, ge=1024, description="Request header limit (431)")
+    body_timeout_s: float = Field(default=30.0, gt=0, description="Deadline to receive a whole body (408)")
+    expose_replica_ids: bool = Field(default=False, description="Send x-gptoss-replica to clients")
+    monitoring_token_env: str = Field(
+        default="GPTOSS_MONITORING_TOKEN",
+        description="Environment variable with the bearer token that GET /metrics/targets requires",
+    )
 
 
 class ServeConfig(_Strict):
@@ -157,6 +203,19 @@ class ServeConfig(_Strict):
         if missing:
             raise ValueError(f"no pool serves effort(s) {', '.join(missing)}: every effort needs a pool")
         return self
+
+    def body_limit(self) -> int:
+        """``ingress.max_body_bytes``, or room for the largest pool's context as JSON text plus 1 MiB."""
+        if self.ingress.max_body_bytes is not None:
+            return self.ingress.max_body_bytes
+        lengths = [
+            pool.engine_args.get("max_model_len")
+            or pool.engine_args.get("max-model-len")
+            or DEFAULT_MAX_MODEL_LEN
+            for pool in self.pools.values()
+        ]
+        longest = max(int(length) for length in lengths)
+        return longest * BODY_BYTES_PER_TOKEN + (1 << 20)
 
     def pool_for(self, effort: str) -> str:
         for name, pool in self.pools.items():

@@ -3,10 +3,13 @@
 Order (first present wins): Responses ``reasoning.effort``, Chat ``reasoning_effort``, the
 ``X-Reasoning-Effort`` header, a ``Reasoning: low|medium|high`` line in a system/developer message, the
 configured default. The resolved effort is written back into the body so that the engine renders exactly it.
+An explicit field or header with an unknown value is refused; a system line is prose the client may not have
+meant as a setting (``Reasoning: thorough``), so an unknown value there is logged and skipped.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,6 +21,7 @@ Endpoint = Literal["chat", "completions", "responses"]
 EFFORT_HEADER = "x-reasoning-effort"
 _SYSTEM_LINE = re.compile(r"^[ \t]*reasoning[ \t]*:[ \t]*(\S+)[ \t]*$", re.IGNORECASE | re.MULTILINE)
 _INSTRUCTION_ROLES = ("system", "developer")
+log = logging.getLogger("ray.serve")
 
 
 class EffortError(ValueError):
@@ -78,9 +82,15 @@ def resolve_effort(
     if header is not None and header.strip():
         return ResolvedEffort(_checked(header, "header X-Reasoning-Effort"), "header")
     for text in _instruction_texts(endpoint, body):
-        match = _SYSTEM_LINE.search(text)
-        if match:
-            return ResolvedEffort(_checked(match.group(1), "the system message's Reasoning line"), "system")
+        for match in _SYSTEM_LINE.finditer(text):
+            value = match.group(1).strip().lower()
+            if value in EFFORTS:
+                return ResolvedEffort(value, "system")
+            log.info(
+                "ignored a system message's 'Reasoning: %s' line: not one of %s",
+                value[:40].encode("ascii", "backslashreplace").decode(),
+                ", ".join(EFFORTS),
+            )
     return ResolvedEffort(default, "default")
 
 

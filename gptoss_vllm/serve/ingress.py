@@ -2,15 +2,19 @@
 
 The checks (key, rate limit, body, model, effort, budget, pool, admission) are :mod:`.pipeline`'s; this class
 only reads the HTTP request, runs them, answers a :class:`~gptoss_vllm.serve.refusal.Refusal`, and relays the
-pool's answer as it is produced with ``x-gptoss-effort``, ``x-gptoss-effort-source`` and ``x-gptoss-pool``.
-Rendering, parsing and generation are the pool's (vLLM's).
+pool's answer as it is produced with ``x-gptoss-effort``, ``x-gptoss-effort-source`` and ``x-gptoss-pool``
+(``x-gptoss-replica`` only where the operator turns it on). Rendering, parsing and generation are the pool's
+(vLLM's). Bodies normally arrive whole from the proxy gate (:mod:`.proxy_gate`); the ingress still holds them to
+its own limit and deadline, for paths that bypass the gate. Every error is OpenAI's shape, internals never.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,6 +22,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from gptoss_vllm.observability.metrics import IngressMetrics
@@ -36,6 +41,7 @@ from gptoss_vllm.serve.auth import KeyRing, RateLimiter
 from gptoss_vllm.serve.config import ServeConfig
 from gptoss_vllm.serve.effort import Endpoint
 from gptoss_vllm.serve.openai_errors import error_response, sse_error_event
+from gptoss_vllm.serve.openapi import openapi_document
 from gptoss_vllm.serve.pipeline import Decision, RequestPipeline, ResponseRoutes
 from gptoss_vllm.serve.pool import PoolRequest
 from gptoss_vllm.serve.refusal import SERVICE_REASONS, Reason, Refusal
@@ -54,8 +60,68 @@ app = FastAPI(title="gptoss-vllm", docs_url=None, redoc_url=None, openapi_url=No
 
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    message = f"{request.method} {request.url.path}: {exc.detail}"
+    message = f"{request.method} {request.url.path[:200]}: {exc.detail}"
     return error_response(exc.status_code, message, code="not_found" if exc.status_code == 404 else None)
+
+
+@app.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    # The operator gets the traceback in the log; the client a request id to quote, never the internals.
+    request_id = request.headers.get("x-request-id", "")
+    log.exception(
+        "unexpected error in %s %s (x-request-id %s)", request.method, request.url.path[:200], request_id
+    )
+    message = (
+        "The server failed to handle this request; retry, and report it with its x-request-id if it persists"
+    )
+    return error_response(500, message, code="internal_error")
+
+
+async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The whole body, at most ``limit`` bytes (beyond: 413), within ``timeout_s`` (beyond: 408); a client that
+    leaves raises ClientDisconnect."""
+    too_large = Refusal(
+        Reason.INVALID, 413, f"Request body is over the limit of {limit} bytes", code="body_too_large"
+    )
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, total = [], 0
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                total += len(chunk)
+                if total > limit:
+                    raise too_large
+                chunks.append(chunk)
+    except TimeoutError:
+        message = f"The request body did not arrive within {timeout_s:g} s; send it whole"
+        raise Refusal(Reason.INVALID, 408, message, code="request_timeout") from None
+    return b"".join(chunks)
+
+
+def _tokens(record: RequestRecord) -> int:
+    """What the answer used, for the key's tokens per minute (reasoning is part of the output)."""
+    return (record.prompt_tokens or 0) + (record.output_tokens or 0)
+
+
+def _client(request: Request) -> str | None:
+    return request.client.host if request.client else None
+
+
+def _without_paths(answer: Response) -> Response:
+    """``/v1/models`` as clients get it: vLLM's ``root`` is the checkpoint's path on the server."""
+    if answer.status_code != 200:
+        return answer
+    try:
+        listing = json.loads(answer.body)
+        for model in listing.get("data", []):
+            model["root"] = model.get("id")
+            model.pop("parent", None)
+    except (ValueError, AttributeError, TypeError):
+        return answer
+    headers = {k: v for k, v in answer.headers.items() if k.lower() not in ("content-length", "content-type")}
+    return JSONResponse(listing, status_code=200, headers=headers)
 
 
 class Ingress:
@@ -67,20 +133,27 @@ class Ingress:
         self._config = ServeConfig.model_validate(config)
         self._handles = {name: handle.options(stream=True) for name, handle in pools.items()}
         self._admission = Admission(self._config)
+        registry = CollectorRegistry()
+        self._metrics = IngressMetrics(registry)
         auth = self._config.auth
+        keys = KeyRing(auth, on_reload=self._keys_reloaded) if auth else None
+        if keys is not None:
+            self._metrics.api_keys.set(len(keys))
         self._pipeline = RequestPipeline(
             self._config,
             self._admission,
             ResponseRoutes(self._config.ingress.response_routes),
-            keys=KeyRing(auth) if auth else None,
+            keys=keys,
             limiter=RateLimiter(auth.rate_limit, dict(auth.key_rate_limits)) if auth else None,
         )
+        token_env = self._config.ingress.monitoring_token_env
+        self._monitoring_token = os.environ.get(token_env, "").strip().encode() or None
+        if self._monitoring_token is None:
+            log.warning("GET /metrics/targets is off: set $%s to the token Prometheus sends", token_env)
         context = serve.get_replica_context()
         self._app_name = context.app_name
         self._heard: set[str] = set()
         self._watcher = asyncio.get_running_loop().create_task(self._watch_pools())
-        registry = CollectorRegistry()
-        self._metrics = IngressMetrics(registry)
         for name, pool in self._config.pools.items():
             # Read at scrape time, so the gauges never lag the admission counts.
             self._metrics.in_flight.labels(name).set_function(lambda n=name: self._admission.in_flight[n])
@@ -93,6 +166,11 @@ class Ingress:
         labels = {"component": "ingress", "replica": replica, "app": self._app_name}
         self._metrics_endpoint = MetricsEndpoint(labels, registry)
         self._tracer = ingress_tracer(replica)
+
+    def _keys_reloaded(self, loaded: bool, in_force: int) -> None:
+        self._metrics.api_keys.set(in_force)
+        if not loaded:
+            self._metrics.api_keys_reload_failures.inc()
 
     # -- pool readiness --------------------------------------------------------------------------------------
 
@@ -136,9 +214,22 @@ class Ingress:
         ok = all(count > 0 for count in running.values())
         return JSONResponse({"ready": ok, "pools": running}, status_code=200 if ok else 503)
 
+    @app.get("/openapi.json")
+    async def openapi(self) -> JSONResponse:
+        return JSONResponse(openapi_document(app.title, self._config.model_name))
+
     @app.get("/metrics/targets")
-    async def metrics_targets(self) -> JSONResponse:
-        """Every replica's metrics endpoint, in Prometheus' HTTP service discovery format."""
+    async def metrics_targets(self, request: Request) -> JSONResponse:
+        """Every replica's metrics endpoint, in Prometheus' HTTP service discovery format: for the bearer of
+        the monitoring token only (it lists internal addresses); to anyone else the route does not exist."""
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        presented = token.strip().encode("latin-1", "replace")
+        if (
+            self._monitoring_token is None
+            or scheme.lower() != "bearer"
+            or not hmac.compare_digest(presented, self._monitoring_token)
+        ):
+            return error_response(404, "GET /metrics/targets: Not Found", code="not_found")
         return JSONResponse(await targets_actor().http_sd.remote())
 
     @app.get("/v1/models")
@@ -146,11 +237,11 @@ class Ingress:
         record = self._record("models", request)
         decision = Decision()
         try:
-            self._pipeline.models(request.headers, decision)
+            self._pipeline.models(request.headers, decision, _client(request))
         except Refusal as refusal:
             return self._refused(record, decision, refusal)
         answer = await self._forward(decision, PoolRequest("GET", "/v1/models"), record)
-        return self._finished(record, answer)
+        return self._finished(record, _without_paths(answer))
 
     @app.post("/v1/chat/completions")
     async def chat(self, request: Request) -> Response:
@@ -230,7 +321,7 @@ class Ingress:
         record = self._record(endpoint, request)
         try:
             answer = await self._admit_and_forward(endpoint, request, record)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, ClientDisconnect):
             record.finish(499)  # the client hung up before the pool answered: not the service's failure
             raise
         except BaseException:
@@ -245,10 +336,14 @@ class Ingress:
     ) -> Response:
         decision = Decision()
         try:
-            self._pipeline.generation(endpoint, request.headers, await request.body(), decision)
+            self._pipeline.before_body(request.headers, decision, _client(request))
+            raw = await _read_body(request, self._pipeline.body_limit, self._config.ingress.body_timeout_s)
+            # Parsing megabytes here would stall every stream on this event loop.
+            parsed = await asyncio.to_thread(self._pipeline.parse_json, raw) if len(raw) > 1 << 20 else None
+            self._pipeline.with_body(endpoint, request.headers, raw, decision, parsed)
         except Refusal as refusal:
             return self._refused(record, decision, refusal)
-        assert decision.body is not None and decision.effort is not None
+        assert decision.encoded is not None and decision.effort is not None
         record.effort, record.effort_source = decision.effort.effort, decision.effort.source
         if decision.clamped_from is not None:
             self._metrics.budget_clamps.labels(decision.effort.effort).inc()
@@ -259,7 +354,7 @@ class Ingress:
         pool_request = PoolRequest(
             "POST",
             request.url.path,
-            json.dumps(decision.body).encode(),
+            decision.encoded,
             headers=forwarded,
             payload=decision.body,
             replica_id=decision.replica_id,
@@ -273,7 +368,7 @@ class Ingress:
         record = self._record("responses_get" if method == "GET" else "responses_cancel", request)
         decision = Decision()
         try:
-            self._pipeline.stored_response(request.headers, response_id, decision)
+            self._pipeline.stored_response(request.headers, response_id, decision, _client(request))
         except Refusal as refusal:
             return self._refused(record, decision, refusal)
         pool_request = PoolRequest(method, path, query=request.url.query, replica_id=decision.replica_id)
@@ -315,14 +410,14 @@ class Ingress:
             headers["x-gptoss-spilled-from"] = record.spilled_from = decision.spilled_from
             self._metrics.spillovers.labels(decision.spilled_from, pool).inc()
         self._start_engine_span(record, pool_request)
-        self._admission.started(pool)
+        self._pipeline.started(decision)
         started = time.monotonic()
         # Ray Serve routes the call and counts it until the answer is done; the answer comes over the channel.
         answer = _Answer(self._handles[pool].handle_request.remote(pool_request))
         try:
             start = await answer.claim()
         except BaseException as exc:
-            self._admission.finished(pool)
+            self._pipeline.finished(decision)
             answer.hang_up()
             retry = self._config.ingress.retry_after_s
             if isinstance(exc, BackPressureError):
@@ -336,7 +431,9 @@ class Ingress:
                 raise
             return self._refused(record, Decision(headers=headers), refusal)
         started_at = time.monotonic()  # the replica's observation counts from its first item's arrival
-        headers["x-gptoss-replica"] = record.replica = start.replica_id
+        record.replica = start.replica_id
+        if self._config.ingress.expose_replica_ids:
+            headers["x-gptoss-replica"] = start.replica_id
         headers |= {k: v for k, v in start.headers if k.lower() in _PASSED_BACK_HEADERS}
         streaming = (
             dict((k.lower(), v) for k, v in start.headers)
@@ -359,7 +456,7 @@ class Ingress:
                 answer.hang_up()
                 raise
             finally:
-                self._admission.finished(pool)
+                self._pipeline.finished(decision, _tokens(record))
             response_id = record.response_id
             if decision.remember and start.status == 200 and response_id is not None:
                 self._pipeline.routes.remember(response_id, pool, start.replica_id)
@@ -368,7 +465,7 @@ class Ingress:
             )
             return Response(b"".join(chunks), status_code=start.status, headers=headers)
         return StreamingResponse(
-            self._relay(answer, pool, start.replica_id, decision.remember, record, start.status, started_at),
+            self._relay(answer, decision, start.replica_id, record, start.status, started_at),
             status_code=start.status,
             headers=headers,
         )
@@ -376,14 +473,15 @@ class Ingress:
     async def _relay(
         self,
         answer: _Answer,
-        pool: str,
+        decision: Decision,
         replica_id: str,
-        remember: bool,
         record: RequestRecord,
         status: int,
         started_at: float,
     ) -> AsyncIterator[bytes]:
         """Forward the pool's bytes as they come; the replica observed them and says what it saw at the end."""
+        assert decision.pool is not None
+        pool, remember = decision.pool, decision.remember
         finished = False
         record.status = status
         try:
@@ -403,7 +501,7 @@ class Ingress:
             )
             finished = True
         finally:
-            self._admission.finished(pool)
+            self._pipeline.finished(decision, _tokens(record))
             if not finished:
                 answer.hang_up()  # the client went away: free the engine
                 record.status = 499  # nginx's "client closed request": not the server's failure

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import secrets
 import signal
 import socket
 import sys
@@ -121,6 +123,19 @@ def wait_until_ready(
             time.sleep(READY_POLL_S)
 
 
+def proxy_environment(config: ServeConfig) -> dict[str, str]:
+    """What this machine's Ray needs for the config: the proxy gate with the config's bounds, and a monitoring
+    token (a fresh one unless the environment has one) for the local Prometheus's service discovery."""
+    from gptoss_vllm.serve.proxy_gate import gate_env
+
+    ingress = config.ingress
+    env = gate_env(config.body_limit(), ingress.max_header_bytes, ingress.body_timeout_s)
+    env[ingress.monitoring_token_env] = os.environ.get(ingress.monitoring_token_env) or secrets.token_urlsafe(
+        24
+    )
+    return env
+
+
 def run(
     config: ServeConfig,
     listen: Listen,
@@ -142,6 +157,8 @@ def run(
     if local:
         for pool in config.pools.values():
             ensure_builtin_model(pool.model)
+        # Ray's processes (the proxy with its gate, the ingress) inherit this environment.
+        os.environ.update(proxy_environment(config))
         ray.init(
             address="local", include_dashboard=False, object_store_memory=1 << 30, namespace="gptoss-vllm"
         )
@@ -169,7 +186,8 @@ def run(
             f"\ngptoss-vllm is ready at {listen.url}  (model '{config.model_name}', pools: {', '.join(config.pools)})"
         )
         if prometheus_port is not None:
-            prometheus = LocalPrometheus(listen.url, prometheus_port)
+            token = os.environ.get(config.ingress.monitoring_token_env)
+            prometheus = LocalPrometheus(listen.url, prometheus_port, monitoring_token=token)
             prometheus.wait_ready()
             print(f"Prometheus (metrics, recording rules, alerts) at {prometheus.url}")
         print(

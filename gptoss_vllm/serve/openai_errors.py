@@ -1,4 +1,7 @@
-"""Errors in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}`` with the matching HTTP status."""
+"""Errors in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}`` with the matching HTTP status.
+
+Rendered as ASCII JSON: a message may echo what a client sent (a model name), lone surrogates included.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +15,11 @@ _TYPES = {
     401: "invalid_request_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
+    422: "invalid_request_error",
+    431: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
     503: "service_unavailable",
@@ -30,6 +37,11 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
     }
 
 
+class AsciiJSONResponse(JSONResponse):
+    def render(self, content: object) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode()
+
+
 def error_response(
     status: int,
     message: str,
@@ -37,7 +49,7 @@ def error_response(
     code: str | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
-    return JSONResponse(
+    return AsciiJSONResponse(
         error_body(status, message, param, code), status_code=status, headers=dict(headers or {})
     )
 

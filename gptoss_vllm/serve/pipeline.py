@@ -1,6 +1,8 @@
 """The ingress's request pipeline: the checks a request passes, in order, before it reaches a pool.
 
-key -> rate limit -> body -> model -> effort -> budget -> pool -> admission. Each step either fills in the
+address guard -> key -> rate limit -> body (media type, size, JSON, encoding) -> model -> effort -> budget ->
+sequences (``n`` times prompts) -> pool -> admission -> the key's concurrency and tokens per minute. Each step
+either fills in the
 request's :class:`Decision` or raises :class:`~gptoss_vllm.serve.refusal.Refusal`; the decision keeps what the
 steps before a refusal learnt (effort, pool), so that a refused request is counted where it was refused. Nothing
 here touches Ray or HTTP objects: the ingress deployment hands in headers and bytes and wires the decision to
@@ -10,6 +12,7 @@ the pool handles, and unit tests drive the pipeline directly.
 from __future__ import annotations
 
 import json
+import re
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -17,14 +20,15 @@ from typing import Any
 
 from gptoss_vllm.observability.request_record import request_usage
 from gptoss_vllm.serve.admission import Admission
-from gptoss_vllm.serve.auth import KeyRing, RateLimiter
+from gptoss_vllm.serve.auth import KeyRing, RateLimiter, TenantUsage
 from gptoss_vllm.serve.budget import BudgetError, apply_budget
 from gptoss_vllm.serve.config import ServeConfig
 from gptoss_vllm.serve.effort import EffortError, Endpoint, ResolvedEffort, apply_effort, resolve_effort
 from gptoss_vllm.serve.refusal import Reason, Refusal
 
-MAX_BODY_BYTES = 32 * 1024 * 1024
 ANONYMOUS = "anonymous"
+MAX_N = 128  # OpenAI's cap on choices per request
+_JSON_MEDIA = re.compile(r"^application/(?:[\w.+-]+\+)?json$")
 
 
 class ResponseRoutes:
@@ -50,6 +54,9 @@ class Decision:
 
     key_name: str | None = None
     body: dict[str, Any] | None = None
+    encoded: bytes | None = None  # the body as the pool gets it
+    sequences: int = 1  # what admission and the key's concurrency count: n x prompts
+    started: bool = False  # counted in admission and the key's usage (until finished)
     effort: ResolvedEffort | None = None
     pool: str | None = None  # the pool it runs in (after spillover)
     spilled_from: str | None = None
@@ -76,15 +83,32 @@ class RequestPipeline:
         self.routes = routes
         self._keys = keys
         self._limiter = limiter
+        auth = config.auth
+        self.tenants = TenantUsage(auth.rate_limit, dict(auth.key_rate_limits)) if auth else None
+        self._failures = RateLimiter(auth.failed_auth_per_address) if auth else None
+        self._body_limit = config.body_limit()
 
     # -- the steps -------------------------------------------------------------------------------------------
 
-    def authenticate(self, headers: Mapping[str, str], decision: Decision) -> None:
-        """Key, then the key's rate limit."""
+    def authenticate(self, headers: Mapping[str, str], decision: Decision, client: str | None = None) -> None:
+        """The client address's failed attempts, the key, then the key's rate limit."""
         name = ANONYMOUS
         if self._keys is not None:
+            address = client or "unknown"
+            assert self._failures is not None
+            if (wait := self._failures.wait(address)) is not None:
+                # Every request of the address, valid key or not: a different answer would be an oracle.
+                retry = max(1, int(wait + 0.999))
+                raise Refusal(
+                    Reason.AUTH_THROTTLED,
+                    429,
+                    f"Too many failed authentications from this address; retry in {retry} s",
+                    code="too_many_failed_authentications",
+                    headers={"Retry-After": str(retry)},
+                )
             found = self._keys.name_of(headers.get("authorization"))
             if found is None:
+                self._failures.acquire(address)
                 raise Refusal(
                     Reason.AUTH,
                     401,
@@ -104,10 +128,40 @@ class RequestPipeline:
                 headers={"Retry-After": str(retry)},
             )
 
-    def parse_body(self, raw: bytes, decision: Decision) -> dict[str, Any]:
-        if len(raw) > MAX_BODY_BYTES:
+    def check_media_type(self, headers: Mapping[str, str]) -> None:
+        """JSON or nothing said: a form or text/plain body is what a cross-site form post sends."""
+        declared = headers.get("content-type")
+        if declared is None:
+            return
+        media = declared.split(";", 1)[0].strip().lower()
+        if not _JSON_MEDIA.match(media):
             raise Refusal(
-                Reason.INVALID, 413, f"Request body is {len(raw)} bytes; the limit is {MAX_BODY_BYTES}"
+                Reason.INVALID,
+                415,
+                f"Content-Type {declared[:80]!r} is not supported: send application/json",
+                code="unsupported_media_type",
+            )
+
+    @property
+    def body_limit(self) -> int:
+        return self._body_limit
+
+    def parse_body(self, raw: bytes, decision: Decision, parsed: Any = None) -> dict[str, Any]:
+        """The body as a JSON object; ``parsed`` is :meth:`parse_json` of ``raw`` when done already."""
+        body = self.parse_json(raw) if parsed is None else parsed
+        if not isinstance(body, dict):
+            raise Refusal(Reason.INVALID, 400, "Request body must be a JSON object", code="invalid_json")
+        decision.body = body
+        return body
+
+    def parse_json(self, raw: bytes) -> Any:
+        """Size and syntax only (no shared state: a thread may run it for a large body)."""
+        if len(raw) > self._body_limit:
+            raise Refusal(
+                Reason.INVALID,
+                413,
+                f"Request body is {len(raw)} bytes; the limit is {self._body_limit}",
+                code="body_too_large",
             )
         try:
             body = json.loads(raw)
@@ -115,9 +169,10 @@ class RequestPipeline:
             raise Refusal(
                 Reason.INVALID, 400, f"Request body is not valid JSON: {exc}", code="invalid_json"
             ) from None
-        if not isinstance(body, dict):
-            raise Refusal(Reason.INVALID, 400, "Request body must be a JSON object", code="invalid_json")
-        decision.body = body
+        except RecursionError:
+            raise Refusal(
+                Reason.INVALID, 400, "Request body is nested too deeply to parse", code="invalid_json"
+            ) from None
         return body
 
     def check_model(self, body: dict[str, Any]) -> None:
@@ -156,6 +211,48 @@ class RequestPipeline:
             decision.clamped_from = budget.clamped_from
             decision.headers["x-gptoss-budget-clamped-from"] = str(budget.clamped_from)
 
+    def count_sequences(self, endpoint: Endpoint, body: dict[str, Any], decision: Decision) -> None:
+        """``n`` (at most OpenAI's 128) times the prompts of a completions batch."""
+        n = body.get("n", 1) if endpoint != "responses" else 1
+        if n is None:
+            n = 1
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
+            raise Refusal(
+                Reason.INVALID,
+                400,
+                f"Invalid 'n': {str(n)[:40]!r}; it must be an integer from 1 to {MAX_N}",
+                param="n",
+                code="invalid_value",
+            )
+        prompts = 1
+        prompt = body.get("prompt") if endpoint == "completions" else None
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+            prompts = len(prompt)  # a batch of strings or of token lists
+        decision.sequences = n * prompts
+        assert decision.pool is not None
+        bound = self._config.pools[decision.pool].max_ongoing_requests
+        if decision.sequences > bound:
+            raise Refusal(
+                Reason.INVALID,
+                400,
+                f"This request asks for {decision.sequences} sequences (n x prompts); pool "
+                f"'{decision.pool}' runs at most {bound} at once per replica: ask for fewer or split it",
+                param="n",
+                code="too_many_sequences",
+            )
+
+    def encode_body(self, body: dict[str, Any], decision: Decision) -> None:
+        """The body as the pool gets it: UTF-8 JSON, which a lone surrogate anywhere in it cannot be."""
+        try:
+            decision.encoded = json.dumps(body, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise Refusal(
+                Reason.INVALID,
+                400,
+                "Request body holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape): send valid Unicode",
+                code="invalid_encoding",
+            ) from None
+
     def choose_pool(self, endpoint: Endpoint, body: dict[str, Any], decision: Decision) -> None:
         """The effort's pool, unless a Responses follow-up must run where its previous response is stored."""
         previous = body.get("previous_response_id") if endpoint == "responses" else None
@@ -167,36 +264,108 @@ class RequestPipeline:
     def admit(self, decision: Decision) -> None:
         assert decision.pool is not None
         try:
-            admitted = self.admission.admit(decision.pool, pinned=decision.replica_id is not None)
+            admitted = self.admission.admit(
+                decision.pool, pinned=decision.replica_id is not None, sequences=decision.sequences
+            )
         except Refusal as refusal:
             raise refusal.with_headers(decision.headers | {"x-gptoss-pool": decision.pool}) from None
         decision.pool, decision.spilled_from = admitted.pool, admitted.spilled_from
+        self.admit_tenant(decision)
+
+    def admit_tenant(self, decision: Decision) -> None:
+        """The key's bounds: sequences in flight and tokens per minute."""
+        if self.tenants is None or decision.key_name is None:
+            return
+        refused = self.tenants.admit(decision.key_name, decision.sequences)
+        if refused is None:
+            return
+        bound, wait = refused
+        retry = max(1, int(wait + 0.999))
+        limit = self.tenants.limit_of(decision.key_name)
+        what = (
+            f"{limit.concurrent_requests} sequences in flight"
+            if bound == "concurrent_requests"
+            else f"{limit.tokens_per_minute} tokens per minute"
+        )
+        raise Refusal(
+            Reason.RATE_LIMIT,
+            429,
+            f"API key '{decision.key_name}' is at its limit of {what}; retry in {retry} s",
+            code="rate_limit_exceeded",
+            headers={**decision.headers, "Retry-After": str(retry)},
+        )
+
+    # -- the request's life after admission ------------------------------------------------------------------
+
+    def started(self, decision: Decision) -> None:
+        """Count the admitted request in its pool and its key's usage, until :meth:`finished`."""
+        assert decision.pool is not None and not decision.started
+        decision.started = True
+        self.admission.started(decision.pool, decision.sequences)
+        if self.tenants is not None and decision.key_name is not None:
+            self.tenants.started(decision.key_name, decision.sequences)
+
+    def finished(self, decision: Decision, tokens: int = 0) -> None:
+        """Release what :meth:`started` counted (once), charging the key the tokens the answer used."""
+        if not decision.started:
+            return
+        decision.started = False
+        assert decision.pool is not None
+        self.admission.finished(decision.pool, decision.sequences)
+        if self.tenants is not None and decision.key_name is not None:
+            self.tenants.finished(decision.key_name, decision.sequences, tokens)
 
     # -- whole requests --------------------------------------------------------------------------------------
 
     def generation(
-        self, endpoint: Endpoint, headers: Mapping[str, str], raw: bytes, decision: Decision
+        self,
+        endpoint: Endpoint,
+        headers: Mapping[str, str],
+        raw: bytes,
+        decision: Decision,
+        client: str | None = None,
     ) -> Decision:
-        """Every step for a generating request (chat, completions, responses); ``headers`` lowercase."""
-        self.authenticate(headers, decision)
-        body = self.parse_body(raw, decision)
+        """Every step for a generating request (chat, completions, responses); ``headers`` lowercase,
+        ``client`` the client's address."""
+        self.before_body(headers, decision, client)
+        return self.with_body(endpoint, headers, raw, decision)
+
+    def before_body(self, headers: Mapping[str, str], decision: Decision, client: str | None = None) -> None:
+        """The steps a request passes before its body is worth parsing."""
+        self.authenticate(headers, decision, client)
+        self.check_media_type(headers)
+
+    def with_body(
+        self,
+        endpoint: Endpoint,
+        headers: Mapping[str, str],
+        raw: bytes,
+        decision: Decision,
+        parsed: Any = None,
+    ) -> Decision:
+        """The steps after :meth:`before_body`; ``parsed`` is :meth:`parse_json` of ``raw`` when done already."""
+        body = self.parse_body(raw, decision, parsed)
         self.check_model(body)
         self.resolve_effort(endpoint, body, headers, decision)
         self.apply_budget(endpoint, body, decision)
         self.choose_pool(endpoint, body, decision)
+        self.count_sequences(endpoint, body, decision)
+        self.encode_body(body, decision)
         self.admit(decision)
         return decision
 
-    def models(self, headers: Mapping[str, str], decision: Decision) -> Decision:
+    def models(self, headers: Mapping[str, str], decision: Decision, client: str | None = None) -> Decision:
         """``GET /v1/models``: answered by the default effort's pool, which must have a running replica."""
-        self.authenticate(headers, decision)
+        self.authenticate(headers, decision, client)
         decision.pool = self._config.pool_for(self._config.default_effort)
         self.admit(decision)
         return decision
 
-    def stored_response(self, headers: Mapping[str, str], response_id: str, decision: Decision) -> Decision:
+    def stored_response(
+        self, headers: Mapping[str, str], response_id: str, decision: Decision, client: str | None = None
+    ) -> Decision:
         """Reading or cancelling a stored response: the replica that stored it."""
-        self.authenticate(headers, decision)
+        self.authenticate(headers, decision, client)
         where = self.routes.find(response_id)
         if where is None:
             raise Refusal(

@@ -15,7 +15,8 @@ class Reason(str, Enum):
     """The reasons a request is refused; the value is the metric label."""
 
     AUTH = "auth"  # no or an unknown API key
-    RATE_LIMIT = "rate_limit"  # the key's request rate
+    AUTH_THROTTLED = "auth_throttled"  # too many failed authentications from the client's address
+    RATE_LIMIT = "rate_limit"  # the key's limits: request rate, sequences in flight, tokens per minute
     INVALID = "invalid"  # a malformed request: body, model, effort, or one vLLM refused
     BUDGET = "budget"  # an output limit above a rejecting budget
     NOT_FOUND = "not_found"  # a stored response this service does not know

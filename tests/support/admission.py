@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -30,9 +31,14 @@ HOLD_ENV = {"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"}
 POLL_S = 0.25
 
 
+def monitoring_headers() -> dict[str, str]:
+    """What GET /metrics/targets requires: the monitoring token the stacks of this session were given."""
+    return {"Authorization": f"Bearer {os.environ['GPTOSS_MONITORING_TOKEN']}"}
+
+
 @functools.cache
 def _ingress_target(url: str) -> str:
-    targets = httpx.get(f"{url}/metrics/targets", timeout=30).json()
+    targets = httpx.get(f"{url}/metrics/targets", headers=monitoring_headers(), timeout=30).json()
     (ingress,) = [t for t in targets if t["labels"]["component"] == "ingress"]
     return ingress["targets"][0]
 

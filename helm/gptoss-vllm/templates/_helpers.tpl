@@ -121,11 +121,73 @@ Cross-field checks the values schema cannot express; each message names the valu
 {{- if and $v.httpRoute.enabled (not $v.httpRoute.parentRefs) -}}
 {{- fail "httpRoute.enabled is true but httpRoute.parentRefs is empty: name the Gateway" -}}
 {{- end -}}
+{{- $auth := default (dict) $v.serve.auth -}}
+{{- if and (or $v.ingress.enabled $v.httpRoute.enabled) (not $v.apiKeys.existingSecret) (not (get $auth "api_keys_env")) (not $v.apiKeys.allowAnonymous) -}}
+{{- fail (printf "%s.enabled is true but apiKeys.existingSecret is empty: an endpoint reachable from outside the cluster needs API keys (name the Secret holding them in apiKeys.existingSecret), or set apiKeys.allowAnonymous: true to serve it without keys" (ternary "ingress" "httpRoute" $v.ingress.enabled)) -}}
+{{- end -}}
+{{- $ingress := default (dict) $v.serve.ingress -}}
+{{- range $pair := list (list "max_body_bytes" "maxBodyBytes") (list "max_header_bytes" "maxHeaderBytes") (list "body_timeout_s" "bodyTimeoutSeconds") -}}
+{{- $serveKey := index $pair 0 -}}
+{{- $chartKey := index $pair 1 -}}
+{{- $chartValue := get $v.ingress $chartKey -}}
+{{- if and (hasKey $ingress $serveKey) (ne (toString $chartValue) "") (ne (float64 (get $ingress $serveKey)) (float64 $chartValue)) -}}
+{{- fail (printf "serve.ingress.%s (%v) differs from ingress.%s (%v): set ingress.%s only, the chart writes it into both the proxies' env and the serving config" $serveKey (get $ingress $serveKey) $chartKey $chartValue $chartKey) -}}
+{{- end -}}
+{{- end -}}
+{{- if and (hasKey $ingress "max_body_bytes") (eq (toString $v.ingress.maxBodyBytes) "") -}}
+{{- fail (printf "serve.ingress.max_body_bytes is set (%v) but ingress.maxBodyBytes is empty: set ingress.maxBodyBytes instead, so that every Ray node's HTTP proxy gets the same limit" (get $ingress "max_body_bytes")) -}}
+{{- end -}}
+{{- if and $v.rayAuth.enabled (semverCompare "<2.52.0-0" $v.rayVersion) -}}
+{{- fail (printf "rayAuth.enabled is true but rayVersion is %s: Ray token authentication needs Ray 2.52.0 or later (set rayAuth.enabled: false for an older image)" $v.rayVersion) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+A Secret's value the chart generates once: the value already in the cluster (lookup; kept across upgrades), or a
+new random one on install. `helm template` (no cluster) makes a new one each time: GitOps setups name their
+own Secret instead (rayAuth.existingSecret, monitoring.tokenSecret.name). (dict "root" $ "name" secret "key" key)
+*/}}
+{{- define "gptoss.generatedSecretValue" -}}
+{{- $existing := lookup "v1" "Secret" .root.Release.Namespace .name -}}
+{{- if and $existing $existing.data (hasKey $existing.data .key) -}}
+{{- index $existing.data .key -}}
+{{- else -}}
+{{- randAlphaNum 48 | b64enc -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The Secret (name, key) holding the Ray auth token: rayAuth.existingSecret or the chart's own. */}}
+{{- define "gptoss.rayAuthSecret" -}}
+{{- default (printf "%s-ray-auth" (include "gptoss.fullname" .)) .Values.rayAuth.existingSecret -}}
+{{- end -}}
+
+{{/* Is the monitoring token wired (monitoring on, or a token Secret named)? */}}
+{{- define "gptoss.monitoringToken" -}}
+{{- if or .Values.monitoring.enabled .Values.monitoring.tokenSecret.name -}}true{{- end -}}
+{{- end -}}
+
+{{- define "gptoss.monitoringTokenSecret" -}}
+{{- default (printf "%s-monitoring" (include "gptoss.fullname" .)) .Values.monitoring.tokenSecret.name -}}
+{{- end -}}
+
+{{/* Env that turns on Ray token authentication (head, workers, the autoscaler sidecar). */}}
+{{- define "gptoss.rayAuthEnv" -}}
+{{- if .Values.rayAuth.enabled }}
+- name: RAY_AUTH_MODE
+  value: token
+- name: RAY_AUTH_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "gptoss.rayAuthSecret" . }}
+      key: auth_token
+{{- end }}
 {{- end -}}
 
 {{/*
 The serving config as the RayService runs it: values.serve plus, per pool, its worker group's Ray resource and
-GPU count, the model's path on the PVC, and the mounted API keys file.
+GPU count, the model's path on the PVC, the mounted API keys file, and the proxy gate's bounds (ingress.maxBodyBytes,
+maxHeaderBytes, bodyTimeoutSeconds as serve.ingress.max_body_bytes, max_header_bytes, body_timeout_s), which the
+proxies get as env, so that both enforce the same limits.
 */}}
 {{- define "gptoss.serveConfig" -}}
 {{- $v := .Values -}}
@@ -142,6 +204,13 @@ GPU count, the model's path on the PVC, and the mounted API keys file.
 {{- $_ = set $pool "model" (printf "%s/%s" $v.model.pvc.mountPath $pool.model) -}}
 {{- end -}}
 {{- end -}}
+{{- $ingress := deepCopy (default (dict) $serve.ingress) -}}
+{{- if ne (toString $v.ingress.maxBodyBytes) "" -}}
+{{- $_ := set $ingress "max_body_bytes" (int64 $v.ingress.maxBodyBytes) -}}
+{{- end -}}
+{{- $_ := set $ingress "max_header_bytes" (int64 $v.ingress.maxHeaderBytes) -}}
+{{- $_ = set $ingress "body_timeout_s" (float64 $v.ingress.bodyTimeoutSeconds) -}}
+{{- $_ = set $serve "ingress" $ingress -}}
 {{- if $v.apiKeys.existingSecret -}}
 {{- $auth := deepCopy (default (dict) $serve.auth) -}}
 {{- $_ := set $auth "api_keys_file" (printf "%s/%s" $v.apiKeys.mountPath $v.apiKeys.key) -}}
@@ -191,25 +260,51 @@ plus terminationMarginSeconds. An effort without a budget counts engine_args.max
 {{- $longest -}}
 {{- end -}}
 
-{{/* Env of every Ray container. */}}
+{{/*
+Env of every Ray container, head and workers (dict "root" $ "worker" bool): what the processes of any Ray node
+read, as a Serve HTTP proxy, an ingress replica or the Serve controller may run on any node (a pool replica only
+on its group's workers). The monitoring token and the Ray auth token come from Secrets (secretKeyRef); the HF
+token is a file, on workers only and only while they download (model.source hf).
+*/}}
 {{- define "gptoss.env" -}}
+{{- $v := .root.Values -}}
 - name: GPTOSS_METRICS_PORT
-  value: {{ .Values.metricsPort | quote }}
+  value: {{ $v.metricsPort | quote }}
 - name: GPTOSS_METRICS_PORT_COUNT
-  value: {{ .Values.metricsPortCount | quote }}
+  value: {{ $v.metricsPortCount | quote }}
 - name: HOME
   value: /home/gptoss
 - name: HF_HOME
   value: /var/cache/huggingface
-{{- if .Values.model.hfTokenSecret.name }}
+{{- if and .worker $v.model.hfTokenSecret.name (ne $v.model.source "pvc") }}
 - name: HF_TOKEN_PATH
-  value: /etc/gptoss/hf-token/{{ .Values.model.hfTokenSecret.key }}
+  value: /etc/gptoss/hf-token/{{ $v.model.hfTokenSecret.key }}
 {{- end }}
-{{- if eq .Values.model.source "pvc" }}
+{{- if eq $v.model.source "pvc" }}
 - name: HF_HUB_OFFLINE
   value: "1"
 {{- end }}
-{{- with .Values.otel }}
+{{- /* The proxy gate: Ray Serve's HTTP proxy on every node runs gptoss_vllm.serve.proxy_gate's middleware,
+     bounding headers, bodies and upload time before a request reaches the ingress. */}}
+- name: RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH
+  value: gptoss_vllm.serve.proxy_gate:middlewares
+{{- if ne (toString $v.ingress.maxBodyBytes) "" }}
+- name: GPTOSS_MAX_BODY_BYTES
+  value: {{ int64 $v.ingress.maxBodyBytes | quote }}
+{{- end }}
+- name: GPTOSS_MAX_HEADER_BYTES
+  value: {{ int64 $v.ingress.maxHeaderBytes | quote }}
+- name: GPTOSS_BODY_TIMEOUT_S
+  value: {{ float64 $v.ingress.bodyTimeoutSeconds | toString | quote }}
+{{- if include "gptoss.monitoringToken" .root }}
+- name: {{ dig "ingress" "monitoring_token_env" "GPTOSS_MONITORING_TOKEN" $v.serve }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "gptoss.monitoringTokenSecret" .root }}
+      key: {{ $v.monitoring.tokenSecret.key }}
+{{- end }}
+{{- include "gptoss.rayAuthEnv" .root }}
+{{- with $v.otel }}
 {{- if .endpoint }}
 - name: OTEL_EXPORTER_OTLP_ENDPOINT
   value: {{ .endpoint | quote }}
@@ -223,7 +318,7 @@ plus terminationMarginSeconds. An effort without a budget counts engine_args.max
   value: {{ $value | quote }}
 {{- end }}
 {{- end }}
-{{- with .Values.extraEnv }}
+{{- with $v.extraEnv }}
 {{ toYaml . }}
 {{- end }}
 {{- end -}}
@@ -250,7 +345,8 @@ seccompProfile:
   type: RuntimeDefault
 {{- end -}}
 
-{{/* Volumes of every Ray pod (dict "root" $ "shm" size "models" bool). */}}
+{{/* Volumes of every Ray pod (dict "root" $ "shm" size "models" bool "worker" bool). The HF token only where a
+     pool replica downloads its model (workers, model.source hf); the API keys on head and workers (the ingress). */}}
 {{- define "gptoss.volumes" -}}
 {{- $v := .root.Values -}}
 - name: dshm
@@ -275,7 +371,7 @@ seccompProfile:
   emptyDir:
     sizeLimit: {{ $v.model.cacheSizeLimit }}
 {{- end }}
-{{- if $v.model.hfTokenSecret.name }}
+{{- if and .worker $v.model.hfTokenSecret.name (ne $v.model.source "pvc") }}
 - name: hf-token
   secret:
     secretName: {{ $v.model.hfTokenSecret.name }}
@@ -289,6 +385,7 @@ seccompProfile:
 {{- end }}
 {{- end -}}
 
+{{/* Mounts of the Ray container (head or worker), matching gptoss.volumes. */}}
 {{- define "gptoss.volumeMounts" -}}
 {{- $v := .root.Values -}}
 - {name: dshm, mountPath: /dev/shm}
@@ -300,7 +397,7 @@ seccompProfile:
 {{- else }}
 - {name: hf-cache, mountPath: /var/cache/huggingface}
 {{- end }}
-{{- if $v.model.hfTokenSecret.name }}
+{{- if and .worker $v.model.hfTokenSecret.name (ne $v.model.source "pvc") }}
 - {name: hf-token, mountPath: /etc/gptoss/hf-token, readOnly: true}
 {{- end }}
 {{- if $v.apiKeys.existingSecret }}

@@ -1,0 +1,84 @@
+"""The session's shared stack: two pools of the tiny MXFP4 model with tight bounds, API keys, per-key limits.
+
+One stack serves every test module that asks for the ``stack`` fixture (``tests/conftest.py``); tests that stop
+or break it are marked ``stops_stack`` and run last. ``keys_path`` is its API keys file (tests rotate it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from tests.support.admission import HOLD_ENV, HOLD_MAX_MODEL_LEN, HOLD_TOKENS
+from tests.support.stack import RunningStack, start_stack
+
+MODEL = "gpt-oss-test"
+MAIN_KEY = "sk-test-main"
+LIMITED_KEY = "sk-test-limited"
+CAPPED_KEY = "sk-test-capped"  # one sequence in flight, few tokens per minute
+TPM_KEY = "sk-test-tpm"
+CAPPED_TOKENS_PER_MINUTE = 120
+BODY_TIMEOUT_S = 3  # short, so that a stalled upload's 408 comes soon
+
+
+def keys_file_text() -> str:
+    return f"# tenants\nmain:{MAIN_KEY}\nlimited:{LIMITED_KEY}\ncapped:{CAPPED_KEY}\ntpm:{TPM_KEY}\n"
+
+
+def start_shared_stack(checkpoint: Path, root: Path) -> RunningStack:
+    keys = root / "keys"
+    keys.write_text(keys_file_text())
+    engine = {"max_model_len": HOLD_MAX_MODEL_LEN, "enforce_eager": True}  # held slots need long outputs
+    env = {
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_ENABLE_RESPONSES_API_STORE": "1",
+        "GPTOSS_VLLM_MOE_BACKEND": "cpu",
+        **HOLD_ENV,
+    }
+    model = str(checkpoint)
+    config = {
+        "model_name": MODEL,
+        "pools": {
+            "fast": {
+                "model": model,
+                "efforts": ["low", "medium"],
+                # One request at a time, so that two overlapping ones already make fast spill over.
+                "max_ongoing_requests": 1,
+                "max_queued_requests": 2,
+                "spillover": {"to": "deep", "queue_above": 0},
+                "engine_args": engine,
+                "env": env,
+                "drain_timeout_s": 60,
+            },
+            "deep": {
+                "model": model,
+                "efforts": ["high"],
+                "max_ongoing_requests": 2,
+                "max_queued_requests": 1,
+                "engine_args": engine,
+                "env": env,
+                "drain_timeout_s": 60,
+            },
+        },
+        "budgets": {
+            "low": {"max_tokens": 64},
+            "medium": {"max_tokens": HOLD_TOKENS},
+            "high": {"max_tokens": HOLD_TOKENS, "over_budget": "reject"},
+        },
+        "auth": {
+            "api_keys_file": str(keys),
+            "key_rate_limits": {
+                "limited": {"requests_per_minute": 6, "burst": 2},
+                "capped": {"concurrent_requests": 1},
+                "tpm": {"tokens_per_minute": CAPPED_TOKENS_PER_MINUTE},
+            },
+        },
+        # Pinning and kill tests compare replicas; the default keeps replica ids from clients.
+        "ingress": {"expose_replica_ids": True, "body_timeout_s": BODY_TIMEOUT_S},
+    }
+    config_path = root / "serve.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    running = start_stack(config_path, root / "serve.log")
+    running.keys_path = keys
+    return running
