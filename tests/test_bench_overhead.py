@@ -8,21 +8,21 @@ import json
 
 import pytest
 
-from tests.support.cli import run_cli
+from tests.support.cli import assert_argument_errors, run_cli
 
 
 def test_argument_errors_name_the_argument(tmp_path):
-    for args, named in (
-        (["--concurrency", "4,0"], "--concurrency"),
-        (["--rounds", "x"], "--rounds"),
-        (["--model", str(tmp_path / "none")], "--model"),
-        (["--json", str(tmp_path / "missing" / "out.json")], "--json"),
-        (["--idle-seconds", "-1"], "--idle-seconds"),
-        (["--direct-ingress"], "--direct-ingress"),
-    ):
-        answer = run_cli("bench", "overhead", *args)
-        assert answer.returncode == 2, (args, answer.stderr)
-        assert named in answer.stderr, (args, answer.stderr)
+    assert_argument_errors(
+        ["bench", "overhead"],
+        [
+            (["--concurrency", "4,0"], "--concurrency"),
+            (["--rounds", "x"], "--rounds"),
+            (["--model", str(tmp_path / "none")], "--model"),
+            (["--json", str(tmp_path / "missing" / "out.json")], "--json"),
+            (["--idle-seconds", "-1"], "--idle-seconds"),
+            (["--direct-ingress"], "--direct-ingress"),
+        ],
+    )
 
 
 @pytest.mark.slow

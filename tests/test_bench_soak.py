@@ -9,19 +9,19 @@ import json
 import pytest
 
 from gptoss_vllm.bench.soak import MIX
-from tests.support.cli import run_cli
+from tests.support.cli import assert_argument_errors, run_cli
 
 
 def test_argument_errors_name_the_argument(tmp_path):
-    for args, named in (
-        (["--duration", "0"], "--duration"),
-        (["--users", "0"], "--users"),
-        (["--duration", "10s", "--sample-every", "1m"], "--sample-every"),
-        (["--json", str(tmp_path / "missing" / "out.json")], "--json"),
-    ):
-        answer = run_cli("bench", "soak", *args)
-        assert answer.returncode == 2, (args, answer.stderr)
-        assert named in answer.stderr, (args, answer.stderr)
+    assert_argument_errors(
+        ["bench", "soak"],
+        [
+            (["--duration", "0"], "--duration"),
+            (["--users", "0"], "--users"),
+            (["--duration", "10s", "--sample-every", "1m"], "--sample-every"),
+            (["--json", str(tmp_path / "missing" / "out.json")], "--json"),
+        ],
+    )
 
 
 @pytest.mark.slow

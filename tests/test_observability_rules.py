@@ -25,6 +25,7 @@ ALERTS = {
     "GptossPoolQueueSaturated",
     "GptossSustainedRejections",
     "GptossScrapeTargetDown",
+    "GptossApiKeysNotReloaded",
 }
 
 

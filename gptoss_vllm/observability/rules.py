@@ -73,6 +73,7 @@ SERVICE_REJECTIONS_PER_S = 0.05
 CLIENT_REJECTIONS_PER_S = 1.0
 REJECTIONS_FOR = "15m"
 TARGET_DOWN_FOR = "5m"
+KEYS_RELOAD_WINDOW = "10m"  # a failed reload is retried every 10 s while requests come
 SCRAPE_COMPONENTS = "ingress|pool"
 
 RULES_PATH = Path(__file__).resolve().parent / "prometheus" / "rules.yaml"
@@ -364,6 +365,19 @@ def capacity_alert_group(runbook_base: str) -> dict:
                     '{{ printf "%.2f" $value }} requests/s for pool {{ $labels.pool }} with reason '
                     f"{{{{ $labels.reason }}}} for {REJECTIONS_FOR} (alert above {SERVICE_REJECTIONS_PER_S:g}/s "
                     f"for {', '.join(SERVICE_REJECTION_REASONS)}, {CLIENT_REJECTIONS_PER_S:g}/s otherwise)."
+                ),
+                runbook_base=runbook_base,
+            ),
+            _alert(
+                "GptossApiKeysNotReloaded",
+                f"sum by (namespace) (increase(gptoss_api_keys_reload_failures_total[{KEYS_RELOAD_WINDOW}])) > 0",
+                "",
+                "ticket",
+                summary="gpt-oss cannot reload its API keys file",
+                description=(
+                    "An ingress in namespace {{ $labels.namespace }} failed to reload its API keys file in the "
+                    f"last {KEYS_RELOAD_WINDOW}: it keeps serving with the keys it had, so a rotation (a new or "
+                    "revoked key) has not taken effect."
                 ),
                 runbook_base=runbook_base,
             ),
