@@ -613,6 +613,10 @@ def test_proxy_gate_env_and_serving_config():
     config = parse_config(serve_app(objects)["args"]["serve"], source="serveConfigV2")
     assert (config.ingress.max_body_bytes, config.ingress.max_header_bytes) == (8388608, 16384)
     assert config.ingress.body_timeout_s == 12.5
+    # Behind an Ingress, the failed-authentication limit counts the client the balancer names, not the balancer.
+    public = serve_app(render(TOGGLES["ingress"]))["args"]["serve"]["ingress"]
+    assert public["client_address_header"] == "x-forwarded-for"
+    assert "client_address_header" not in ingress
 
 
 def test_values_schema_is_current():

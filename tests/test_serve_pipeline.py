@@ -15,7 +15,7 @@ from gptoss_vllm.serve.admission import Admission
 from gptoss_vllm.serve.auth import KeyRing, RateLimiter
 from gptoss_vllm.serve.config import RateLimit, parse_config
 from gptoss_vllm.serve.openai_errors import error_response
-from gptoss_vllm.serve.pipeline import MAX_N, Decision, RequestPipeline, ResponseRoutes
+from gptoss_vllm.serve.pipeline import MAX_N, Decision, RequestPipeline, ResponseRoutes, client_address
 from gptoss_vllm.serve.refusal import Reason, Refusal
 
 KEY = "sk-pipeline"
@@ -349,3 +349,12 @@ def test_failed_authentication_is_limited_per_address(tmp_path):
         assert int(throttled.value.headers["Retry-After"]) >= 1
     raw = json.dumps({"messages": USER}).encode()
     assert pipeline.generation("chat", AUTH, raw, Decision(), client="10.0.0.10").pool == "fast"
+
+
+def test_the_client_address_behind_a_load_balancer_is_the_entry_it_appended():
+    forwarded = {
+        "x-forwarded-for": "6.6.6.6, 203.0.113.7"
+    }  # the client wrote the first, the balancer the last
+    assert client_address(forwarded, "10.1.0.4", "x-forwarded-for") == "203.0.113.7"
+    assert client_address({}, "10.1.0.4", "x-forwarded-for") == "10.1.0.4"
+    assert client_address(forwarded, "10.1.0.4", None) == "10.1.0.4"  # not configured: never trusted

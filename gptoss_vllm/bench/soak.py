@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import random
 import secrets
 import socket
@@ -248,6 +249,7 @@ def run_soak(settings: Settings, json_path: str | None = None, keep: Path | None
     from gptoss_vllm.serve.pool import ensure_builtin_model
     from gptoss_vllm.serve.process import start_stack
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would bury the progress bar
     work = keep or Path(tempfile.mkdtemp(prefix="gptoss-bench-soak-"))
     work.mkdir(parents=True, exist_ok=True)
     (work / "keys").write_text(f"soak:{KEY}\ncapped:{CAPPED_KEY}\n")

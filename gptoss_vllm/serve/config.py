@@ -162,6 +162,11 @@ class Ingress(_Strict):
     max_header_bytes: int = Field(default=32768, ge=1024, description="Request header limit (431)")
     body_timeout_s: float = Field(default=30.0, gt=0, description="Deadline to receive a whole body (408)")
     expose_replica_ids: bool = Field(default=False, description="Send x-gptoss-replica to clients")
+    client_address_header: str | None = Field(
+        default=None,
+        description="Behind a load balancer: the header whose last entry is the client's address "
+        "(x-forwarded-for); unset: the connection's peer",
+    )
     monitoring_token_env: str = Field(
         default="GPTOSS_MONITORING_TOKEN",
         description="Environment variable with the bearer token that GET /metrics/targets requires",

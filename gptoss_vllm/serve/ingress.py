@@ -42,7 +42,7 @@ from gptoss_vllm.serve.config import ServeConfig
 from gptoss_vllm.serve.effort import Endpoint
 from gptoss_vllm.serve.openai_errors import error_response, sse_error_event
 from gptoss_vllm.serve.openapi import openapi_document
-from gptoss_vllm.serve.pipeline import Decision, RequestPipeline, ResponseRoutes
+from gptoss_vllm.serve.pipeline import Decision, RequestPipeline, ResponseRoutes, client_address
 from gptoss_vllm.serve.pool import PoolRequest
 from gptoss_vllm.serve.refusal import SERVICE_REASONS, Reason, Refusal
 from gptoss_vllm.serve.router import routable_replicas
@@ -105,10 +105,6 @@ def _tokens(record: RequestRecord) -> int:
     return (record.prompt_tokens or 0) + (record.output_tokens or 0)
 
 
-def _client(request: Request) -> str | None:
-    return request.client.host if request.client else None
-
-
 def _without_paths(answer: Response) -> Response:
     """``/v1/models`` as clients get it: vLLM's ``root`` is the checkpoint's path on the server."""
     if answer.status_code != 200:
@@ -166,6 +162,10 @@ class Ingress:
         labels = {"component": "ingress", "replica": replica, "app": self._app_name}
         self._metrics_endpoint = MetricsEndpoint(labels, registry)
         self._tracer = ingress_tracer(replica)
+
+    def _client(self, request: Request) -> str | None:
+        peer = request.client.host if request.client else None
+        return client_address(request.headers, peer, self._config.ingress.client_address_header)
 
     def _keys_reloaded(self, loaded: bool, in_force: int) -> None:
         self._metrics.api_keys.set(in_force)
@@ -237,7 +237,7 @@ class Ingress:
         record = self._record("models", request)
         decision = Decision()
         try:
-            self._pipeline.models(request.headers, decision, _client(request))
+            self._pipeline.models(request.headers, decision, self._client(request))
         except Refusal as refusal:
             return self._refused(record, decision, refusal)
         answer = await self._forward(decision, PoolRequest("GET", "/v1/models"), record)
@@ -336,7 +336,7 @@ class Ingress:
     ) -> Response:
         decision = Decision()
         try:
-            self._pipeline.before_body(request.headers, decision, _client(request))
+            self._pipeline.before_body(request.headers, decision, self._client(request))
             raw = await _read_body(request, self._pipeline.body_limit, self._config.ingress.body_timeout_s)
             # Parsing megabytes here would stall every stream on this event loop.
             parsed = await asyncio.to_thread(self._pipeline.parse_json, raw) if len(raw) > 1 << 20 else None
@@ -368,7 +368,7 @@ class Ingress:
         record = self._record("responses_get" if method == "GET" else "responses_cancel", request)
         decision = Decision()
         try:
-            self._pipeline.stored_response(request.headers, response_id, decision, _client(request))
+            self._pipeline.stored_response(request.headers, response_id, decision, self._client(request))
         except Refusal as refusal:
             return self._refused(record, decision, refusal)
         pool_request = PoolRequest(method, path, query=request.url.query, replica_id=decision.replica_id)

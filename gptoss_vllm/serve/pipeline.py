@@ -31,6 +31,16 @@ MAX_N = 128  # OpenAI's cap on choices per request
 _JSON_MEDIA = re.compile(r"^application/(?:[\w.+-]+\+)?json$")
 
 
+def client_address(headers: Mapping[str, str], peer: str | None, header: str | None) -> str | None:
+    """The client's address: the last entry of ``header`` (the one the load balancer in front appended; those
+    before it are the client's to write), else the connection's peer."""
+    if header:
+        entries = [entry.strip() for entry in headers.get(header, "").split(",") if entry.strip()]
+        if entries:
+            return entries[-1][:64]
+    return peer
+
+
 class ResponseRoutes:
     """Where each stored Response lives (pool, replica), bounded LRU."""
 

@@ -210,6 +210,11 @@ proxies get as env, so that both enforce the same limits.
 {{- end -}}
 {{- $_ := set $ingress "max_header_bytes" (int64 $v.ingress.maxHeaderBytes) -}}
 {{- $_ = set $ingress "body_timeout_s" (float64 $v.ingress.bodyTimeoutSeconds) -}}
+{{- /* Behind an Ingress or a Gateway, the connection's peer is the balancer: the client is the last
+     x-forwarded-for entry it appends (the failed-authentication limit is per client address). */ -}}
+{{- if and (or $v.ingress.enabled $v.httpRoute.enabled) (not (hasKey $ingress "client_address_header")) -}}
+{{- $_ = set $ingress "client_address_header" "x-forwarded-for" -}}
+{{- end -}}
 {{- $_ = set $serve "ingress" $ingress -}}
 {{- if $v.apiKeys.existingSecret -}}
 {{- $auth := deepCopy (default (dict) $serve.auth) -}}
