@@ -64,10 +64,20 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     return error_response(exc.status_code, message, code="not_found" if exc.status_code == 404 else None)
 
 
+def _client_gone(exc: BaseException) -> bool:
+    """Ray's proxy cancels the receive of a request whose client hung up (or starlette saw it leave)."""
+    from ray.exceptions import TaskCancelledError
+
+    return isinstance(exc, (ClientDisconnect, TaskCancelledError))
+
+
 @app.exception_handler(Exception)
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     # The operator gets the traceback in the log; the client a request id to quote, never the internals.
     request_id = request.headers.get("x-request-id", "")
+    if _client_gone(exc):
+        log.info("client of %s %s left (x-request-id %s)", request.method, request.url.path[:200], request_id)
+        return error_response(499, "The client closed the request", code="client_closed")
     log.exception(
         "unexpected error in %s %s (x-request-id %s)", request.method, request.url.path[:200], request_id
     )
