@@ -459,6 +459,9 @@ class Ingress:
                     elif isinstance(item, PoolAnswerEnd) and item.seen is not None:
                         record.take(item.seen, started_at)
             except AnswerLost as exc:
+                if answer.cancelled:
+                    record.finish(499)
+                    raise asyncio.CancelledError from exc
                 log.warning("pool %s failed while answering: %s", pool, exc)
                 refusal = Refusal(Reason.REPLICA_FAILED, 503, f"Pool '{pool}' failed while answering")
                 return self._refused(record, Decision(headers=headers), refusal)
@@ -504,6 +507,8 @@ class Ingress:
                     self._pipeline.routes.remember(item.response_id, pool, replica_id)
             finished = True
         except AnswerLost as exc:
+            if answer.cancelled:
+                return  # the client hung up (499 below), not a replica failure
             log.warning("pool %s replica %s failed mid-stream: %s", pool, replica_id, exc)
             record.status, record.rejected = 503, Reason.REPLICA_FAILED.value
             yield sse_error_event(
@@ -525,6 +530,7 @@ class _Answer:
         self.call = call
         self.reader: AnswerReader | None = None
         self._watcher: asyncio.Future | None = None
+        self.cancelled = False  # Ray cancelled the call: this request's client hung up, the pool is fine
 
     async def claim(self) -> PoolAnswerStart:
         """Wait for the routed replica's ticket, connect, and read the answer's start."""
@@ -537,11 +543,15 @@ class _Answer:
 
     async def _watch(self) -> None:
         """Follow the Ray call: if it fails (replica or node lost), so does the answer."""
-        from ray.exceptions import RayError
+        from ray.exceptions import RayError, TaskCancelledError
 
         try:
             async for _ in self.call:
                 pass
+        except TaskCancelledError:
+            self.cancelled = True
+            if self.reader is not None:
+                self.reader.lose(AnswerLost("the request was cancelled: its client hung up"))
         except RayError as exc:
             if self.reader is not None:
                 self.reader.lose(AnswerLost(f"the pool call failed: {exc}"))
