@@ -13,9 +13,14 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.admission import HeldRequest, ingress_samples, monitoring_headers, wait_for_in_flight
+from tests.support.admission import (
+    HeldRequest,
+    ingress_samples,
+    monitoring_headers,
+    target_samples,
+    wait_for_in_flight,
+)
 from tests.support.shared_stack import (
     BODY_TIMEOUT_S,
     CAPPED_KEY,
@@ -89,23 +94,6 @@ def _read_answer(sock: socket.socket) -> tuple[int, bytes]:
         rest += chunk
     sock.close()
     return status, rest
-
-
-def _target_samples(stack, component: str, **labels) -> dict[tuple[str, frozenset], float]:
-    """The exposition of every announced target of ``component`` (and ``labels``), summed by sample."""
-    targets = httpx.get(f"{stack.url}/metrics/targets", headers=monitoring_headers(), timeout=30).json()
-    samples: dict[tuple[str, frozenset], float] = {}
-    for target in targets:
-        if target["labels"].get("component") != component:
-            continue
-        if any(target["labels"].get(k) != v for k, v in labels.items()):
-            continue
-        text = httpx.get(f"http://{target['targets'][0]}/metrics", timeout=60).text
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                key = (sample.name, frozenset(sample.labels.items()))
-                samples[key] = samples.get(key, 0.0) + sample.value
-    return samples
 
 
 def _count(samples, name: str, **labels) -> float:
@@ -207,7 +195,7 @@ def test_n_is_capped_and_counted_in_sequences(stack):
 
 
 def _running_in_engine(stack, pool: str) -> float:
-    return _count(_target_samples(stack, "pool", pool=pool), "vllm:num_requests_running")
+    return _count(target_samples(stack.url, "pool", pool=pool), "vllm:num_requests_running")
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -242,7 +230,7 @@ def test_a_client_that_hangs_up_is_499_and_the_engine_stops(stack, stream):
 
 
 def test_a_client_that_leaves_mid_upload_is_499_at_the_proxy(stack):
-    before = _target_samples(stack, "proxy")
+    before = target_samples(stack.url, "proxy")
     head = ["POST /v1/chat/completions HTTP/1.1", "Content-Type: application/json",
             f"Authorization: Bearer {MAIN_KEY}", "Content-Length: 1000"]  # fmt: skip
     sock = _raw(stack, head, b'{"messages"')
@@ -250,7 +238,7 @@ def test_a_client_that_leaves_mid_upload_is_499_at_the_proxy(stack):
     sock.close()
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        after = _target_samples(stack, "proxy")
+        after = target_samples(stack.url, "proxy")
         left = _count(after, "gptoss_requests_total", endpoint="upload", status="499")
         if left > _count(before, "gptoss_requests_total", endpoint="upload", status="499"):
             break

@@ -84,7 +84,8 @@ def _ms(value: float | None) -> float | None:
 # -- processes -------------------------------------------------------------------------------------------------
 
 
-def _title(proc: psutil.Process) -> str:
+def process_title(proc: psutil.Process) -> str:
+    """A process's command line as Ray titles it (empty once it is gone)."""
     try:
         return " ".join(proc.cmdline())
     except (psutil.NoSuchProcess, psutil.AccessDenied):
@@ -97,7 +98,7 @@ def _processes(target: str, root_pid: int) -> dict[str, list[psutil.Process]]:
         return {"api_server": [psutil.Process(root_pid)]}
     found: dict[str, list[psutil.Process]] = {role: [] for role in STACK_ROLES}
     for proc in psutil.process_iter():
-        title = _title(proc)
+        title = process_title(proc)
         if any(engine in title for engine in ENGINE_TITLES):
             continue
         for role, marks in STACK_ROLES.items():

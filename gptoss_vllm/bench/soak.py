@@ -32,7 +32,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
-from gptoss_vllm.bench.overhead import machine_info
+from gptoss_vllm.bench.overhead import machine_info, process_title
 from gptoss_vllm.serve.config import load_config
 
 KEY = "sk-soak"
@@ -72,18 +72,11 @@ class Settings:
     seed: int = 0
 
 
-def _title(proc: psutil.Process) -> str:
-    try:
-        return " ".join(proc.cmdline())
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return ""
-
-
 def stack_processes(root_pid: int) -> dict[str, psutil.Process]:
     """The stack's processes by ``role:pid``: the serve command's descendants and Ray's actors."""
     found: dict[str, psutil.Process] = {"serve": psutil.Process(root_pid)}
     for proc in psutil.process_iter():
-        title = _title(proc)
+        title = process_title(proc)
         for role, marks in ROLES.items():
             if any(mark in title for mark in marks):
                 found[f"{role}:{proc.pid}"] = proc

@@ -19,6 +19,21 @@ ASGIApp = Callable[
 ]
 
 
+def whole_body(body: bytes, then: Callable[[], Awaitable[dict]]) -> Callable[[], Awaitable[dict]]:
+    """An ASGI ``receive`` that hands over ``body`` in one message, then answers with ``then`` (what says the
+    client left)."""
+    sent = False
+
+    async def receive() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await then()
+
+    return receive
+
+
 @dataclass(frozen=True)
 class ResponseStart:
     status: int
@@ -36,15 +51,12 @@ async def stream_asgi(
     """Yield one :class:`ResponseStart`, then the body chunks, as the app sends them."""
     messages: asyncio.Queue[dict | None] = asyncio.Queue()
     disconnected = asyncio.Event()
-    request_sent = False
 
-    async def receive() -> dict:
-        nonlocal request_sent
-        if not request_sent:
-            request_sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
+    async def gone() -> dict:
         await disconnected.wait()
         return {"type": "http.disconnect"}
+
+    receive = whole_body(body, gone)
 
     async def send(message: dict) -> None:
         await messages.put(message)

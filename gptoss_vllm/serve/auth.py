@@ -51,6 +51,13 @@ def _parse_entries(entries: list[str], origin: str) -> dict[bytes, str]:
     return keys
 
 
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, or None."""
+    scheme, _, token = (authorization or "").partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
 class KeyRing:
     """The accepted keys, looked up by the bearer token a request presents."""
 
@@ -122,13 +129,11 @@ class KeyRing:
 
     def name_of(self, authorization: str | None) -> str | None:
         """The key's name for an ``Authorization: Bearer <key>`` header, or None if it is not a valid key."""
-        if not authorization:
-            return None
-        scheme, _, token = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        token = bearer_token(authorization)
+        if token is None:
             return None
         self._maybe_reload()
-        presented = _digest(token.strip())
+        presented = _digest(token)
         found = None
         for digest, name in self._keys.items():
             if hmac.compare_digest(digest, presented):

@@ -37,13 +37,14 @@ from gptoss_vllm.serve.answer_channel import (
     PoolAnswerStart,
     StoredResponse,
 )
-from gptoss_vllm.serve.auth import KeyRing, RateLimiter
+from gptoss_vllm.serve.auth import KeyRing, RateLimiter, bearer_token
 from gptoss_vllm.serve.config import ServeConfig
 from gptoss_vllm.serve.effort import Endpoint
 from gptoss_vllm.serve.openai_errors import error_response, sse_error_event
 from gptoss_vllm.serve.openapi import openapi_document
 from gptoss_vllm.serve.pipeline import Decision, RequestPipeline, ResponseRoutes, client_address
 from gptoss_vllm.serve.pool import PoolRequest
+from gptoss_vllm.serve.proxy_gate import too_large, too_slow
 from gptoss_vllm.serve.refusal import SERVICE_REASONS, Reason, Refusal
 from gptoss_vllm.serve.router import routable_replicas
 
@@ -90,23 +91,23 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     """The whole body, at most ``limit`` bytes (beyond: 413), within ``timeout_s`` (beyond: 408); a client that
     leaves raises ClientDisconnect."""
-    too_large = Refusal(
-        Reason.INVALID, 413, f"Request body is over the limit of {limit} bytes", code="body_too_large"
-    )
+
+    def oversized() -> Refusal:
+        return Refusal(Reason.INVALID, 413, too_large(limit), code="body_too_large")
+
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_large
+        raise oversized()
     chunks, total = [], 0
     try:
         async with asyncio.timeout(timeout_s):
             async for chunk in request.stream():
                 total += len(chunk)
                 if total > limit:
-                    raise too_large
+                    raise oversized()
                 chunks.append(chunk)
     except TimeoutError:
-        message = f"The request body did not arrive within {timeout_s:g} s; send it whole"
-        raise Refusal(Reason.INVALID, 408, message, code="request_timeout") from None
+        raise Refusal(Reason.INVALID, 408, too_slow(timeout_s), code="request_timeout") from None
     return b"".join(chunks)
 
 
@@ -232,12 +233,11 @@ class Ingress:
     async def metrics_targets(self, request: Request) -> JSONResponse:
         """Every replica's metrics endpoint, in Prometheus' HTTP service discovery format: for the bearer of
         the monitoring token only (it lists internal addresses); to anyone else the route does not exist."""
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        presented = token.strip().encode("latin-1", "replace")
+        token = bearer_token(request.headers.get("authorization"))
         if (
             self._monitoring_token is None
-            or scheme.lower() != "bearer"
-            or not hmac.compare_digest(presented, self._monitoring_token)
+            or token is None
+            or not hmac.compare_digest(token.encode("latin-1", "replace"), self._monitoring_token)
         ):
             return error_response(404, "GET /metrics/targets: Not Found", code="not_found")
         return JSONResponse(await targets_actor().http_sd.remote())

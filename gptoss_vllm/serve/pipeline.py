@@ -24,7 +24,7 @@ from gptoss_vllm.serve.auth import KeyRing, RateLimiter, TenantUsage
 from gptoss_vllm.serve.budget import BudgetError, apply_budget
 from gptoss_vllm.serve.config import ServeConfig
 from gptoss_vllm.serve.effort import EffortError, Endpoint, ResolvedEffort, apply_effort, resolve_effort
-from gptoss_vllm.serve.refusal import Reason, Refusal
+from gptoss_vllm.serve.refusal import Reason, Refusal, whole_seconds
 
 ANONYMOUS = "anonymous"
 MAX_N = 128  # OpenAI's cap on choices per request
@@ -108,13 +108,10 @@ class RequestPipeline:
             assert self._failures is not None
             if (wait := self._failures.wait(address)) is not None:
                 # Every request of the address, valid key or not: a different answer would be an oracle.
-                retry = max(1, int(wait + 0.999))
-                raise Refusal(
-                    Reason.AUTH_THROTTLED,
-                    429,
-                    f"Too many failed authentications from this address; retry in {retry} s",
-                    code="too_many_failed_authentications",
-                    headers={"Retry-After": str(retry)},
+                retry = whole_seconds(wait)
+                message = f"Too many failed authentications from this address; retry in {retry} s"
+                raise Refusal.retry_later(
+                    Reason.AUTH_THROTTLED, 429, message, retry, code="too_many_failed_authentications"
                 )
             found = self._keys.name_of(headers.get("authorization"))
             if found is None:
@@ -129,14 +126,9 @@ class RequestPipeline:
             name = found
         decision.key_name = name
         if self._limiter is not None and (wait := self._limiter.acquire(name)) is not None:
-            retry = max(1, int(wait + 0.999))
-            raise Refusal(
-                Reason.RATE_LIMIT,
-                429,
-                f"Rate limit of API key '{name}' exceeded; retry in {retry} s",
-                code="rate_limit_exceeded",
-                headers={"Retry-After": str(retry)},
-            )
+            retry = whole_seconds(wait)
+            message = f"Rate limit of API key '{name}' exceeded; retry in {retry} s"
+            raise Refusal.retry_later(Reason.RATE_LIMIT, 429, message, retry, code="rate_limit_exceeded")
 
     def check_media_type(self, headers: Mapping[str, str]) -> None:
         """JSON or nothing said: a form or text/plain body is what a cross-site form post sends."""
@@ -290,20 +282,16 @@ class RequestPipeline:
         if refused is None:
             return
         bound, wait = refused
-        retry = max(1, int(wait + 0.999))
+        retry = whole_seconds(wait)
         limit = self.tenants.limit_of(decision.key_name)
         what = (
             f"{limit.concurrent_requests} sequences in flight"
             if bound == "concurrent_requests"
             else f"{limit.tokens_per_minute} tokens per minute"
         )
-        raise Refusal(
-            Reason.RATE_LIMIT,
-            429,
-            f"API key '{decision.key_name}' is at its limit of {what}; retry in {retry} s",
-            code="rate_limit_exceeded",
-            headers={**decision.headers, "Retry-After": str(retry)},
-        )
+        message = f"API key '{decision.key_name}' is at its limit of {what}; retry in {retry} s"
+        refusal = Refusal.retry_later(Reason.RATE_LIMIT, 429, message, retry, code="rate_limit_exceeded")
+        raise refusal.with_headers(decision.headers)
 
     # -- the request's life after admission ------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ import os
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from gptoss_vllm.serve.asgi_stream import whole_body
 from gptoss_vllm.serve.openai_errors import error_body
 
 log = logging.getLogger("ray.serve")
@@ -52,6 +53,14 @@ _MESSAGES = {
     500: "The server failed to handle the request; retry, and report it if it persists",
     503: "The service is at capacity; retry after the time in Retry-After",
 }
+
+
+def too_large(limit: int) -> str:
+    return f"Request body is over the limit of {limit} bytes"
+
+
+def too_slow(timeout_s: float) -> str:
+    return f"The request body did not arrive within {timeout_s:g} s; send it whole"
 
 
 class GateError(ValueError):
@@ -121,16 +130,8 @@ class ProxyGate:
         body = await self._read_body(receive, send)
         if body is None:
             return
-        sent = False
-
-        async def replay() -> Message:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # waits for the client's disconnect, which Ray's proxy watches for
-
-        await self.app(scope, replay, _OpenAIErrors(send))
+        # After the body, the client's own receive: its disconnect is what Ray's proxy watches for.
+        await self.app(scope, whole_body(body, receive), _OpenAIErrors(send))
 
     async def _read_body(self, receive: Receive, send: Send) -> bytes | None:
         """The whole body, or None once the request has been answered (or the client left)."""
@@ -145,7 +146,7 @@ class ProxyGate:
                 await self._refuse(
                     send,
                     408,
-                    f"The request body did not arrive within {self.body_timeout_s:g} s; send it whole",
+                    too_slow(self.body_timeout_s),
                 )
                 return None
             if message["type"] == "http.disconnect":
@@ -154,9 +155,7 @@ class ProxyGate:
             chunk = message.get("body", b"")
             total += len(chunk)
             if total > self.max_body_bytes:
-                await self._refuse(
-                    send, 413, f"Request body is over the limit of {self.max_body_bytes} bytes"
-                )
+                await self._refuse(send, 413, too_large(self.max_body_bytes))
                 return None
             chunks.append(chunk)
             if not message.get("more_body", False):

@@ -7,6 +7,7 @@ A refusal is raised as :class:`Refusal`, which carries the whole answer (HTTP st
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from enum import Enum
 
@@ -59,5 +60,12 @@ class Refusal(Exception):
         return self
 
     @classmethod
-    def retry_later(cls, reason: Reason, status: int, message: str, retry_after_s: int) -> Refusal:
-        return cls(reason, status, message, headers={"Retry-After": str(retry_after_s)})
+    def retry_later(
+        cls, reason: Reason, status: int, message: str, retry_after_s: int, code: str | None = None
+    ) -> Refusal:
+        return cls(reason, status, message, code=code, headers={"Retry-After": str(retry_after_s)})
+
+
+def whole_seconds(wait_s: float) -> int:
+    """A wait as ``Retry-After`` says it: whole seconds, rounded up, at least one."""
+    return max(1, math.ceil(wait_s))

@@ -36,6 +36,28 @@ def monitoring_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {os.environ['GPTOSS_MONITORING_TOKEN']}"}
 
 
+def _exposition(address: str) -> Samples:
+    text = httpx.get(f"http://{address}/metrics", timeout=60).text
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def target_samples(url: str, component: str, **labels: str) -> Samples:
+    """The expositions of every announced target of ``component`` (and ``labels``), summed by sample."""
+    targets = httpx.get(f"{url}/metrics/targets", headers=monitoring_headers(), timeout=30).json()
+    summed: Samples = {}
+    for target in targets:
+        found = target["labels"]
+        if found.get("component") != component or any(found.get(k) != v for k, v in labels.items()):
+            continue
+        for key, value in _exposition(target["targets"][0]).items():
+            summed[key] = summed.get(key, 0.0) + value
+    return summed
+
+
 @functools.cache
 def _ingress_target(url: str) -> str:
     targets = httpx.get(f"{url}/metrics/targets", headers=monitoring_headers(), timeout=30).json()
@@ -44,13 +66,9 @@ def _ingress_target(url: str) -> str:
 
 
 def ingress_samples(url: str) -> Samples:
-    """The ingress's own exposition, as {(sample name, labels): value}, read from the target it announces."""
-    text = httpx.get(f"http://{_ingress_target(url)}/metrics", timeout=60).text
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
+    """The ingress's own exposition, as {(sample name, labels): value}, read from the target it announces
+    (found once: polls read it often)."""
+    return _exposition(_ingress_target(url))
 
 
 def in_flight(url: str) -> dict[str, int]:
