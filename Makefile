@@ -33,6 +33,14 @@ $(STAMP): pyproject.toml Makefile
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; \
 	  if [ -d /run/systemd/system ]; then systemctl disable --now prometheus || true; fi; \
 	}
+	# redis-server (Debian), for the Redis backend of the response store's tests; none is left running.
+	command -v redis-server >/dev/null || { \
+	  policy=/usr/sbin/policy-rc.d; \
+	  if [ ! -e $$policy ]; then printf '#!/bin/sh\nexit 101\n' >$$policy; chmod +x $$policy; trap 'rm -f '$$policy EXIT; fi; \
+	  apt-get update -q; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends redis-server; \
+	  if [ -d /run/systemd/system ]; then systemctl disable --now redis-server || true; fi; \
+	}
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip wheel
 	# torch's CPU build first, so that nothing below pulls a CUDA torch: pip takes 2.13.0+cpu from its

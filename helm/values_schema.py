@@ -157,6 +157,19 @@ def chart_schema() -> dict[str, Any]:
                     },
                 }
             ),
+            "responseStore": _obj(
+                {
+                    "backend": {
+                        "enum": ["embedded", "redis"],
+                        "description": "embedded: SQLite on the ingress's node (one ingress replica); redis: shared",
+                    },
+                    "url": {**STR, "description": "redis://host:6379/0, or rediss:// for TLS"},
+                    "passwordSecret": _obj({"name": STR, "key": {**STR, "minLength": 1}}),
+                    "tlsCaSecret": _obj({"name": STR, "key": {**STR, "minLength": 1}}),
+                    "ttlSeconds": {"type": "number", "exclusiveMinimum": 0},
+                    "maxResponses": INT1,
+                }
+            ),
             "rayAuth": _obj(
                 {
                     "enabled": {**BOOL, "description": "Ray token authentication (KubeRay authOptions)"},

@@ -49,6 +49,7 @@ def stack(tiny_checkpoint_dirs, tmp_path_factory):
     running = start_shared_stack(tiny_checkpoint_dirs["mxfp4"], tmp_path_factory.mktemp("stack"))
     yield running
     running.stop()
+    running.redis.stop()
 
 
 @pytest.fixture(scope="module")

@@ -188,6 +188,17 @@ TOGGLES = {
         "serve": {"pools": {"fast": {"autoscaling": None, "replicas": 2}}},
         "workerGroups": {"fast": {"minReplicas": 2, "maxReplicas": 2}},
     },
+    "redis-store": {
+        "responseStore": {
+            "backend": "redis",
+            "url": "rediss://redis.data:6380/0",
+            "passwordSecret": {"name": "redis-auth", "key": "password"},
+            "tlsCaSecret": {"name": "redis-ca"},
+            "ttlSeconds": 86400,
+            "maxResponses": 5000,
+        },
+        "serve": {"ingress": {"replicas": 2}},
+    },
     "keys-otel": {
         "apiKeys": {"existingSecret": "gptoss-keys"},
         "otel": {
@@ -619,6 +630,31 @@ def test_proxy_gate_env_and_serving_config():
     assert "client_address_header" not in ingress
 
 
+def test_the_response_store_from_values_with_its_secrets():
+    config = parse_config(serve_app(render())["args"]["serve"], source="serveConfigV2")
+    assert config.response_store.backend == "embedded" and config.response_store.ttl_s == 30 * 86400
+    for container in ray_containers(render()):
+        assert "GPTOSS_RESPONSE_STORE_PASSWORD" not in env_of(container)
+    objects = render(TOGGLES["redis-store"])
+    config = parse_config(serve_app(objects)["args"]["serve"], source="serveConfigV2")
+    store = config.response_store
+    assert (store.backend, store.url, store.ttl_s, store.max_responses) == (
+        "redis", "rediss://redis.data:6380/0", 86400, 5000,
+    )  # fmt: skip
+    assert store.tls_ca_file == "/etc/gptoss/response-store-ca/ca.crt"
+    read = secrets_read_by_container(objects)
+    # Every Ray container may run an ingress replica: each reads the password and the CA bundle.
+    for container in ray_containers(objects):
+        password = next(e for e in container["env"] if e["name"] == "GPTOSS_RESPONSE_STORE_PASSWORD")
+        assert password["valueFrom"]["secretKeyRef"] == {"name": "redis-auth", "key": "password"}
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        assert mounts["response-store-ca"] == "/etc/gptoss/response-store-ca"
+    assert all(
+        "redis-ca" in names for role, names in read.items() if role.endswith(("ray-head", "ray-worker"))
+    )
+    assert "redis-ca" not in read["head/autoscaler"]
+
+
 def test_values_schema_is_current():
     assert values_schema.main(["--check"]) == 0, "run: python -m helm.values_schema"
 
@@ -674,6 +710,24 @@ BAD = {
     "ray auth on an old ray": ({"rayVersion": "2.46.0"}, ["rayAuth.enabled", "rayVersion"]),
     "body limit too small": ({"ingress": {"maxBodyBytes": 100}}, ["maxBodyBytes"]),
     "unknown egress key": ({"networkPolicy": {"egress": {"allow": True}}}, ["allow"]),
+    "redis store without url": ({"responseStore": {"backend": "redis"}}, ["responseStore.url"]),
+    "redis store url not redis": (
+        {"responseStore": {"backend": "redis", "url": "https://user:pw@cache:6379"}},
+        ["responseStore.url", "https://cache:6379"],
+    ),
+    "redis password in the url": (
+        {"responseStore": {"backend": "redis", "url": "redis://:hunter2@cache:6379/0"}},
+        ["responseStore.passwordSecret"],
+    ),
+    "embedded store for two ingress replicas": (
+        {"serve": {"ingress": {"replicas": 2}}},
+        ["serve.ingress.replicas", "responseStore.backend: redis"],
+    ),
+    "store set under serve": (
+        {"serve": {"response_store": {"backend": "embedded"}}},
+        ["serve.response_store", "responseStore"],
+    ),
+    "unknown store backend": ({"responseStore": {"backend": "memcached"}}, ["backend"]),
 }
 
 

@@ -26,6 +26,7 @@ ALERTS = {
     "GptossSustainedRejections",
     "GptossScrapeTargetDown",
     "GptossApiKeysNotReloaded",
+    "GptossResponseStoreFailing",
 }
 
 

@@ -1,12 +1,15 @@
 """vLLM's OpenAI server with the plugin serves the MXFP4 checkpoint: chat (every effort, streamed or not),
-completions and responses, through the official ``openai`` client."""
+completions and responses, through the official ``openai`` client; and a follow-up expanded from the ingress's
+conversation store renders, token for token, the prompt vLLM's own store renders for it."""
 
 from __future__ import annotations
 
 import openai
 import pytest
 
+from gptoss_vllm.serve.conversation import as_items, follow_up_input
 from gptoss_vllm.serve.process import start_vllm_server
+from gptoss_vllm.serve.response_store import StoredConversation
 
 pytestmark = pytest.mark.slow
 
@@ -18,7 +21,12 @@ def server(tiny_checkpoint_dirs, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("server") / "vllm.log"
     argv = ["--model", str(tiny_checkpoint_dirs["mxfp4"]), "--served-model-name", "tiny"]
     argv += ["--max-model-len", "1024", "--enforce-eager"]
-    env = {"GPTOSS_VLLM_MOE_BACKEND": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    # vLLM's own Responses store: the baseline the ingress's conversation store is compared with.
+    env = {
+        "GPTOSS_VLLM_MOE_BACKEND": "cpu",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_ENABLE_RESPONSES_API_STORE": "1",
+    }
     running = start_vllm_server(argv, log_path, env=env, timeout_s=600)
     try:
         yield openai.OpenAI(base_url=f"{running.url}/v1", api_key="unused"), log_path
@@ -77,3 +85,39 @@ def test_responses(server) -> None:
     )
     assert reply.status in ("completed", "incomplete")
     assert reply.usage.output_tokens > 0
+
+
+def _prompt_tokens(messages: list[dict]) -> list[int]:
+    from openai_harmony import Message
+    from vllm.entrypoints.openai.parser.harmony_utils import render_for_completion
+
+    return render_for_completion([Message.from_dict(message) for message in messages])
+
+
+@pytest.mark.parametrize("effort", ["low", "high"])
+def test_a_follow_up_expanded_from_the_store_renders_as_vllms_own_store_renders_it(server, effort):
+    client, _ = server
+    asked = {"model": "tiny", "reasoning": {"effort": effort}, "temperature": 0}
+    show = {"enable_response_messages": True}
+    first = client.responses.create(input="Say hi.", max_output_tokens=40, store=True, **asked)
+    assert first.output, "the first turn produced no output items to carry"
+    # vLLM's own store: the engine that answered keeps the conversation.
+    own = client.responses.create(
+        input="And then?", previous_response_id=first.id, max_output_tokens=1, extra_body=show, **asked
+    )
+    # The ingress's store: what it keeps of the first turn, expanded into the follow-up's input.
+    kept = StoredConversation(
+        id=first.id,
+        owner="tenant",
+        created_at=0.0,
+        input_items=as_items("Say hi."),
+        response=first.model_dump(mode="json"),
+    )
+    expanded = client.responses.create(
+        input=follow_up_input(kept, "And then?"), max_output_tokens=1, store=False, extra_body=show, **asked
+    )
+    own_messages, our_messages = own.model_extra["input_messages"], expanded.model_extra["input_messages"]
+    assert len(own_messages) > 3  # system, developer, the first exchange, the follow-up
+    assert our_messages == own_messages
+    assert _prompt_tokens(our_messages) == _prompt_tokens(own_messages)
+    assert expanded.usage.input_tokens == own.usage.input_tokens

@@ -14,9 +14,9 @@ from gptoss_vllm.serve.answer_channel import (
     AnswerLost,
     AnswerReader,
     AnswerTicket,
+    FinishedResponse,
     PoolAnswerEnd,
     PoolAnswerStart,
-    StoredResponse,
 )
 
 START = PoolAnswerStart(200, [("content-type", "text/event-stream"), ("x-request-id", "r-1")], "replica-a")
@@ -58,7 +58,7 @@ def test_items_arrive_in_order_with_body_frames_joined() -> None:
         yield b"data: 1\n\n"
         yield b"data: 2\n\n"  # sent together with the first: read as one chunk
         await release.wait()
-        yield StoredResponse("resp_1")
+        yield FinishedResponse(b'{"id": "resp_1"}')
         yield b"data: 3\n\n"
         yield PoolAnswerEnd(seen)
 
@@ -81,7 +81,7 @@ def test_items_arrive_in_order_with_body_frames_joined() -> None:
     first, body, rest = asyncio.run(scenario())
     assert first == START
     assert body == b"data: 1\n\ndata: 2\n\n"
-    assert rest == [StoredResponse("resp_1"), b"data: 3\n\n", PoolAnswerEnd(seen)]
+    assert rest == [FinishedResponse(b'{"id": "resp_1"}'), b"data: 3\n\n", PoolAnswerEnd(seen)]
 
 
 def test_an_answer_without_an_observation_ends_with_an_empty_end() -> None:

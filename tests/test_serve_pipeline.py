@@ -15,8 +15,9 @@ from gptoss_vllm.serve.admission import Admission
 from gptoss_vllm.serve.auth import KeyRing, RateLimiter
 from gptoss_vllm.serve.config import RateLimit, parse_config
 from gptoss_vllm.serve.openai_errors import error_response
-from gptoss_vllm.serve.pipeline import MAX_N, Decision, RequestPipeline, ResponseRoutes, client_address
+from gptoss_vllm.serve.pipeline import MAX_N, Decision, RequestPipeline, client_address
 from gptoss_vllm.serve.refusal import Reason, Refusal
+from gptoss_vllm.serve.response_store import StoredConversation
 
 KEY = "sk-pipeline"
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -58,7 +59,6 @@ def _pipeline(tmp_path, running: dict[str, int] | None = None, **config) -> Requ
     return RequestPipeline(
         serve,
         admission,
-        ResponseRoutes(8),
         keys=KeyRing(auth),
         limiter=RateLimiter(auth.rate_limit, dict(auth.key_rate_limits)),
     )
@@ -147,7 +147,7 @@ def test_an_admitted_request_is_decided_whole(tmp_path):
     decision = _chat(
         pipeline, {"messages": USER, "reasoning_effort": "low", "max_tokens": 500, "stream": True}
     )
-    assert (decision.pool, decision.spilled_from, decision.replica_id) == ("fast", None, None)
+    assert (decision.pool, decision.spilled_from) == ("fast", None)
     assert decision.headers == {
         "x-gptoss-effort": "low",
         "x-gptoss-effort-source": "chat",
@@ -157,7 +157,7 @@ def test_an_admitted_request_is_decided_whole(tmp_path):
     assert decision.body["model"] == "m" and decision.body["reasoning_effort"] == "low"
     # The ingress asked for the usage event it counts tokens from; the client did not, so it is dropped later.
     assert decision.strip_usage and decision.body["stream_options"] == {"include_usage": True}
-    assert not decision.remember
+    assert decision.response_id is None and decision.response_fields is None
     header = _chat(pipeline, {"messages": USER}, headers=AUTH | {"x-reasoning-effort": "high"})
     assert (header.effort.effort, header.effort.source, header.pool) == ("high", "header", "deep")
 
@@ -195,30 +195,84 @@ def test_a_pool_without_replicas_is_503_at_once(tmp_path):
     assert refused.value.reason is Reason.NO_REPLICA
 
 
-def test_follow_ups_and_stored_responses_go_to_the_replica_that_stored_them(tmp_path):
+REASONING = {
+    "type": "reasoning",
+    "id": "rs_1",
+    "summary": [],
+    "content": [{"type": "reasoning_text", "text": "Greet."}],
+}
+ANSWER = {"type": "message", "role": "assistant", "id": "msg_1", "status": "completed",
+          "content": [{"type": "output_text", "text": "Hello!", "annotations": []}]}  # fmt: skip
+
+
+def _stored(owner: str = "tenant") -> StoredConversation:
+    return StoredConversation(
+        id="resp_1",
+        owner=owner,
+        created_at=0.0,
+        input_items=[{"type": "message", "role": "user", "content": "Hi"}],
+        response={"id": "resp_1", "object": "response", "status": "completed", "output": [REASONING, ANSWER]},
+    )
+
+
+def test_responses_get_server_made_ids_and_the_engine_stores_nothing(tmp_path):
     pipeline = _pipeline(tmp_path)
     first = _chat(pipeline, {"input": "Hi", "reasoning": {"effort": "high"}}, endpoint="responses")
-    assert first.remember and first.pool == "deep"
-    pipeline.routes.remember("resp_1", "deep", "replica-a")
-    follow = _chat(
-        pipeline,
-        {"input": "More", "previous_response_id": "resp_1", "reasoning": {"effort": "low"}},
-        endpoint="responses",
-    )
-    assert (follow.pool, follow.replica_id, follow.effort.effort) == ("deep", "replica-a", "low")
-    stored = pipeline.stored_response(AUTH, "resp_1", Decision())
-    assert (stored.pool, stored.replica_id) == ("deep", "replica-a")
-    with pytest.raises(Refusal) as missing:
-        pipeline.stored_response(AUTH, "resp_unknown", Decision())
-    assert (missing.value.status, missing.value.reason) == (404, Reason.NOT_FOUND)
+    assert first.pool == "deep" and first.store and not first.background
+    assert first.response_id.startswith("resp_") and len(first.response_id) == 37
+    assert first.body["request_id"] == first.response_id and first.body["store"] is False
+    assert first.input_items == [{"type": "message", "role": "user", "content": "Hi"}]
+    assert first.response_fields == {"store": True, "previous_response_id": None, "background": False}
+    again = _chat(pipeline, {"input": "Hi", "store": False}, endpoint="responses")
+    assert again.response_id != first.response_id and not again.store
+    cases = [
+        ({"input": "Hi", "request_id": "resp_mine"}, "request_id"),
+        ({"input": {"text": "Hi"}}, "input"),
+        ({"input": "Hi", "background": True, "store": False}, "background"),
+        ({"input": "Hi", "background": True, "stream": True}, "stream"),
+    ]
+    for body, param in cases:
+        refusal, _ = _refusal(pipeline, body, endpoint="responses")
+        assert (refusal.status, refusal.reason, refusal.param) == (400, Reason.INVALID, param), body
+
+
+def test_a_follow_up_carries_its_whole_conversation_and_runs_in_its_own_effort_pool(tmp_path):
+    pipeline = _pipeline(tmp_path)
+    decision = Decision()
+    pipeline.before_body(AUTH, decision)
+    previous = pipeline.owned("resp_1", _stored(), decision, "previous_response_id")
+    body = {"input": "More", "previous_response_id": "resp_1", "reasoning": {"effort": "low"}}
+    follow = pipeline.with_body("responses", AUTH, json.dumps(body).encode(), decision, previous=previous)
+    assert (follow.pool, follow.effort.effort) == ("fast", "low")
+    expected = [
+        *_stored().input_items,
+        REASONING,
+        ANSWER,
+        {"type": "message", "role": "user", "content": "More"},
+    ]
+    assert follow.body["input"] == expected == follow.input_items
+    assert "previous_response_id" not in follow.body
+    assert follow.response_fields["previous_response_id"] == "resp_1"
+
+
+def test_a_stored_response_exists_only_for_the_key_that_made_it(tmp_path):
+    pipeline = _pipeline(tmp_path)
+    decision = pipeline.stored_response(AUTH, Decision())
+    assert pipeline.owned("resp_1", _stored(), decision).id == "resp_1"
+    for found in (_stored(owner="someone-else"), None):
+        with pytest.raises(Refusal) as missing:
+            pipeline.owned("resp_1", found, decision, "previous_response_id")
+        refusal = missing.value
+        assert (refusal.status, refusal.reason, refusal.code) == (404, Reason.NOT_FOUND, "response_not_found")
+        assert refusal.param == "previous_response_id"
     with pytest.raises(Refusal) as anonymous:
-        pipeline.stored_response({}, "resp_1", Decision())
+        pipeline.stored_response({}, Decision())
     assert anonymous.value.reason is Reason.AUTH
 
 
 def test_the_alert_rules_and_metrics_speak_the_reasons_of_the_one_enum():
-    assert SERVICE_REJECTION_REASONS == ("queue_full", "no_replica", "replica_failed")
-    assert 'reason=~"queue_full|no_replica|replica_failed"' in RULES.read_text()
+    assert SERVICE_REJECTION_REASONS == ("queue_full", "no_replica", "replica_failed", "store_unavailable")
+    assert 'reason=~"queue_full|no_replica|replica_failed|store_unavailable"' in RULES.read_text()
     help_text = IngressMetrics(CollectorRegistry()).rejections._documentation
     assert all(reason.value in help_text for reason in Reason)
 

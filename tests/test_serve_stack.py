@@ -112,14 +112,14 @@ def test_completions_stream_and_not(client):
     assert "".join(p.choices[0].text for p in pieces if p.choices)
 
 
-def test_responses_and_follow_up_go_where_the_response_is_stored(client):
+def test_responses_and_a_follow_up_at_another_effort(client):
     first = client.responses.with_raw_response.create(
         model=MODEL, input="Hi", reasoning={"effort": "high"}, max_output_tokens=16
     )
     assert first.headers["x-gptoss-effort-source"] == "responses"
     assert first.headers["x-gptoss-pool"] == "deep"
     stored = first.parse()
-    # The follow-up asks for low effort (pool fast) but only deep's replica holds the stored response.
+    # The follow-up asks for another effort: it runs in that effort's pool, the conversation from the store.
     follow = client.responses.with_raw_response.create(
         model=MODEL,
         input="More",
@@ -127,10 +127,7 @@ def test_responses_and_follow_up_go_where_the_response_is_stored(client):
         max_output_tokens=8,
         extra_headers={"X-Reasoning-Effort": "low"},
     )
-    assert follow.headers["x-gptoss-pool"] == "deep"
-    assert follow.headers["x-gptoss-replica"] == first.headers["x-gptoss-replica"]
-    assert follow.headers["x-gptoss-effort"] == "low"
-    # vLLM found the stored conversation: the follow-up's prompt holds the first exchange.
+    assert (follow.headers["x-gptoss-pool"], follow.headers["x-gptoss-effort"]) == ("fast", "low")
     assert follow.parse().usage.input_tokens > stored.usage.input_tokens + stored.usage.output_tokens
     assert client.responses.retrieve(stored.id).id == stored.id
 
@@ -371,6 +368,7 @@ def test_killed_replica_gives_a_clean_error_and_is_replaced(stack, client):
         model=MODEL, messages=USER, reasoning_effort="high", max_tokens=2
     )
     old_replica = before.headers["x-gptoss-replica"]
+    kept = client.responses.create(model=MODEL, input="Hi", reasoning={"effort": "high"}, max_output_tokens=8)
     received, error = [], []
 
     def consume():
@@ -413,6 +411,13 @@ def test_killed_replica_gives_a_clean_error_and_is_replaced(stack, client):
     assert answer.status_code == 200, stack.log_tail()
     assert answer.headers["x-gptoss-replica"] != old_replica
     assert victim.pid not in [p.pid for p in _replica_processes("deep")]
+    # The conversation deep's dead replica answered lives on: its follow-up runs on the new replica.
+    follow = client.responses.with_raw_response.create(
+        model=MODEL, input="More", previous_response_id=kept.id, max_output_tokens=4,
+        reasoning={"effort": "high"},
+    )  # fmt: skip
+    assert follow.headers["x-gptoss-replica"] != old_replica
+    assert follow.parse().usage.input_tokens > kept.usage.input_tokens + kept.usage.output_tokens
     # The other pool never noticed.
     assert (
         _post(

@@ -357,9 +357,7 @@ def test_admission_queue_bound_spillover_and_no_replica():
     # 2 run, 2 wait (the second passes queue_above 1), the next spills to deep (1 slot), then fast is full.
     assert placed == ["fast", "fast", "fast", "fast", "deep<-fast", "queue_full"]
     assert admission.queue_depth("fast") == 2
-    # Pinned requests never spill.
     admission.finished("fast")
-    assert admission.admit("fast", pinned=True).spilled_from is None
     # With no running replica, a pool spills if it can, else refuses at once.
     admission.running["fast"] = 0
     admission.finished("deep")
@@ -421,38 +419,15 @@ def test_pool_deployment_options():
     deep = pool_deployment_options("deep", config.pools["deep"])
     assert deep["num_replicas"] == 2
     router = import_attr(deep["request_router_config"].request_router_class)
-    assert router.__name__ == "PinnedPrefixAwareRouter"
+    assert router.__name__ == "CountingPrefixAwareRouter"
     assert (
-        import_attr(fast["request_router_config"].request_router_class).__name__ == "PinnedPowerOfTwoRouter"
+        import_attr(fast["request_router_config"].request_router_class).__name__ == "CountingPowerOfTwoRouter"
     )
 
 
-def test_pinned_requests_go_to_their_replica_others_to_the_policy():
-    # Ray's RunningReplica and PendingRequest need a live controller; these stand-ins carry the two fields used.
-    import asyncio
-    from types import SimpleNamespace
-
+def test_pool_requests_show_their_prompt_to_the_prefix_aware_router():
     from gptoss_vllm.serve.pool import PoolRequest
-    from gptoss_vllm.serve.router import _Pinning
 
-    class Policy:
-        async def choose_replicas(self, candidate_replicas, pending_request=None):
-            return [candidate_replicas[-1:]]
-
-    class Router(_Pinning, Policy):
-        pass
-
-    replicas = [SimpleNamespace(replica_id=SimpleNamespace(unique_id=name)) for name in ("a", "b", "c")]
-
-    def choose(request):
-        pending = SimpleNamespace(args=[request], kwargs={})
-        return asyncio.run(Router().choose_replicas(replicas, pending))[0][0].replica_id.unique_id
-
-    assert choose(PoolRequest("POST", "/v1/responses", replica_id="a")) == "a"
-    assert (
-        choose(PoolRequest("POST", "/v1/responses", replica_id="gone")) == "c"
-    )  # replaced: the policy decides
-    assert choose(PoolRequest("POST", "/v1/chat/completions")) == "c"
     # Ray Serve LLM's prefix-aware router reads the prompt from these attributes.
     chat = PoolRequest(
         "POST", "/v1/chat/completions", payload={"messages": [{"role": "user", "content": "x"}]}

@@ -148,3 +148,28 @@ class IngressMetrics:
             "Reloads of the API keys file that failed (the keys in force stay)",
             registry=registry,
         )
+        # The Responses conversation store (backend: embedded or redis).
+        self.stored_responses = Gauge(
+            "gptoss_response_store_responses",
+            "Responses in the conversation store (read every few seconds; shared by ingress replicas)",
+            ("backend",),
+            registry=registry,
+        )
+        self.store_lookups = Counter(
+            "gptoss_response_store_lookups",
+            "Stored responses asked for by id: result is hit or miss (unknown, expired, or another key's)",
+            ("backend", "result"),
+            registry=registry,
+        )
+        self.store_evictions = Counter(
+            "gptoss_response_store_evictions",
+            "Responses the store dropped: reason is ttl (past retention) or size (past max_responses)",
+            ("backend", "reason"),
+            registry=registry,
+        )
+        self.store_errors = Counter(
+            "gptoss_response_store_errors",
+            "Store calls that failed (answered 503 with Retry-After), by operation",
+            ("backend", "operation"),
+            registry=registry,
+        )

@@ -21,6 +21,13 @@ from gptoss_vllm.observability.metrics import NONE, IngressMetrics
 # Responses API stream events that carry generated text, by what they carry.
 _RESPONSES_REASONING = ("response.reasoning_text.delta", "response.reasoning_summary_text.delta")
 _RESPONSES_ANSWER = ("response.output_text.delta", "response.function_call_arguments.delta")
+_RESPONSES_TERMINAL = ("response.completed", "response.incomplete", "response.failed")
+
+
+def _event_with(event: bytes, payload: dict[str, Any]) -> bytes:
+    """The SSE event with its data line replaced by ``payload``."""
+    data = b"data: " + json.dumps(payload, ensure_ascii=False).encode()
+    return b"\n".join(data if line.startswith(b"data: ") else line for line in event.split(b"\n"))
 
 
 def request_usage(endpoint: str, body: dict[str, Any]) -> bool:
@@ -54,9 +61,17 @@ class StreamObserver:
     the usage event the ingress asked for on the client's behalf (``strip_usage``).
     """
 
-    def __init__(self, endpoint: str, strip_usage: bool = False) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        strip_usage: bool = False,
+        response_fields: dict[str, Any] | None = None,
+    ) -> None:
         self.endpoint = endpoint
         self.strip_usage = strip_usage
+        # Fields of every Responses object to set as the client's request had them (the engine saw others).
+        self.response_fields = response_fields
+        self.finished_response: bytes | None = None  # the terminal event's response object, once seen
         self.started = time.monotonic()
         self.seen = Observation()
         self._last_token: float | None = None
@@ -68,8 +83,8 @@ class StreamObserver:
         *events, self._pending = self._pending.split(b"\n\n")
         kept = []
         for event in events:
-            if self._observe_event(event):
-                kept.append(event + b"\n\n")
+            if (observed := self._observe_event(event)) is not None:
+                kept.append(observed + b"\n\n")
         return b"".join(kept)
 
     def flush(self) -> bytes:
@@ -77,27 +92,33 @@ class StreamObserver:
         pending, self._pending = self._pending, b""
         return pending
 
-    def observe_body(self, content: bytes) -> None:
-        """Observe a whole (non-streamed) JSON answer."""
+    def observe_body(self, content: bytes) -> bytes:
+        """Observe a whole (non-streamed) JSON answer; returns it as the client gets it."""
         try:
             answer = json.loads(content)
         except ValueError:
-            return
+            return content
         if isinstance(answer, dict):
             self._read_usage(answer.get("usage"))
             if self.endpoint == "responses" and isinstance(answer.get("id"), str):
                 self.seen.response_id = answer["id"]
+                if self.response_fields is not None and answer.get("object") == "response":
+                    answer.update(self.response_fields)
+                    content = json.dumps(answer, ensure_ascii=False).encode()
+                    self.finished_response = content
+        return content
 
-    def _observe_event(self, event: bytes) -> bool:
+    def _observe_event(self, event: bytes) -> bytes | None:
+        """The event as the client gets it, or None to drop it."""
         data = next((line[6:] for line in event.split(b"\n") if line.startswith(b"data: ")), None)
         if data is None or data == b"[DONE]":
-            return True
+            return event
         try:
             payload = json.loads(data)
         except ValueError:
-            return True
+            return event
         if not isinstance(payload, dict):
-            return True
+            return event
         if self.endpoint == "responses":
             kind = payload.get("type", "")
             if kind in _RESPONSES_REASONING:
@@ -110,7 +131,12 @@ class StreamObserver:
                     self.seen.response_id = response["id"]
                 if kind == "response.completed":
                     self._read_usage(response.get("usage"))
-            return True
+                if self.response_fields is not None:
+                    response.update(self.response_fields)
+                    if kind in _RESPONSES_TERMINAL:
+                        self.finished_response = json.dumps(response, ensure_ascii=False).encode()
+                    return _event_with(event, payload)
+            return event
         choices = payload.get("choices") or []
         for choice in choices:
             delta = choice.get("delta") or {}
@@ -124,8 +150,8 @@ class StreamObserver:
         if payload.get("usage"):
             self._read_usage(payload["usage"])
             if not choices and self.strip_usage:
-                return False
-        return True
+                return None
+        return event
 
     def _token(self, answer: bool | None) -> None:
         now = time.monotonic()

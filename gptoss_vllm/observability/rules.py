@@ -74,6 +74,8 @@ CLIENT_REJECTIONS_PER_S = 1.0
 REJECTIONS_FOR = "15m"
 TARGET_DOWN_FOR = "5m"
 KEYS_RELOAD_WINDOW = "10m"  # a failed reload is retried every 10 s while requests come
+STORE_ERRORS_WINDOW = "5m"
+STORE_ERRORS_FOR = "5m"  # the size gauge reads the store every 10 s: a store down fails continuously
 SCRAPE_COMPONENTS = "ingress|pool"
 
 RULES_PATH = Path(__file__).resolve().parent / "prometheus" / "rules.yaml"
@@ -378,6 +380,20 @@ def capacity_alert_group(runbook_base: str) -> dict:
                     "An ingress in namespace {{ $labels.namespace }} failed to reload its API keys file in the "
                     f"last {KEYS_RELOAD_WINDOW}: it keeps serving with the keys it had, so a rotation (a new or "
                     "revoked key) has not taken effect."
+                ),
+                runbook_base=runbook_base,
+            ),
+            _alert(
+                "GptossResponseStoreFailing",
+                f"sum by (namespace, backend, operation) (rate(gptoss_response_store_errors_total[{STORE_ERRORS_WINDOW}])) > 0",
+                STORE_ERRORS_FOR,
+                "page",
+                summary="gpt-oss's response store ({{ $labels.backend }}) is failing",
+                description=(
+                    "Calls to the {{ $labels.backend }} response store failed ({{ $labels.operation }}, "
+                    '{{ printf "%.2f" $value }}/s) in namespace {{ $labels.namespace }} for '
+                    f"{STORE_ERRORS_FOR}: Responses requests that store or read a conversation are answered "
+                    "503 until it recovers."
                 ),
                 runbook_base=runbook_base,
             ),

@@ -40,16 +40,15 @@ class Admission:
     def _has_room(self, pool: str, sequences: int = 1) -> bool:
         return self.running[pool] > 0 and not self._is_full(pool, sequences)
 
-    def admit(self, pool: str, pinned: bool = False, sequences: int = 1) -> Admitted:
-        """Choose where a request of ``sequences`` for ``pool`` runs; ``pinned`` requests (stored-response
-        follow-ups) never spill, since only their pool holds the state they need."""
+    def admit(self, pool: str, sequences: int = 1) -> Admitted:
+        """Choose where a request of ``sequences`` for ``pool`` runs."""
         settings = self._config.pools[pool]
         retry = self._config.ingress.retry_after_s
         spill = settings.spillover
         overflowing = self.running[pool] == 0 or (
             spill is not None and self.queue_depth(pool) > spill.queue_above
         )
-        if not pinned and spill is not None and overflowing and self._has_room(spill.to, sequences):
+        if spill is not None and overflowing and self._has_room(spill.to, sequences):
             return Admitted(spill.to, spilled_from=pool)
         if self.running[pool] == 0:
             raise Refusal.retry_later(

@@ -3,7 +3,7 @@
 Ray Serve still routes every request (the pool's request router picks the replica, ``max_ongoing_requests``
 and the queue bound hold, the autoscaler counts it, a drain waits for it): the ingress calls the pool's
 handle, and the call stays open until the answer is done. But the call's stream carries one item, an
-:class:`AnswerTicket`; the answer itself (:class:`PoolAnswerStart`, body bytes, :class:`StoredResponse`,
+:class:`AnswerTicket`; the answer itself (:class:`PoolAnswerStart`, body bytes, :class:`FinishedResponse`,
 :class:`PoolAnswerEnd`) goes over a plain socket to the replica's :class:`AnswerChannel`, framed as
 ``kind (1 byte) + length (4 bytes) + payload``. Ray Serve's streaming costs a few hundred microseconds of CPU
 per item on both ends; a framed write and read cost a few. The ticket is a random one-time token that only
@@ -35,7 +35,7 @@ log = logging.getLogger("ray.serve")
 # How long a replica keeps an answer's ticket waiting for the ingress to connect.
 CONNECT_TIMEOUT_S = 30.0
 _HEADER = struct.Struct("!BI")
-_START, _BODY, _STORED, _END = 1, 2, 3, 4
+_START, _BODY, _FINISHED, _END = 1, 2, 3, 4
 _TOKEN_BYTES = 16
 
 
@@ -49,10 +49,11 @@ class PoolAnswerStart:
 
 
 @dataclass(frozen=True)
-class StoredResponse:
-    """The answer is a stored Response with this id (sent once, as soon as it is seen)."""
+class FinishedResponse:
+    """A Responses answer's final response object (JSON), sent before the bytes that carry it to the client,
+    so that the ingress stores the conversation before the client can ask for a follow-up."""
 
-    response_id: str
+    document: bytes
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class PoolAnswerEnd:
     seen: Observation | None = None
 
 
-AnswerItem = PoolAnswerStart | bytes | StoredResponse | PoolAnswerEnd
+AnswerItem = PoolAnswerStart | bytes | FinishedResponse | PoolAnswerEnd
 
 
 @dataclass(frozen=True)
@@ -83,8 +84,8 @@ def _frame(item: AnswerItem) -> bytes:
         return _HEADER.pack(_BODY, len(item)) + item
     if isinstance(item, PoolAnswerStart):
         kind, payload = _START, json.dumps([item.status, item.headers, item.replica_id]).encode()
-    elif isinstance(item, StoredResponse):
-        kind, payload = _STORED, item.response_id.encode()
+    elif isinstance(item, FinishedResponse):
+        kind, payload = _FINISHED, item.document
     elif isinstance(item, PoolAnswerEnd):
         seen = None if item.seen is None else dataclasses.asdict(item.seen)
         kind, payload = _END, json.dumps(seen).encode()
@@ -99,8 +100,8 @@ def _item(kind: int, payload: bytes) -> AnswerItem:
     if kind == _START:
         status, headers, replica_id = json.loads(payload)
         return PoolAnswerStart(status, [(k, v) for k, v in headers], replica_id)
-    if kind == _STORED:
-        return StoredResponse(payload.decode())
+    if kind == _FINISHED:
+        return FinishedResponse(payload)
     if kind == _END:
         seen = json.loads(payload)
         return PoolAnswerEnd(None if seen is None else Observation(**seen))

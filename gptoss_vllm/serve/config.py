@@ -146,6 +146,36 @@ class Auth(_Strict):
         return self
 
 
+class ResponseStoreConfig(_Strict):
+    """Where the Responses API's conversations live (``embedded`` SQLite, or ``redis`` for clusters)."""
+
+    backend: Literal["embedded", "redis"] = "embedded"
+    path: str | None = Field(default=None, description="embedded: the SQLite file; default in the cache")
+    url: str | None = Field(default=None, description="redis: redis://host:6379/0, or rediss:// for TLS")
+    password_env: str = Field(
+        default="GPTOSS_RESPONSE_STORE_PASSWORD", description="redis: the variable holding its password"
+    )
+    tls_ca_file: str | None = Field(default=None, description="redis over TLS: the CA bundle to trust")
+    key_prefix: str = Field(default="gptoss:", min_length=1, description="redis: prefix of every key")
+    ttl_s: float = Field(default=30 * 86400.0, gt=0, description="How long a response is kept")
+    max_responses: int = Field(default=1_000_000, ge=1, description="Past it, the oldest are evicted")
+    timeout_s: float = Field(default=2.0, gt=0, description="Per store call; past it: 503")
+
+    @model_validator(mode="after")
+    def _backend_settings(self) -> ResponseStoreConfig:
+        if self.backend == "redis":
+            if not self.url:
+                raise ValueError("url: the redis backend needs url (redis://host:port/db or rediss://...)")
+            if not re.match(r"^rediss?://", self.url):
+                raise ValueError(f"url: {self.url.split('@')[-1]!r} is not a redis:// or rediss:// URL")
+        elif self.url is not None:
+            raise ValueError("url: only the redis backend takes a url (set backend: redis)")
+        return self
+
+    def embedded_path(self) -> Path:
+        return Path(self.path) if self.path else cache_root() / "responses.sqlite3"
+
+
 class Ingress(_Strict):
     replicas: int = Field(default=1, ge=1)
     max_ongoing_requests: int = Field(default=1000, ge=1)
@@ -153,7 +183,6 @@ class Ingress(_Strict):
         default=1000, ge=1, description="Requests waiting for an ingress replica; beyond: 503 + Retry-After"
     )
     retry_after_s: int = Field(default=1, ge=1, description="Retry-After of 429/503 answers")
-    response_routes: int = Field(default=100_000, ge=1, description="Responses remembered for follow-ups")
     max_body_bytes: int | None = Field(
         default=None,
         ge=1024,
@@ -180,6 +209,7 @@ class ServeConfig(_Strict):
     budgets: dict[Effort, Budget] = Field(default_factory=dict)
     auth: Auth | None = None
     ingress: Ingress = Field(default_factory=Ingress)
+    response_store: ResponseStoreConfig = Field(default_factory=ResponseStoreConfig)
 
     @field_validator("pools")
     @classmethod

@@ -11,6 +11,7 @@ its own limit and deadline, for paths that bypass the gate. Every error is OpenA
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -33,19 +34,27 @@ from gptoss_vllm.serve.admission import Admission
 from gptoss_vllm.serve.answer_channel import (
     AnswerLost,
     AnswerReader,
+    FinishedResponse,
     PoolAnswerEnd,
     PoolAnswerStart,
-    StoredResponse,
 )
 from gptoss_vllm.serve.auth import KeyRing, RateLimiter, bearer_token
 from gptoss_vllm.serve.config import ServeConfig
+from gptoss_vllm.serve.conversation import (
+    ListingError,
+    deleted,
+    input_items_page,
+    queued_response,
+    with_status,
+)
 from gptoss_vllm.serve.effort import Endpoint
 from gptoss_vllm.serve.openai_errors import error_response, sse_error_event
 from gptoss_vllm.serve.openapi import openapi_document
-from gptoss_vllm.serve.pipeline import Decision, RequestPipeline, ResponseRoutes, client_address
+from gptoss_vllm.serve.pipeline import Decision, RequestPipeline, client_address
 from gptoss_vllm.serve.pool import PoolRequest
 from gptoss_vllm.serve.proxy_gate import too_large, too_slow
 from gptoss_vllm.serve.refusal import SERVICE_REASONS, Reason, Refusal
+from gptoss_vllm.serve.response_store import StoredConversation, StoreUnavailable, open_store
 from gptoss_vllm.serve.router import routable_replicas
 
 log = logging.getLogger("ray.serve")
@@ -55,6 +64,11 @@ _FORWARDED_HEADERS = ("traceparent", "tracestate", "baggage", "x-request-id")
 _PASSED_BACK_HEADERS = ("content-type", "x-request-id")
 POOL_STATUS_PERIOD_S = 1.0
 ROUTER_READ_PERIOD_S = 0.2  # a dict read: cheap
+STORE_SIZE_PERIOD_S = 10.0
+# Background responses: how often the ingress running one checks for a cancel (from any ingress replica) and
+# renews its lease; a response whose lease ran out is shown as failed (its ingress stopped).
+BACKGROUND_POLL_S = 1.0
+BACKGROUND_LEASE_S = 15.0
 
 app = FastAPI(title="gptoss-vllm", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -149,7 +163,6 @@ class Ingress:
         self._pipeline = RequestPipeline(
             self._config,
             self._admission,
-            ResponseRoutes(self._config.ingress.response_routes),
             keys=keys,
             limiter=RateLimiter(auth.rate_limit, dict(auth.key_rate_limits)) if auth else None,
         )
@@ -157,10 +170,18 @@ class Ingress:
         self._monitoring_token = os.environ.get(token_env, "").strip().encode() or None
         if self._monitoring_token is None:
             log.warning("GET /metrics/targets is off: set $%s to the token Prometheus sends", token_env)
+        backend = self._store_backend = self._config.response_store.backend
+        self._store = open_store(
+            self._config.response_store,
+            on_evict=lambda reason, count: self._metrics.store_evictions.labels(backend, reason).inc(count),
+        )
+        self._background: dict[str, asyncio.Task] = {}
         context = serve.get_replica_context()
         self._app_name = context.app_name
         self._heard: set[str] = set()
-        self._watcher = asyncio.get_running_loop().create_task(self._watch_pools())
+        loop = asyncio.get_running_loop()
+        self._watcher = loop.create_task(self._watch_pools())
+        self._store_watcher = loop.create_task(self._watch_store())
         for name, pool in self._config.pools.items():
             # Read at scrape time, so the gauges never lag the admission counts.
             self._metrics.in_flight.labels(name).set_function(lambda n=name: self._admission.in_flight[n])
@@ -212,6 +233,69 @@ class Ingress:
                 except Exception as exc:  # the controller restarting: keep the last known counts
                     log.warning("could not read pool status from the Serve controller: %s", exc)
             await asyncio.sleep(POOL_STATUS_PERIOD_S if unheard else ROUTER_READ_PERIOD_S)
+
+    async def _watch_store(self) -> None:
+        """Keep the store's size gauge (and let retention run when nothing is written)."""
+        while True:
+            try:
+                self._metrics.stored_responses.labels(self._store_backend).set(await self._store.count())
+            except StoreUnavailable as exc:
+                self._metrics.store_errors.labels(self._store_backend, exc.operation).inc()
+                log.warning("%s", exc)
+            await asyncio.sleep(STORE_SIZE_PERIOD_S)
+
+    # -- the response store ----------------------------------------------------------------------------------
+
+    async def _stored(self, call: Any) -> Any:
+        """Await a store call; a failure is counted and answered 503 with Retry-After, never ignored."""
+        try:
+            return await call
+        except StoreUnavailable as exc:
+            self._metrics.store_errors.labels(self._store_backend, exc.operation).inc()
+            log.warning("%s", exc)
+            retry = self._config.ingress.retry_after_s
+            message = f"The response store is unavailable; retry in {retry} s"
+            raise Refusal.retry_later(
+                Reason.STORE_UNAVAILABLE, 503, message, retry, code="store_unavailable"
+            ) from None
+
+    async def _owned(
+        self, response_id: Any, decision: Decision, param: str | None = None
+    ) -> StoredConversation:
+        """The stored response, if the request's key owns it (else 404)."""
+        found = await self._stored(self._store.get(response_id)) if isinstance(response_id, str) else None
+        try:
+            conversation = self._pipeline.owned(response_id, found, decision, param)
+        except Refusal:
+            self._metrics.store_lookups.labels(self._store_backend, "miss").inc()
+            raise
+        self._metrics.store_lookups.labels(self._store_backend, "hit").inc()
+        lease = conversation.lease_until
+        if lease is not None and lease < time.time() and conversation.status in ("queued", "in_progress"):
+            error = {
+                "code": "server_error",
+                "message": "The server running this response stopped; create it again",
+            }
+            conversation.response = with_status(conversation.response, "failed", error)
+        return conversation
+
+    async def _keep(self, decision: Decision, document: bytes) -> None:
+        """Store the finished response of ``decision`` (its owner, whole input, output)."""
+        if not decision.store:
+            return
+        assert decision.response_id is not None and decision.key_name is not None
+        if decision.background:
+            current = await self._stored(self._store.get(decision.response_id))
+            if current is None or current.cancel_requested:
+                return  # deleted or cancelled while it ran: that answer stands
+        conversation = StoredConversation(
+            id=decision.response_id,
+            owner=decision.key_name,
+            created_at=time.time(),
+            input_items=decision.input_items or [],
+            response=json.loads(document),
+        )
+        await self._stored(self._store.put(conversation))
 
     # -- routes ----------------------------------------------------------------------------------------------
 
@@ -267,13 +351,19 @@ class Ingress:
 
     @app.get("/v1/responses/{response_id}")
     async def get_response(self, response_id: str, request: Request) -> Response:
-        return await self._stored_response(request, response_id, "GET", f"/v1/responses/{response_id}")
+        return await self._stored_response(request, response_id, "get")
+
+    @app.get("/v1/responses/{response_id}/input_items")
+    async def list_input_items(self, response_id: str, request: Request) -> Response:
+        return await self._stored_response(request, response_id, "input_items")
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(self, response_id: str, request: Request) -> Response:
+        return await self._stored_response(request, response_id, "delete")
 
     @app.post("/v1/responses/{response_id}/cancel")
     async def cancel_response(self, response_id: str, request: Request) -> Response:
-        return await self._stored_response(
-            request, response_id, "POST", f"/v1/responses/{response_id}/cancel"
-        )
+        return await self._stored_response(request, response_id, "cancel")
 
     # -- request handling ------------------------------------------------------------------------------------
 
@@ -349,8 +439,15 @@ class Ingress:
             self._pipeline.before_body(request.headers, decision, self._client(request))
             raw = await _read_body(request, self._pipeline.body_limit, self._config.ingress.body_timeout_s)
             # Parsing megabytes here would stall every stream on this event loop.
-            parsed = await asyncio.to_thread(self._pipeline.parse_json, raw) if len(raw) > 1 << 20 else None
-            self._pipeline.with_body(endpoint, request.headers, raw, decision, parsed)
+            if len(raw) > 1 << 20:
+                parsed = await asyncio.to_thread(self._pipeline.parse_json, raw)
+            else:
+                parsed = self._pipeline.parse_json(raw)
+            previous = None
+            previous_id = parsed.get("previous_response_id") if isinstance(parsed, dict) else None
+            if endpoint == "responses" and previous_id is not None:
+                previous = await self._owned(previous_id, decision, "previous_response_id")
+            self._pipeline.with_body(endpoint, request.headers, raw, decision, parsed, previous)
         except Refusal as refusal:
             return self._refused(record, decision, refusal)
         assert decision.encoded is not None and decision.effort is not None
@@ -367,27 +464,144 @@ class Ingress:
             decision.encoded,
             headers=forwarded,
             payload=decision.body,
-            replica_id=decision.replica_id,
             endpoint=endpoint,
             strip_usage=decision.strip_usage,
-            remember=decision.remember,
+            response_fields=decision.response_fields,
         )
+        if decision.background:
+            return await self._start_background(decision, pool_request, record)
         return await self._forward(decision, pool_request, record)
 
-    async def _stored_response(self, request: Request, response_id: str, method: str, path: str) -> Response:
-        record = self._record("responses_get" if method == "GET" else "responses_cancel", request)
+    async def _stored_response(self, request: Request, response_id: str, action: str) -> Response:
+        """Read, list the input of, delete or cancel a stored response: its owner's key only."""
+        record = self._record(f"responses_{action}", request)
         decision = Decision()
         try:
-            self._pipeline.stored_response(request.headers, response_id, decision, self._client(request))
+            self._pipeline.stored_response(request.headers, decision, self._client(request))
+            if action == "get" and request.query_params.get("stream") in ("true", "1"):
+                raise Refusal(
+                    Reason.INVALID,
+                    400,
+                    "Streaming a stored response is not supported: GET it without 'stream'",
+                    param="stream",
+                    code="invalid_value",
+                )
+            conversation = await self._owned(response_id, decision)
+            if action == "get":
+                answer: Response = JSONResponse(conversation.response)
+            elif action == "input_items":
+                try:
+                    answer = JSONResponse(input_items_page(conversation, dict(request.query_params)))
+                except ListingError as exc:
+                    raise Refusal(
+                        Reason.INVALID, 400, str(exc), param=exc.param, code="invalid_value"
+                    ) from None
+            elif action == "delete":
+                await self._stored(self._store.delete(conversation.id))
+                answer = JSONResponse(deleted(conversation.id))
+            else:
+                answer = JSONResponse(await self._cancel(conversation))
         except Refusal as refusal:
             return self._refused(record, decision, refusal)
-        pool_request = PoolRequest(method, path, query=request.url.query, replica_id=decision.replica_id)
-        answer = await self._forward(decision, pool_request, record)
-        return answer if isinstance(answer, StreamingResponse) else self._finished(record, answer)
+        return self._finished(record, answer)
+
+    async def _cancel(self, conversation: StoredConversation) -> dict[str, Any]:
+        """Mark a background response cancelled; the ingress running it (any replica) stops it within
+        ``BACKGROUND_POLL_S``, and the engine aborts it."""
+        if not conversation.response.get("background"):
+            raise Refusal(
+                Reason.INVALID,
+                400,
+                "Only a response created with 'background: true' can be cancelled",
+                code="invalid_value",
+            )
+        if conversation.status in ("queued", "in_progress"):
+            conversation.cancel_requested = True
+            conversation.lease_until = None
+            conversation.response = with_status(conversation.response, "cancelled")
+            await self._stored(self._store.put(conversation))
+        return conversation.response
+
+    async def _start_background(
+        self, decision: Decision, pool_request: PoolRequest, record: RequestRecord
+    ) -> Response:
+        """Answer ``queued`` at once and run the response here, counted in admission until it ends."""
+        assert decision.response_id is not None and decision.key_name is not None
+        assert decision.body is not None and decision.response_fields is not None
+        queued = queued_response(decision.response_id, decision.body, decision.response_fields)
+        conversation = StoredConversation(
+            id=decision.response_id,
+            owner=decision.key_name,
+            created_at=time.time(),
+            input_items=decision.input_items or [],
+            response=queued,
+            lease_until=time.time() + BACKGROUND_LEASE_S,
+        )
+        try:
+            await self._stored(self._store.put(conversation))
+        except Refusal as refusal:
+            return self._refused(record, decision, refusal)
+        task = asyncio.get_running_loop().create_task(
+            self._run_background(decision, pool_request, conversation)
+        )
+        self._background[conversation.id] = task
+        task.add_done_callback(lambda _: self._background.pop(conversation.id, None))
+        return JSONResponse(queued, headers={**decision.headers, "x-gptoss-pool": decision.pool or ""})
+
+    async def _run_background(
+        self, decision: Decision, pool_request: PoolRequest, conversation: StoredConversation
+    ) -> None:
+        record = RequestRecord(self._metrics, "responses")
+        work = asyncio.ensure_future(self._forward(decision, pool_request, record))
+        try:
+            while True:
+                done, _ = await asyncio.wait({work}, timeout=BACKGROUND_POLL_S)
+                if done:
+                    break
+                try:
+                    current = await self._store.get(conversation.id)
+                except StoreUnavailable as exc:
+                    self._metrics.store_errors.labels(self._store_backend, exc.operation).inc()
+                    log.warning("background response %s: %s (it keeps running)", conversation.id, exc)
+                    continue
+                if current is None or current.cancel_requested:
+                    log.info("background response %s was %s: stopping it", conversation.id,
+                             "deleted" if current is None else "cancelled")  # fmt: skip
+                    work.cancel()
+                    return
+                current.lease_until = time.time() + BACKGROUND_LEASE_S
+                if current.status == "queued":
+                    current.response = with_status(current.response, "in_progress")
+                try:
+                    await self._store.put(current)
+                except StoreUnavailable as exc:
+                    self._metrics.store_errors.labels(self._store_backend, exc.operation).inc()
+            answer = work.result()
+            if answer.status_code != 200:
+                # The engine refused it, or the store failed at the end: the stored response says so.
+                error = {"code": "server_error" if answer.status_code >= 500 else "invalid_request",
+                         "message": bytes(answer.body).decode(errors="replace")[:2000]}  # fmt: skip
+                conversation.lease_until = None
+                conversation.response = with_status(conversation.response, "failed", error)
+                await self._store.put(conversation)
+        except asyncio.CancelledError:
+            work.cancel()
+            raise
+        except Exception:
+            log.exception("background response %s failed", conversation.id)
+            with contextlib.suppress(Exception):
+                conversation.lease_until = None
+                error = {"code": "server_error", "message": "The server failed while running this response"}
+                conversation.response = with_status(conversation.response, "failed", error)
+                await self._store.put(conversation)
 
     async def __del__(self) -> None:
         self._watcher.cancel()
+        self._store_watcher.cancel()
+        for task in list(self._background.values()):
+            task.cancel()  # their leases run out: other replicas show them as failed
         self._metrics_endpoint.close()
+        await self._store.close()
 
     def _start_engine_span(self, record: RequestRecord, pool_request: PoolRequest) -> None:
         """A child span for the pool call, whose context vLLM's engine span continues (``traceparent``)."""
@@ -456,6 +670,8 @@ class Ingress:
                 async for item in answer.reader:
                     if isinstance(item, bytes):
                         chunks.append(item)
+                    elif isinstance(item, FinishedResponse) and start.status == 200:
+                        await self._keep(decision, item.document)
                     elif isinstance(item, PoolAnswerEnd) and item.seen is not None:
                         record.take(item.seen, started_at)
             except AnswerLost as exc:
@@ -465,14 +681,14 @@ class Ingress:
                 log.warning("pool %s failed while answering: %s", pool, exc)
                 refusal = Refusal(Reason.REPLICA_FAILED, 503, f"Pool '{pool}' failed while answering")
                 return self._refused(record, Decision(headers=headers), refusal)
+            except Refusal as refusal:  # the store could not keep the answer: the client asks again
+                answer.hang_up()
+                return self._refused(record, Decision(headers=headers), refusal)
             except BaseException:
                 answer.hang_up()
                 raise
             finally:
                 self._pipeline.finished(decision, _tokens(record))
-            response_id = record.response_id
-            if decision.remember and start.status == 200 and response_id is not None:
-                self._pipeline.routes.remember(response_id, pool, start.replica_id)
             log.debug(
                 "%s %s -> %s in %.3f s", pool, pool_request.path, start.status, time.monotonic() - started
             )
@@ -494,7 +710,7 @@ class Ingress:
     ) -> AsyncIterator[bytes]:
         """Forward the pool's bytes as they come; the replica observed them and says what it saw at the end."""
         assert decision.pool is not None
-        pool, remember = decision.pool, decision.remember
+        pool = decision.pool
         finished = False
         record.status = status
         try:
@@ -503,8 +719,15 @@ class Ingress:
                     yield item
                 elif isinstance(item, PoolAnswerEnd) and item.seen is not None:
                     record.take(item.seen, started_at)
-                elif isinstance(item, StoredResponse) and remember:
-                    self._pipeline.routes.remember(item.response_id, pool, replica_id)
+                elif isinstance(item, FinishedResponse) and status == 200:
+                    # Stored before the client sees the end, so that its follow-up finds it.
+                    try:
+                        await self._keep(decision, item.document)
+                    except Refusal as refusal:
+                        record.status, record.rejected = refusal.status, refusal.reason.value
+                        yield sse_error_event(refusal.status, refusal.message, refusal.code or "")
+                        answer.hang_up()
+                        break
             finished = True
         except AnswerLost as exc:
             if answer.cancelled:

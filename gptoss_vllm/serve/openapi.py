@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from gptoss_vllm.serve.config import EFFORTS
+from gptoss_vllm.serve.conversation import MAX_LISTED_ITEMS
 from gptoss_vllm.serve.pipeline import MAX_N
 
 _EFFORT = {"type": "string", "enum": list(EFFORTS)}
@@ -83,6 +84,7 @@ _BODIES: dict[str, dict[str, Any]] = {
             "max_output_tokens": _LIMIT,
             "previous_response_id": {"type": "string"},
             "store": {"type": "boolean"},
+            "background": {"type": "boolean"},
             "stream": {"type": "boolean"},
         },
     },
@@ -100,7 +102,7 @@ def _answers(ok: str) -> dict[str, Any]:
         ("413", "Body over the limit"),
         ("415", "Not JSON"),
         ("429", "A rate limit, a key's limit or the pool's queue bound; see Retry-After"),
-        ("503", "No replica or a replica lost; see Retry-After"),
+        ("503", "No replica, a replica lost, or the response store unavailable; see Retry-After"),
     ):
         answers[status] = {"description": why, "content": error}
     return answers
@@ -119,16 +121,27 @@ def _generation(summary: str, body: str) -> dict[str, Any]:
     }
 
 
-def _stored(method: str, summary: str) -> dict[str, Any]:
+def _stored(summary: str, query: tuple[dict[str, Any], ...] = ()) -> dict[str, Any]:
+    """One operation on a stored response (its owner's key only: any other gets 404)."""
     return {
-        method: {
-            "summary": summary,
-            "parameters": [
-                {"name": "response_id", "in": "path", "required": True, "schema": {"type": "string"}}
-            ],
-            "responses": _answers("The stored response"),
-        }
+        "summary": summary,
+        "parameters": [
+            {"name": "response_id", "in": "path", "required": True, "schema": {"type": "string"}},
+            *query,
+        ],
+        "responses": _answers(summary),
     }
+
+
+_LISTING = (
+    {
+        "name": "limit",
+        "in": "query",
+        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LISTED_ITEMS},
+    },
+    {"name": "order", "in": "query", "schema": {"type": "string", "enum": ["asc", "desc"]}},
+    {"name": "after", "in": "query", "schema": {"type": "string"}},
+)
 
 
 def openapi_document(title: str, model_name: str) -> dict[str, Any]:
@@ -152,7 +165,13 @@ def openapi_document(title: str, model_name: str) -> dict[str, Any]:
             "/v1/chat/completions": _generation("Chat completion", "chat"),
             "/v1/completions": _generation("Completion (raw harmony text)", "completions"),
             "/v1/responses": _generation("Responses API", "responses"),
-            "/v1/responses/{response_id}": _stored("get", "A stored response"),
-            "/v1/responses/{response_id}/cancel": _stored("post", "Cancel a background response"),
+            "/v1/responses/{response_id}": {
+                "get": _stored("A stored response"),
+                "delete": _stored("Delete a stored response"),
+            },
+            "/v1/responses/{response_id}/input_items": {
+                "get": _stored("The input items of a stored response", _LISTING)
+            },
+            "/v1/responses/{response_id}/cancel": {"post": _stored("Cancel a background response")},
         },
     }

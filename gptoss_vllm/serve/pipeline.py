@@ -1,7 +1,8 @@
 """The ingress's request pipeline: the checks a request passes, in order, before it reaches a pool.
 
 address guard -> key -> rate limit -> body (media type, size, JSON, encoding) -> model -> effort -> budget ->
-sequences (``n`` times prompts) -> pool -> admission -> the key's concurrency and tokens per minute. Each step
+the answer asked for (Responses: server-made id, a follow-up's whole conversation) -> sequences (``n`` times
+prompts) -> admission -> the key's concurrency and tokens per minute. Each step
 either fills in the
 request's :class:`Decision` or raises :class:`~gptoss_vllm.serve.refusal.Refusal`; the decision keeps what the
 steps before a refusal learnt (effort, pool), so that a refused request is counted where it was refused. Nothing
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,8 +23,10 @@ from gptoss_vllm.serve.admission import Admission
 from gptoss_vllm.serve.auth import KeyRing, RateLimiter, TenantUsage
 from gptoss_vllm.serve.budget import BudgetError, apply_budget
 from gptoss_vllm.serve.config import ServeConfig
+from gptoss_vllm.serve.conversation import as_items, follow_up_input, new_response_id
 from gptoss_vllm.serve.effort import EffortError, Endpoint, ResolvedEffort, apply_effort, resolve_effort
 from gptoss_vllm.serve.refusal import Reason, Refusal, whole_seconds
+from gptoss_vllm.serve.response_store import StoredConversation
 
 ANONYMOUS = "anonymous"
 MAX_N = 128  # OpenAI's cap on choices per request
@@ -41,23 +43,6 @@ def client_address(headers: Mapping[str, str], peer: str | None, header: str | N
     return peer
 
 
-class ResponseRoutes:
-    """Where each stored Response lives (pool, replica), bounded LRU."""
-
-    def __init__(self, capacity: int) -> None:
-        self._capacity = capacity
-        self._routes: OrderedDict[str, tuple[str, str]] = OrderedDict()
-
-    def remember(self, response_id: str, pool: str, replica_id: str) -> None:
-        self._routes[response_id] = (pool, replica_id)
-        self._routes.move_to_end(response_id)
-        while len(self._routes) > self._capacity:
-            self._routes.popitem(last=False)
-
-    def find(self, response_id: str) -> tuple[str, str] | None:
-        return self._routes.get(response_id)
-
-
 @dataclass
 class Decision:
     """What the pipeline learnt of one request, step by step."""
@@ -70,27 +55,30 @@ class Decision:
     effort: ResolvedEffort | None = None
     pool: str | None = None  # the pool it runs in (after spillover)
     spilled_from: str | None = None
-    replica_id: str | None = None  # pinned to this replica (a stored response's follow-up)
     clamped_from: int | None = None
     strip_usage: bool = False  # the ingress asked for a usage event the client did not
-    remember: bool = False  # a Responses answer to remember the route of
+    # Responses: the id the server made, whether to store it (and run it in the background), the whole input
+    # (a follow-up expanded), and the fields the client's response objects show.
+    response_id: str | None = None
+    store: bool = False
+    background: bool = False
+    input_items: list[Any] | None = None
+    response_fields: dict[str, Any] | None = None
     headers: dict[str, str] = field(default_factory=dict)  # the x-gptoss-* headers of the answer
 
 
 class RequestPipeline:
-    """The checks of one ingress replica; ``admission`` and ``routes`` are its shared state."""
+    """The checks of one ingress replica; ``admission`` is its shared state."""
 
     def __init__(
         self,
         config: ServeConfig,
         admission: Admission,
-        routes: ResponseRoutes,
         keys: KeyRing | None = None,
         limiter: RateLimiter | None = None,
     ) -> None:
         self._config = config
         self.admission = admission
-        self.routes = routes
         self._keys = keys
         self._limiter = limiter
         auth = config.auth
@@ -255,20 +243,84 @@ class RequestPipeline:
                 code="invalid_encoding",
             ) from None
 
-    def choose_pool(self, endpoint: Endpoint, body: dict[str, Any], decision: Decision) -> None:
-        """The effort's pool, unless a Responses follow-up must run where its previous response is stored."""
-        previous = body.get("previous_response_id") if endpoint == "responses" else None
-        if isinstance(previous, str) and (where := self.routes.find(previous)) is not None:
-            decision.pool, decision.replica_id = where
-        decision.remember = endpoint == "responses" and body.get("store", True) is not False
+    def prepare_answer(
+        self,
+        endpoint: Endpoint,
+        body: dict[str, Any],
+        decision: Decision,
+        previous: StoredConversation | None = None,
+    ) -> None:
+        """What the pool is asked for. Responses: the server makes the id; a follow-up of ``previous`` carries
+        its whole conversation; the engine stores nothing (the ingress does) and never runs in the background
+        (the ingress does that too)."""
         decision.strip_usage = request_usage(endpoint, body)
+        if endpoint != "responses":
+            return
+        if "request_id" in body:
+            raise Refusal(
+                Reason.INVALID,
+                400,
+                "'request_id' is not accepted: the server makes each response's id",
+                param="request_id",
+                code="invalid_value",
+            )
+        value = body.get("input")
+        if value is not None and not isinstance(value, (str, list)):
+            raise _invalid("input", "'input' must be a string or a list of input items")
+        store = body.get("store", True) is not False
+        background = body.get("background") is True
+        if background and not store:
+            raise _invalid("background", "A background response must be stored: leave out 'store: false'")
+        if background and body.get("stream"):
+            raise _invalid(
+                "stream",
+                "Streaming a background response is not supported: poll GET /v1/responses/{id} instead",
+            )
+        previous_id = body.pop("previous_response_id", None)
+        if previous_id is not None:
+            if body.get("previous_input_messages"):
+                raise _invalid(
+                    "previous_response_id",
+                    "Send 'previous_response_id' or 'previous_input_messages', not both",
+                )
+            assert previous is not None and previous.id == previous_id, "the ingress looks the previous up"
+            body["input"] = follow_up_input(previous, value)
+        decision.response_id = body["request_id"] = new_response_id()
+        body["store"] = False
+        body.pop("background", None)
+        decision.store, decision.background = store, background
+        decision.input_items = as_items(body.get("input"))
+        decision.response_fields = {
+            "store": store,
+            "previous_response_id": previous_id,
+            "background": background,
+        }
+
+    def owned(
+        self,
+        response_id: Any,
+        found: StoredConversation | None,
+        decision: Decision,
+        param: str | None = None,
+    ) -> StoredConversation:
+        """The stored response ``found`` under ``response_id``, if the request's key owns it; to any other
+        key it does not exist (404, as for an unknown id). ``param`` names the field the id came in."""
+        if not isinstance(response_id, str):
+            raise _invalid(param or "response_id", f"'{param or 'response_id'}' must be a string")
+        if found is None or found.owner != decision.key_name:
+            raise Refusal(
+                Reason.NOT_FOUND,
+                404,
+                f"Response '{response_id[:100]}' not found",
+                param=param,
+                code="response_not_found",
+            )
+        return found
 
     def admit(self, decision: Decision) -> None:
         assert decision.pool is not None
         try:
-            admitted = self.admission.admit(
-                decision.pool, pinned=decision.replica_id is not None, sequences=decision.sequences
-            )
+            admitted = self.admission.admit(decision.pool, sequences=decision.sequences)
         except Refusal as refusal:
             raise refusal.with_headers(decision.headers | {"x-gptoss-pool": decision.pool}) from None
         decision.pool, decision.spilled_from = admitted.pool, admitted.spilled_from
@@ -322,11 +374,12 @@ class RequestPipeline:
         raw: bytes,
         decision: Decision,
         client: str | None = None,
+        previous: StoredConversation | None = None,
     ) -> Decision:
         """Every step for a generating request (chat, completions, responses); ``headers`` lowercase,
-        ``client`` the client's address."""
+        ``client`` the client's address, ``previous`` the conversation a follow-up continues."""
         self.before_body(headers, decision, client)
-        return self.with_body(endpoint, headers, raw, decision)
+        return self.with_body(endpoint, headers, raw, decision, previous=previous)
 
     def before_body(self, headers: Mapping[str, str], decision: Decision, client: str | None = None) -> None:
         """The steps a request passes before its body is worth parsing."""
@@ -340,13 +393,15 @@ class RequestPipeline:
         raw: bytes,
         decision: Decision,
         parsed: Any = None,
+        previous: StoredConversation | None = None,
     ) -> Decision:
-        """The steps after :meth:`before_body`; ``parsed`` is :meth:`parse_json` of ``raw`` when done already."""
+        """The steps after :meth:`before_body`; ``parsed`` is :meth:`parse_json` of ``raw`` when done already,
+        ``previous`` the owned conversation of a follow-up (:meth:`owned`)."""
         body = self.parse_body(raw, decision, parsed)
         self.check_model(body)
         self.resolve_effort(endpoint, body, headers, decision)
         self.apply_budget(endpoint, body, decision)
-        self.choose_pool(endpoint, body, decision)
+        self.prepare_answer(endpoint, body, decision, previous)
         self.count_sequences(endpoint, body, decision)
         self.encode_body(body, decision)
         self.admit(decision)
@@ -360,14 +415,13 @@ class RequestPipeline:
         return decision
 
     def stored_response(
-        self, headers: Mapping[str, str], response_id: str, decision: Decision, client: str | None = None
+        self, headers: Mapping[str, str], decision: Decision, client: str | None = None
     ) -> Decision:
-        """Reading or cancelling a stored response: the replica that stored it."""
+        """Reading, listing, cancelling or deleting a stored response: the key (the ingress then looks it up
+        and checks :meth:`owned`)."""
         self.authenticate(headers, decision, client)
-        where = self.routes.find(response_id)
-        if where is None:
-            raise Refusal(
-                Reason.NOT_FOUND, 404, f"Response '{response_id}' not found", code="response_not_found"
-            )
-        decision.pool, decision.replica_id = where
         return decision
+
+
+def _invalid(param: str, message: str) -> Refusal:
+    return Refusal(Reason.INVALID, 400, message, param=param, code="invalid_value")

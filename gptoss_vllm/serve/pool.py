@@ -1,9 +1,10 @@
 """A pool replica: one ``AsyncLLM`` engine behind vLLM's own OpenAI FastAPI app, called in-process.
 
-Harmony rendering, the reasoning parser, tool calls, the Responses store and request validation are vLLM's;
-this module only starts the engine from the pool's config and relays HTTP requests into that app. The replica
-identifies itself in every answer so that the ingress can pin Responses follow-ups to it, and observes the
-answers of generating requests (timings, usage) where their events are made, so the ingress forwards bytes.
+Harmony rendering, the reasoning parser, tool calls and request validation are vLLM's; this module only starts
+the engine from the pool's config and relays HTTP requests into that app. Engines store no Responses (the
+ingress keeps conversations, :mod:`.response_store`): the replica sets the fields the client asked for in each
+response object and hands the final one to the ingress ahead of its bytes. It observes the answers of
+generating requests (timings, usage) where their events are made, so the ingress forwards bytes.
 Answers go to the ingress over the replica's :mod:`~gptoss_vllm.serve.answer_channel`, not Ray's stream.
 """
 
@@ -27,9 +28,9 @@ from gptoss_vllm.serve.answer_channel import (
     AnswerChannel,
     AnswerItem,
     AnswerTicket,
+    FinishedResponse,
     PoolAnswerEnd,
     PoolAnswerStart,
-    StoredResponse,
 )
 from gptoss_vllm.serve.asgi_stream import ResponseStart, stream_asgi
 from gptoss_vllm.serve.config import BUILTIN_PREFIX, Pool
@@ -48,11 +49,12 @@ class PoolRequest:
     query: str = ""
     headers: list[tuple[str, str]] = field(default_factory=list)
     payload: dict[str, Any] = field(default_factory=dict)
-    replica_id: str | None = None  # pin to this replica (Responses follow-ups)
     # Generating requests: the replica observes the answer (timings, usage) and sends a PoolAnswerEnd.
     endpoint: str | None = None
     strip_usage: bool = False  # drop the usage event the ingress asked for on the client's behalf
-    remember: bool = False  # announce the stored response's id (StoredResponse) as soon as it is known
+    # Responses the ingress stores: set these fields of every response object (the engine saw store: false,
+    # no previous_response_id) and send the final one (FinishedResponse) ahead of its bytes.
+    response_fields: dict[str, Any] | None = None
 
     # Read by Ray Serve's prefix-aware router (PrefixCacheAffinityRouter) to match prompt prefixes.
     @property
@@ -141,7 +143,11 @@ class PoolServer:
     async def _answer(self, request: PoolRequest) -> AsyncIterator[AnswerItem]:
         """The answer as it is produced: its start, then bytes, then a :class:`PoolAnswerEnd`; a generating
         request's answer is observed here, where its events are made."""
-        observer = StreamObserver(request.endpoint, request.strip_usage) if request.endpoint else None
+        observer = (
+            StreamObserver(request.endpoint, request.strip_usage, request.response_fields)
+            if request.endpoint
+            else None
+        )
         streaming = announced = False
         body = b""
         async for item in stream_asgi(
@@ -157,21 +163,27 @@ class PoolServer:
             elif observer is None:
                 yield item
             elif streaming:
-                if relayed := observer.relay(item):
-                    yield relayed
-                if request.remember and not announced and observer.seen.response_id is not None:
+                relayed = observer.relay(item)
+                if not announced and observer.finished_response is not None:
                     announced = True
-                    yield StoredResponse(observer.seen.response_id)
+                    yield FinishedResponse(observer.finished_response)
+                if relayed:
+                    yield relayed
             else:
                 body += item
-                yield item
+                if request.response_fields is None:
+                    yield item
         if observer is None:
             yield PoolAnswerEnd()
             return
         if streaming and (rest := observer.flush()):
             yield rest
         if not streaming:
-            observer.observe_body(body)
+            content = observer.observe_body(body)
+            if request.response_fields is not None:
+                if observer.finished_response is not None:
+                    yield FinishedResponse(observer.finished_response)
+                yield content
         yield PoolAnswerEnd(observer.seen)
 
     async def check_health(self) -> None:

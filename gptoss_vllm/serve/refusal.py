@@ -24,13 +24,14 @@ class Reason(str, Enum):
     QUEUE_FULL = "queue_full"  # the pool's queue bound
     NO_REPLICA = "no_replica"  # the pool has no running replica
     REPLICA_FAILED = "replica_failed"  # the replica died before or while answering
+    STORE_UNAVAILABLE = "store_unavailable"  # the conversation store could not be read or written
 
     def __str__(self) -> str:
         return self.value
 
 
 # Refusals that are the service's own doing (no room, no replica, a dead replica), not the client's.
-SERVICE_REASONS = (Reason.QUEUE_FULL, Reason.NO_REPLICA, Reason.REPLICA_FAILED)
+SERVICE_REASONS = (Reason.QUEUE_FULL, Reason.NO_REPLICA, Reason.REPLICA_FAILED, Reason.STORE_UNAVAILABLE)
 
 
 class Refusal(Exception):

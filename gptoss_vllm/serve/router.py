@@ -1,18 +1,14 @@
-"""Ray Serve request routers for pools: power-of-two choices or prefix-aware, both with replica pinning.
+"""Ray Serve request routers for pools: power-of-two choices or prefix-aware, each telling the ingress how many
+replicas it routes to.
 
-vLLM keeps stored Responses in the replica that produced them, so a ``previous_response_id`` follow-up must
-reach that replica. The ingress marks such requests with the replica's id; every other request is routed by
-Ray Serve's own policy unchanged.
-
-The routers also say how many replicas they can route to (:func:`routable_replicas`): they live in the calling
-process (the ingress) and hear of every change from Ray Serve's long poll, so the ingress's admission needs
-no polling of the Serve controller.
+The routers live in the calling process (the ingress) and hear of every replica change from Ray Serve's long
+poll, so the ingress's admission reads :func:`routable_replicas` and needs no polling of the Serve controller.
+Any replica of a pool serves any request of it: conversations live in the ingress's store, not in replicas.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
 
@@ -34,18 +30,8 @@ def routable_replicas(app: str, deployment: str) -> int | None:
     return _ROUTABLE.get((app, deployment))
 
 
-def _pinned_replica(pending_request: Any) -> str | None:
-    if pending_request is None:
-        return None
-    for arg in pending_request.args:
-        replica_id = getattr(arg, "replica_id", None)
-        if replica_id:
-            return replica_id
-    return None
-
-
-class _Pinning:
-    """Sends a request pinned to a running replica there; anything else to the policy of the next base."""
+class _Counting:
+    """Publishes the number of routable replicas whenever the router's set changes; routes by its base."""
 
     def update_replicas(self, replicas):  # type: ignore[no-untyped-def]
         result = super().update_replicas(replicas)  # type: ignore[misc]
@@ -65,23 +51,15 @@ class _Pinning:
         deployment = self._deployment_id  # type: ignore[attr-defined]
         module._ROUTABLE[(deployment.app_name, deployment.name)] = len(self.curr_replicas)  # type: ignore[attr-defined]
 
-    async def choose_replicas(self, candidate_replicas, pending_request=None):  # type: ignore[no-untyped-def]
-        pinned = _pinned_replica(pending_request)
-        if pinned is not None:
-            for replica in candidate_replicas:
-                if replica.replica_id.unique_id == pinned:
-                    return [[replica]]
-        return await super().choose_replicas(candidate_replicas, pending_request)  # type: ignore[misc]
 
-
-class PinnedPowerOfTwoRouter(_Pinning, PowerOfTwoChoicesRequestRouter):
-    """Power-of-two choices on queue length (Ray Serve's default), plus pinning."""
+class CountingPowerOfTwoRouter(_Counting, PowerOfTwoChoicesRequestRouter):
+    """Power-of-two choices on queue length (Ray Serve's default)."""
 
 
 if PrefixCacheAffinityRouter is not None:
 
-    class PinnedPrefixAwareRouter(_Pinning, PrefixCacheAffinityRouter):
-        """Prefix-cache affinity (Ray Serve LLM's router), plus pinning."""
+    class CountingPrefixAwareRouter(_Counting, PrefixCacheAffinityRouter):
+        """Prefix-cache affinity (Ray Serve LLM's router)."""
 
 
 def router_class_path(router: str) -> str:
@@ -89,5 +67,5 @@ def router_class_path(router: str) -> str:
     if router == "prefix_aware":
         if PREFIX_AWARE_IMPORT_ERROR is not None:
             raise ImportError(f"the prefix_aware router cannot be loaded here: {PREFIX_AWARE_IMPORT_ERROR}")
-        return f"{__name__}:PinnedPrefixAwareRouter"
-    return f"{__name__}:PinnedPowerOfTwoRouter"
+        return f"{__name__}:CountingPrefixAwareRouter"
+    return f"{__name__}:CountingPowerOfTwoRouter"

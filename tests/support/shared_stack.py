@@ -1,4 +1,6 @@
-"""The session's shared stack: two pools of the tiny MXFP4 model with tight bounds, API keys, per-key limits.
+"""The session's shared stack: two pools of the tiny MXFP4 model with tight bounds, API keys, per-key limits,
+and its conversations in a real ``redis-server`` with a password (``stack.redis``; the embedded store is the
+default's, which the nano stack runs).
 
 One stack serves every test module that asks for the ``stack`` fixture (``tests/conftest.py``); tests that stop
 or break it are marked ``stops_stack`` and run last. ``keys_path`` is its API keys file (tests rotate it).
@@ -11,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from tests.support.admission import HOLD_ENV, HOLD_MAX_MODEL_LEN, HOLD_TOKENS
+from tests.support.redis_server import RunningRedis, start_redis
 from tests.support.stack import RunningStack, start_stack
 
 MODEL = "gpt-oss-test"
@@ -20,6 +23,7 @@ CAPPED_KEY = "sk-test-capped"  # one sequence in flight, few tokens per minute
 TPM_KEY = "sk-test-tpm"
 CAPPED_TOKENS_PER_MINUTE = 120
 BODY_TIMEOUT_S = 3  # short, so that a stalled upload's 408 comes soon
+STORE_PASSWORD = "sk-store-secret"
 
 
 def keys_file_text() -> str:
@@ -32,7 +36,6 @@ def start_shared_stack(checkpoint: Path, root: Path) -> RunningStack:
     engine = {"max_model_len": HOLD_MAX_MODEL_LEN, "enforce_eager": True}  # held slots need long outputs
     env = {
         "VLLM_CPU_KVCACHE_SPACE": "1",
-        "VLLM_ENABLE_RESPONSES_API_STORE": "1",
         "GPTOSS_VLLM_MOE_BACKEND": "cpu",
         **HOLD_ENV,
     }
@@ -77,8 +80,23 @@ def start_shared_stack(checkpoint: Path, root: Path) -> RunningStack:
         # Pinning and kill tests compare replicas; the default keeps replica ids from clients.
         "ingress": {"expose_replica_ids": True, "body_timeout_s": BODY_TIMEOUT_S},
     }
+    redis = start_redis(root, password=STORE_PASSWORD)
+    config["response_store"] = {"backend": "redis", "url": redis.url, "timeout_s": 1.0}
     config_path = root / "serve.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    running = start_stack(config_path, root / "serve.log")
+    try:
+        running = start_stack(
+            config_path, root / "serve.log", env={"GPTOSS_RESPONSE_STORE_PASSWORD": STORE_PASSWORD}
+        )
+    except BaseException:
+        redis.stop()
+        raise
     running.keys_path = keys
+    running.redis = redis
     return running
+
+
+def restart_redis(running: RunningRedis, workdir: Path) -> RunningRedis:
+    """The same server again, on its port (empty: it keeps nothing on disk)."""
+    running.stop()
+    return start_redis(workdir, password=running.password, port=running.port)

@@ -125,6 +125,22 @@ Cross-field checks the values schema cannot express; each message names the valu
 {{- if and (or $v.ingress.enabled $v.httpRoute.enabled) (not $v.apiKeys.existingSecret) (not (get $auth "api_keys_env")) (not $v.apiKeys.allowAnonymous) -}}
 {{- fail (printf "%s.enabled is true but apiKeys.existingSecret is empty: an endpoint reachable from outside the cluster needs API keys (name the Secret holding them in apiKeys.existingSecret), or set apiKeys.allowAnonymous: true to serve it without keys" (ternary "ingress" "httpRoute" $v.ingress.enabled)) -}}
 {{- end -}}
+{{- $store := $v.responseStore -}}
+{{- if $v.serve.response_store -}}
+{{- fail "serve.response_store is set: set responseStore instead (the chart writes serve.response_store from it, with the Secrets' env and mounts)" -}}
+{{- end -}}
+{{- if and (eq $store.backend "redis") (not $store.url) -}}
+{{- fail "responseStore.backend is redis but responseStore.url is empty: set it to redis://host:6379/0 (or rediss:// for TLS)" -}}
+{{- end -}}
+{{- if and (eq $store.backend "redis") (not (regexMatch "^rediss?://" $store.url)) -}}
+{{- fail (printf "responseStore.url %q is not a redis:// or rediss:// URL" (regexReplaceAll "//[^@/]*@" $store.url "//")) -}}
+{{- end -}}
+{{- if regexMatch "^rediss?://[^/]*:[^@/]*@" (toString $store.url) -}}
+{{- fail "responseStore.url holds a password: put it in a Secret and name it in responseStore.passwordSecret" -}}
+{{- end -}}
+{{- if and (eq $store.backend "embedded") (gt (int (dig "ingress" "replicas" 1 $v.serve)) 1) -}}
+{{- fail "serve.ingress.replicas is above 1 but responseStore.backend is embedded: each ingress replica would keep its own conversations; set responseStore.backend: redis" -}}
+{{- end -}}
 {{- $ingress := default (dict) $v.serve.ingress -}}
 {{- range $pair := list (list "max_body_bytes" "maxBodyBytes") (list "max_header_bytes" "maxHeaderBytes") (list "body_timeout_s" "bodyTimeoutSeconds") -}}
 {{- $serveKey := index $pair 0 -}}
@@ -216,6 +232,14 @@ proxies get as env, so that both enforce the same limits.
 {{- $_ = set $ingress "client_address_header" "x-forwarded-for" -}}
 {{- end -}}
 {{- $_ = set $serve "ingress" $ingress -}}
+{{- $store := dict "backend" $v.responseStore.backend "ttl_s" (float64 $v.responseStore.ttlSeconds) "max_responses" (int64 $v.responseStore.maxResponses) -}}
+{{- if eq $v.responseStore.backend "redis" -}}
+{{- $_ := set $store "url" $v.responseStore.url -}}
+{{- if $v.responseStore.tlsCaSecret.name -}}
+{{- $_ := set $store "tls_ca_file" (printf "/etc/gptoss/response-store-ca/%s" $v.responseStore.tlsCaSecret.key) -}}
+{{- end -}}
+{{- end -}}
+{{- $_ = set $serve "response_store" $store -}}
 {{- if $v.apiKeys.existingSecret -}}
 {{- $auth := deepCopy (default (dict) $serve.auth) -}}
 {{- $_ := set $auth "api_keys_file" (printf "%s/%s" $v.apiKeys.mountPath $v.apiKeys.key) -}}
@@ -308,6 +332,13 @@ token is a file, on workers only and only while they download (model.source hf).
       name: {{ include "gptoss.monitoringTokenSecret" .root }}
       key: {{ $v.monitoring.tokenSecret.key }}
 {{- end }}
+{{- if and (eq $v.responseStore.backend "redis") $v.responseStore.passwordSecret.name }}
+- name: GPTOSS_RESPONSE_STORE_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $v.responseStore.passwordSecret.name }}
+      key: {{ $v.responseStore.passwordSecret.key }}
+{{- end }}
 {{- include "gptoss.rayAuthEnv" .root }}
 {{- with $v.otel }}
 {{- if .endpoint }}
@@ -388,6 +419,12 @@ seccompProfile:
     secretName: {{ $v.apiKeys.existingSecret }}
     defaultMode: 0440
 {{- end }}
+{{- if and (eq $v.responseStore.backend "redis") $v.responseStore.tlsCaSecret.name }}
+- name: response-store-ca
+  secret:
+    secretName: {{ $v.responseStore.tlsCaSecret.name }}
+    defaultMode: 0440
+{{- end }}
 {{- end -}}
 
 {{/* Mounts of the Ray container (head or worker), matching gptoss.volumes. */}}
@@ -407,5 +444,8 @@ seccompProfile:
 {{- end }}
 {{- if $v.apiKeys.existingSecret }}
 - {name: api-keys, mountPath: {{ $v.apiKeys.mountPath }}, readOnly: true}
+{{- end }}
+{{- if and (eq $v.responseStore.backend "redis") $v.responseStore.tlsCaSecret.name }}
+- {name: response-store-ca, mountPath: /etc/gptoss/response-store-ca, readOnly: true}
 {{- end }}
 {{- end -}}
