@@ -114,3 +114,20 @@ def test_tool_call_then_answer_from_the_result(client):
     answer = follow.choices[0]
     assert answer.finish_reason == "stop" and not answer.message.tool_calls
     assert answer.message.content == task.answer  # "The code for <key> is <the tool's code>."
+
+
+def test_a_tool_call_round_trip_continues_through_the_conversation_store(client):
+    task = held_out_tasks(1)[-1]
+    assert task.family == "lookup"
+    tools = [{"type": "function", **LOOKUP_TOOL["function"]}]  # the Responses API's tool shape
+    asked = {"model": MODEL, "tools": tools, "reasoning": {"effort": "low"}, "temperature": 0}
+    first = client.responses.create(input=task.user, **asked)
+    (call,) = [item for item in first.output if item.type == "function_call"]
+    assert call.name == "lookup" and json.loads(call.arguments) == {"key": task.key}
+    # Only the tool's result goes back: the call it answers comes from the store (the embedded default).
+    result = {"type": "function_call_output", "call_id": call.call_id, "output": task.tool_result}
+    follow = client.responses.create(previous_response_id=first.id, input=[result], **asked)
+    assert follow.output_text == task.answer  # "The code for <key> is <the tool's code>."
+    items = client.responses.input_items.list(follow.id, order="asc").data
+    assert items[0].type == "message" and items[0].content[0].text == task.user
+    assert [item.type for item in items][-2:] == ["function_call", "function_call_output"]

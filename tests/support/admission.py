@@ -58,6 +58,16 @@ def target_samples(url: str, component: str, **labels: str) -> Samples:
     return summed
 
 
+def samples_by_replica(url: str, component: str) -> dict[str, Samples]:
+    """Each announced target of ``component``'s exposition, by its replica label."""
+    targets = httpx.get(f"{url}/metrics/targets", headers=monitoring_headers(), timeout=30).json()
+    return {
+        target["labels"]["replica"]: _exposition(target["targets"][0])
+        for target in targets
+        if target["labels"].get("component") == component
+    }
+
+
 @functools.cache
 def _ingress_target(url: str) -> str:
     targets = httpx.get(f"{url}/metrics/targets", headers=monitoring_headers(), timeout=30).json()

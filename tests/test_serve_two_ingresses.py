@@ -1,0 +1,129 @@
+"""Two ingress replicas share one conversation store (a real ``redis-server``): a conversation begun through
+one is continued, read and cancelled through the other. Ray Serve's proxy picks the ingress replica of each
+request, so the tests read each replica's own metrics to know which one served what, and repeat until both
+sides were seen."""
+
+from __future__ import annotations
+
+import time
+
+import openai
+import pytest
+
+from tests.support.admission import HOLD_ENV, HOLD_MAX_MODEL_LEN, HOLD_TOKENS, samples_by_replica
+from tests.support.redis_server import start_redis
+from tests.support.stack import start_stack
+
+pytestmark = pytest.mark.slow
+MODEL = "gpt-oss-two-ingresses"
+KEY = "sk-two-ingresses"
+PASSWORD = "sk-two-ingresses-store"
+TRIES = 30
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_checkpoint_dirs, tmp_path_factory):
+    import yaml
+
+    root = tmp_path_factory.mktemp("two-ingresses")
+    redis = start_redis(root, password=PASSWORD)
+    keys = root / "keys"
+    keys.write_text(f"tenant:{KEY}\n")
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "GPTOSS_VLLM_MOE_BACKEND": "cpu", **HOLD_ENV}
+    config = {
+        "model_name": MODEL,
+        "pools": {
+            "all": {
+                "model": str(tiny_checkpoint_dirs["mxfp4"]),
+                "efforts": ["low", "medium", "high"],
+                "max_ongoing_requests": 4,
+                "engine_args": {"max_model_len": HOLD_MAX_MODEL_LEN, "enforce_eager": True},
+                "env": env,
+                "drain_timeout_s": 30,
+            }
+        },
+        "budgets": {"high": {"max_tokens": HOLD_TOKENS}},
+        "auth": {"api_keys_file": str(keys)},
+        "ingress": {"replicas": 2},
+        "response_store": {"backend": "redis", "url": redis.url},
+    }
+    (root / "serve.yaml").write_text(yaml.safe_dump(config))
+    try:
+        running = start_stack(
+            root / "serve.yaml", root / "serve.log", env={"GPTOSS_RESPONSE_STORE_PASSWORD": PASSWORD}
+        )
+    except BaseException:
+        redis.stop()
+        raise
+    yield running
+    running.stop()
+    redis.stop()
+
+
+@pytest.fixture(scope="module")
+def client(stack):
+    return openai.OpenAI(base_url=f"{stack.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def _counter(samples, name: str, **labels: str) -> float:
+    return sum(
+        value
+        for (sample, found), value in samples.items()
+        if sample == name and all(dict(found).get(k) == v for k, v in labels.items())
+    )
+
+
+def test_a_conversation_continues_through_either_ingress_replica(stack, client):
+    assert len(samples_by_replica(stack.url, "ingress")) == 2
+    previous = client.responses.create(model=MODEL, input="Hi", max_output_tokens=4)
+    for _ in range(TRIES):
+        # Each follow-up reads the previous turn, which the other replica may have stored.
+        previous = client.responses.create(
+            model=MODEL, input="More", previous_response_id=previous.id, max_output_tokens=2
+        )
+        hits = [
+            _counter(samples, "gptoss_response_store_lookups_total", result="hit")
+            for samples in samples_by_replica(stack.url, "ingress").values()
+        ]
+        if all(hits):
+            break
+    assert all(hits), f"one ingress replica served every follow-up: {hits}"
+    items = client.responses.input_items.list(previous.id, limit=100).data
+    assert len(items) >= 5  # the first turn, then each turn's output and new input, across both replicas
+
+
+def test_a_background_response_is_cancelled_through_the_other_ingress_replica(stack, client):
+    for _ in range(TRIES):
+        running = client.responses.create(
+            model=MODEL, input="Hi", max_output_tokens=HOLD_TOKENS, background=True,
+            reasoning={"effort": "high"}, extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while True:
+            by_replica = samples_by_replica(stack.url, "ingress")
+            owners = [r for r, s in by_replica.items() if _counter(s, "gptoss_in_flight_requests") > 0]
+            if owners:
+                break
+            assert time.monotonic() < deadline, "the background response never reached its pool"
+            time.sleep(0.2)
+        (owner,) = owners
+        cancels = {
+            r: _counter(s, "gptoss_requests_total", endpoint="responses_cancel")
+            for r, s in by_replica.items()
+        }
+        assert client.responses.cancel(running.id).status == "cancelled"
+        after = samples_by_replica(stack.url, "ingress")
+        (handled,) = [
+            r
+            for r, s in after.items()
+            if _counter(s, "gptoss_requests_total", endpoint="responses_cancel") > cancels[r]
+        ]
+        # Stopped by the replica running it, whichever replica took the cancel.
+        deadline = time.monotonic() + 30
+        while _counter(samples_by_replica(stack.url, "ingress")[owner], "gptoss_in_flight_requests") > 0:
+            assert time.monotonic() < deadline, "the cancelled response still holds its slot"
+            time.sleep(0.2)
+        assert client.responses.retrieve(running.id).status == "cancelled"
+        if handled != owner:
+            return
+    pytest.fail(f"every cancel of {TRIES} landed on the replica running the response")
