@@ -408,6 +408,37 @@ def pools_and_capacity() -> dashboard_builders.Dashboard:
                 ],
             )
         )
+        .with_row(dashboard_builders.Row("Conversation store"))
+        .with_panel(
+            panel(
+                "Stored responses",
+                "Responses in the conversation store (every ingress replica reports the shared store: max).",
+                "short",
+                [target(f"max by (backend) (gptoss_response_store_responses{{{NS}}})", "{{backend}}")],
+            )
+        )
+        .with_panel(
+            panel(
+                "Store lookups, evictions and errors",
+                "Per second: stored responses asked for (hit, miss), dropped by retention (ttl, size), and "
+                "failed store calls (answered 503; GptossResponseStoreFailing).",
+                "ops",
+                [
+                    target(
+                        f"sum by (result) (rate(gptoss_response_store_lookups_total{{{NS}}}[{RATE}]))",
+                        "lookup {{result}}",
+                    ),
+                    target(
+                        f"sum by (reason) (rate(gptoss_response_store_evictions_total{{{NS}}}[{RATE}]))",
+                        "evicted ({{reason}})",
+                    ),
+                    target(
+                        f"sum by (operation) (rate(gptoss_response_store_errors_total{{{NS}}}[{RATE}]))",
+                        "error {{operation}}",
+                    ),
+                ],
+            )
+        )
     )
 
 

@@ -153,3 +153,34 @@ def test_store_settings_are_checked_with_the_key_named(tmp_path):
         assert str(bad.value).startswith("serve.yaml: ") and message in str(bad.value), bad.value
     config = parse_config({**base, "response_store": {"backend": "redis", "url": "rediss://cache:6380/1"}})
     assert config.response_store.ttl_s == 30 * 86400
+
+
+def test_redis_over_tls_verifies_the_server_against_the_configured_ca(tmp_path):
+    import trustme
+
+    authority, stranger = trustme.CA(), trustme.CA()
+    server_cert = authority.issue_cert("127.0.0.1")
+    chain, key, ca, other_ca = (tmp_path / name for name in ("chain.pem", "key.pem", "ca.pem", "other.pem"))
+    server_cert.private_key_and_cert_chain_pem.write_to_path(str(chain))
+    server_cert.private_key_pem.write_to_path(str(key))
+    authority.cert_pem.write_to_path(str(ca))
+    stranger.cert_pem.write_to_path(str(other_ca))
+    server = start_redis(tmp_path, password=PASSWORD, tls=(chain, key))
+    url = f"rediss://127.0.0.1:{server.port}/0"
+
+    async def scenario(ca_file):
+        store = RedisStore(
+            ResponseStoreConfig(backend="redis", url=url, tls_ca_file=str(ca_file)), password=PASSWORD
+        )
+        try:
+            await store.put(_conversation("resp_tls"))
+            return (await store.get("resp_tls")).id
+        finally:
+            await store.close()
+
+    try:
+        assert asyncio.run(scenario(ca)) == "resp_tls"
+        with pytest.raises(StoreUnavailable, match="certificate verify failed"):
+            asyncio.run(scenario(other_ca))
+    finally:
+        server.stop()

@@ -1,5 +1,6 @@
 """Two ingress replicas share one conversation store (a real ``redis-server``): a conversation begun through
-one is continued, read and cancelled through the other. Ray Serve's proxy picks the ingress replica of each
+one is continued, read and cancelled through the other, and conversations outlive the pool replica that
+answered them when the autoscaler scales the pool down. Ray Serve's proxy picks the ingress replica of each
 request, so the tests read each replica's own metrics to know which one served what, and repeat until both
 sides were seen."""
 
@@ -19,6 +20,7 @@ MODEL = "gpt-oss-two-ingresses"
 KEY = "sk-two-ingresses"
 PASSWORD = "sk-two-ingresses-store"
 TRIES = 30
+DOWNSCALE_DELAY_S = 20
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +39,15 @@ def stack(tiny_checkpoint_dirs, tmp_path_factory):
                 "model": str(tiny_checkpoint_dirs["mxfp4"]),
                 "efforts": ["low", "medium", "high"],
                 "max_ongoing_requests": 4,
+                # Starts at two replicas and, idle, scales down to one (never up again in this module).
+                "autoscaling": {
+                    "min_replicas": 1,
+                    "max_replicas": 2,
+                    "initial_replicas": 2,
+                    "target_ongoing_requests": 2,
+                    "downscale_delay_s": DOWNSCALE_DELAY_S,
+                    "upscale_delay_s": 3600,
+                },
                 "engine_args": {"max_model_len": HOLD_MAX_MODEL_LEN, "enforce_eager": True},
                 "env": env,
                 "drain_timeout_s": 30,
@@ -44,7 +55,7 @@ def stack(tiny_checkpoint_dirs, tmp_path_factory):
         },
         "budgets": {"high": {"max_tokens": HOLD_TOKENS}},
         "auth": {"api_keys_file": str(keys)},
-        "ingress": {"replicas": 2},
+        "ingress": {"replicas": 2, "expose_replica_ids": True},
         "response_store": {"backend": "redis", "url": redis.url},
     }
     (root / "serve.yaml").write_text(yaml.safe_dump(config))
@@ -71,6 +82,35 @@ def _counter(samples, name: str, **labels: str) -> float:
         for (sample, found), value in samples.items()
         if sample == name and all(dict(found).get(k) == v for k, v in labels.items())
     )
+
+
+def _running_replicas(stack) -> list[float]:
+    return [
+        _counter(samples, "gptoss_pool_running_replicas", pool="all")
+        for samples in samples_by_replica(stack.url, "ingress").values()
+    ]
+
+
+def test_conversations_outlive_the_replica_a_scale_down_removes(stack, client):
+    # Runs first, while the pool still has the two replicas it started with.
+    assert _running_replicas(stack) == [2, 2]
+    by_replica: dict[str, object] = {}
+    for _ in range(TRIES):
+        raw = client.responses.with_raw_response.create(model=MODEL, input="Hi", max_output_tokens=2)
+        by_replica.setdefault(raw.headers["x-gptoss-replica"], raw.parse())
+        if len(by_replica) == 2:
+            break
+    assert len(by_replica) == 2, "every request went to one replica"
+    deadline = time.monotonic() + DOWNSCALE_DELAY_S + 180
+    while _running_replicas(stack) != [1, 1]:
+        assert time.monotonic() < deadline, "the idle pool was never scaled down"
+        time.sleep(1)
+    # One of the two conversations was answered by the replica that is gone; both go on.
+    for first in by_replica.values():
+        follow = client.responses.create(
+            model=MODEL, input="More", previous_response_id=first.id, max_output_tokens=2
+        )
+        assert follow.usage.input_tokens > first.usage.input_tokens + first.usage.output_tokens
 
 
 def test_a_conversation_continues_through_either_ingress_replica(stack, client):

@@ -175,7 +175,21 @@ class Ingress:
             self._config.response_store,
             on_evict=lambda reason, count: self._metrics.store_evictions.labels(backend, reason).inc(count),
         )
+        # Every series from the start (at 0): a store that never failed still has a failure rate of 0.
+        for result in ("hit", "miss"):
+            self._metrics.store_lookups.labels(backend, result)
+        for reason in ("ttl", "size"):
+            self._metrics.store_evictions.labels(backend, reason)
+        for operation in ("get", "put", "delete", "count"):
+            self._metrics.store_errors.labels(backend, operation)
         self._background: dict[str, asyncio.Task] = {}
+        if backend == "embedded" and self._config.ingress.replicas > 1:
+            log.warning(
+                "response_store.backend is embedded with %d ingress replicas: replicas on one node share %s, "
+                "but on a multi-node cluster each node keeps its own conversations; use backend: redis",
+                self._config.ingress.replicas,
+                self._config.response_store.embedded_path(),
+            )
         context = serve.get_replica_context()
         self._app_name = context.app_name
         self._heard: set[str] = set()
