@@ -268,6 +268,9 @@ def test_a_stored_response_exists_only_for_the_key_that_made_it(tmp_path):
     with pytest.raises(Refusal) as anonymous:
         pipeline.stored_response({}, Decision())
     assert anonymous.value.reason is Reason.AUTH
+    # A follow-up whose conversation was not looked up (or is another one) is not run without it.
+    refusal, _ = _refusal(pipeline, {"input": "More", "previous_response_id": "resp_1"}, endpoint="responses")
+    assert (refusal.status, refusal.param) == (404, "previous_response_id")
 
 
 def test_the_alert_rules_and_metrics_speak_the_reasons_of_the_one_enum():

@@ -283,7 +283,8 @@ class RequestPipeline:
                     "previous_response_id",
                     "Send 'previous_response_id' or 'previous_input_messages', not both",
                 )
-            assert previous is not None and previous.id == previous_id, "the ingress looks the previous up"
+            if previous is None or previous.id != previous_id:  # the caller looks it up (:meth:`owned`)
+                raise _not_found(str(previous_id), "previous_response_id")
             body["input"] = follow_up_input(previous, value)
         decision.response_id = body["request_id"] = new_response_id()
         body["store"] = False
@@ -308,13 +309,7 @@ class RequestPipeline:
         if not isinstance(response_id, str):
             raise _invalid(param or "response_id", f"'{param or 'response_id'}' must be a string")
         if found is None or found.owner != decision.key_name:
-            raise Refusal(
-                Reason.NOT_FOUND,
-                404,
-                f"Response '{response_id[:100]}' not found",
-                param=param,
-                code="response_not_found",
-            )
+            raise _not_found(response_id, param)
         return found
 
     def admit(self, decision: Decision) -> None:
@@ -421,6 +416,16 @@ class RequestPipeline:
         and checks :meth:`owned`)."""
         self.authenticate(headers, decision, client)
         return decision
+
+
+def _not_found(response_id: str, param: str | None) -> Refusal:
+    return Refusal(
+        Reason.NOT_FOUND,
+        404,
+        f"Response '{response_id[:100]}' not found",
+        param=param,
+        code="response_not_found",
+    )
 
 
 def _invalid(param: str, message: str) -> Refusal:

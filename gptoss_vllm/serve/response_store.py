@@ -112,6 +112,10 @@ class EmbeddedStore(ResponseStore):
         self._timeout_s = config.timeout_s
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
+        # Counting rows costs a scan: the size bound is applied every ~1% of max_responses puts (so it may be
+        # passed by that much), every put for small bounds.
+        self._bound_every = max(1, min(100, config.max_responses // 100))
+        self._puts = 0
 
     def _connection(self) -> sqlite3.Connection:
         if self._db is None:
@@ -123,6 +127,7 @@ class EmbeddedStore(ResponseStore):
                 "(id TEXT PRIMARY KEY, created REAL NOT NULL, expires REAL NOT NULL, document TEXT NOT NULL)"
             )
             db.execute("CREATE INDEX IF NOT EXISTS responses_by_created ON responses (created)")
+            db.execute("CREATE INDEX IF NOT EXISTS responses_by_expiry ON responses (expires)")
             db.commit()
             self._db = db
         return self._db
@@ -156,6 +161,8 @@ class EmbeddedStore(ResponseStore):
 
     async def put(self, conversation: StoredConversation) -> None:
         expires = conversation.created_at + self.ttl_s
+        self._puts += 1
+        bound = self._puts % self._bound_every == 0
 
         def write(db: sqlite3.Connection) -> tuple[int, int]:
             db.execute(
@@ -163,6 +170,8 @@ class EmbeddedStore(ResponseStore):
                 (conversation.id, conversation.created_at, expires, conversation.to_json()),
             )
             expired = db.execute("DELETE FROM responses WHERE expires <= ?", (time.time(),)).rowcount
+            if not bound:
+                return expired, 0
             over = db.execute("SELECT COUNT(*) FROM responses").fetchone()[0] - self.max_responses
             if over > 0:
                 db.execute(
