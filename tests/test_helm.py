@@ -655,6 +655,13 @@ def test_the_response_store_from_values_with_its_secrets():
     assert "redis-ca" not in read["head/autoscaler"]
 
 
+def test_the_drain_hook_reads_the_metrics_at_the_pod_ip():
+    for container in ray_containers(render()):
+        assert env_of(container)["POD_IP"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+        hook = container["lifecycle"]["preStop"]["exec"]["command"]
+        assert hook == ["python3", "/etc/gptoss/hooks/drain.py"]
+
+
 def test_values_schema_is_current():
     assert values_schema.main(["--check"]) == 0, "run: python -m helm.values_schema"
 

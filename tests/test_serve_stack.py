@@ -8,8 +8,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -17,8 +20,8 @@ import psutil
 import pytest
 from transformers import AutoTokenizer
 
-from tests.support.admission import HOLD_TOKENS, holding
-from tests.support.shared_stack import LIMITED_KEY, MAIN_KEY, MODEL
+from tests.support.admission import HOLD_TOKENS, HeldRequest, holding, wait_for_in_flight
+from tests.support.shared_stack import LIMITED_KEY, MAIN_KEY, METRICS_PORT_COUNT, MODEL
 
 pytestmark = pytest.mark.slow
 
@@ -340,6 +343,39 @@ def test_vllm_bench_serve_has_no_failures(stack, tiny_checkpoint_dirs, tmp_path,
     assert result.get("failed", 0) == 0
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["completed"] == 12
+
+
+DRAIN_HOOK = Path(__file__).resolve().parent.parent / "helm" / "gptoss-vllm" / "files" / "drain.py"
+
+
+def test_the_prestop_hook_waits_for_a_long_stream_to_finish(stack):
+    # The chart's hook as a pod runs it, scanning the metrics ports of this machine's replicas.
+    env = {
+        **os.environ,
+        "GPTOSS_METRICS_PORT": str(stack.metrics_port),
+        "GPTOSS_METRICS_PORT_COUNT": str(METRICS_PORT_COUNT),
+        "GPTOSS_DRAIN_POLL_S": "0.5",
+    }
+    wait_for_in_flight(stack.url, {"deep": 0})
+    held = HeldRequest(stack.url, "/v1/chat/completions", _hold("high"), MAIN_KEY)
+    try:
+        wait_for_in_flight(stack.url, {"deep": 1})
+        hook = subprocess.Popen(
+            [sys.executable, str(DRAIN_HOOK)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        time.sleep(5)
+        assert hook.poll() is None, f"the hook returned with a stream in flight: {hook.stdout.read()}"
+    finally:
+        held.release()
+    output, _ = hook.communicate(timeout=60)
+    assert hook.returncode == 0, output
+    counts = [int(line.split()[1]) for line in output.splitlines() if line.startswith("drain: ")]
+    # The stream was seen (the ingress's in-flight count and the engine's running request), then nothing.
+    assert counts[0] >= 2 and counts[-2:] == [0, 0], output
 
 
 # -- failures and shutdown (last: they disturb the stack) -------------------------------------------------------

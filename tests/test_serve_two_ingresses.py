@@ -113,23 +113,34 @@ def test_conversations_outlive_the_replica_a_scale_down_removes(stack, client):
         assert follow.usage.input_tokens > first.usage.input_tokens + first.usage.output_tokens
 
 
+def _hits(stack) -> dict[str, float]:
+    return {
+        replica: _counter(samples, "gptoss_response_store_lookups_total", result="hit")
+        for replica, samples in samples_by_replica(stack.url, "ingress").items()
+    }
+
+
 def test_a_conversation_continues_through_either_ingress_replica(stack, client):
-    assert len(samples_by_replica(stack.url, "ingress")) == 2
-    previous = client.responses.create(model=MODEL, input="Hi", max_output_tokens=4)
+    before = _hits(stack)
+    assert len(before) == 2
+    turns = [client.responses.create(model=MODEL, input="Hi", max_output_tokens=4)]
     for _ in range(TRIES):
         # Each follow-up reads the previous turn, which the other replica may have stored.
-        previous = client.responses.create(
-            model=MODEL, input="More", previous_response_id=previous.id, max_output_tokens=2
+        turns.append(
+            client.responses.create(
+                model=MODEL, input="More", previous_response_id=turns[-1].id, max_output_tokens=2
+            )
         )
-        hits = [
-            _counter(samples, "gptoss_response_store_lookups_total", result="hit")
-            for samples in samples_by_replica(stack.url, "ingress").values()
-        ]
-        if all(hits):
+        read = {replica: hits - before[replica] for replica, hits in _hits(stack).items()}
+        if all(read.values()):
             break
-    assert all(hits), f"one ingress replica served every follow-up: {hits}"
-    items = client.responses.input_items.list(previous.id, limit=100).data
-    assert len(items) >= 5  # the first turn, then each turn's output and new input, across both replicas
+    assert all(read.values()), f"one ingress replica served every follow-up: {read}"
+    # The last turn's input is the whole conversation: each turn's input, then its output, across both replicas.
+    items = client.responses.input_items.list(turns[-1].id, limit=100, order="asc").data
+    assert len(items) == len(turns) + sum(len(turn.output) for turn in turns[:-1])
+    assert [item.content[0].text for item in items if getattr(item, "role", None) == "user"] == [
+        "Hi", *["More"] * (len(turns) - 1),
+    ]  # fmt: skip
 
 
 def test_a_background_response_is_cancelled_through_the_other_ingress_replica(stack, client):

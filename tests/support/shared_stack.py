@@ -8,6 +8,8 @@ or break it are marked ``stops_stack`` and run last. ``keys_path`` is its API ke
 
 from __future__ import annotations
 
+import contextlib
+import socket
 from pathlib import Path
 
 import yaml
@@ -24,6 +26,7 @@ TPM_KEY = "sk-test-tpm"
 CAPPED_TOKENS_PER_MINUTE = 120
 BODY_TIMEOUT_S = 3  # short, so that a stalled upload's 408 comes soon
 STORE_PASSWORD = "sk-store-secret"
+METRICS_PORT_COUNT = 16  # the chart's metricsPortCount, and how far a metrics endpoint looks for a free port
 
 
 def keys_file_text() -> str:
@@ -80,20 +83,39 @@ def start_shared_stack(checkpoint: Path, root: Path) -> RunningStack:
         # Pinning and kill tests compare replicas; the default keeps replica ids from clients.
         "ingress": {"expose_replica_ids": True, "body_timeout_s": BODY_TIMEOUT_S},
     }
+    # Metrics on fixed ports, as the chart runs them: the preStop hook scans this range.
+    metrics_port = free_port_range(METRICS_PORT_COUNT)
     redis = start_redis(root, password=STORE_PASSWORD)
     config["response_store"] = {"backend": "redis", "url": redis.url, "timeout_s": 1.0}
     config_path = root / "serve.yaml"
     config_path.write_text(yaml.safe_dump(config))
     try:
         running = start_stack(
-            config_path, root / "serve.log", env={"GPTOSS_RESPONSE_STORE_PASSWORD": STORE_PASSWORD}
+            config_path,
+            root / "serve.log",
+            env={"GPTOSS_RESPONSE_STORE_PASSWORD": STORE_PASSWORD, "GPTOSS_METRICS_PORT": str(metrics_port)},
         )
     except BaseException:
         redis.stop()
         raise
     running.keys_path = keys
     running.redis = redis
+    running.metrics_port = metrics_port
     return running
+
+
+def free_port_range(count: int) -> int:
+    """The first of ``count`` free consecutive ports, below the ephemeral range that other stacks draw from."""
+    for base in range(20000, 30000, count):
+        try:
+            with contextlib.ExitStack() as held:
+                for port in range(base, base + count):
+                    sock = held.enter_context(socket.socket())
+                    sock.bind(("", port))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError(f"no {count} free consecutive ports in 20000-30000")
 
 
 def restart_redis(running: RunningRedis, workdir: Path) -> RunningRedis:

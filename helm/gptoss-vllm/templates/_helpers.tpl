@@ -303,6 +303,11 @@ token is a file, on workers only and only while they download (model.source hf).
   value: {{ $v.metricsPortCount | quote }}
 - name: HOME
   value: /home/gptoss
+{{- /* The preStop hook (files/drain.py) reads the metrics endpoints at the address they listen on. */}}
+- name: POD_IP
+  valueFrom:
+    fieldRef:
+      fieldPath: status.podIP
 - name: HF_HOME
   value: /var/cache/huggingface
 {{- if and .worker $v.model.hfTokenSecret.name (ne $v.model.source "pvc") }}
