@@ -10,11 +10,11 @@ import time
 
 import httpx
 import openai
-import psutil
 import pytest
 
 from tests.support.admission import HOLD_TOKENS, in_flight, ingress_samples
 from tests.support.shared_stack import MAIN_KEY, MODEL, TPM_KEY, restart_redis
+from tests.support.stack import replica_processes, wait_ready
 
 USER_ITEM = {"type": "message", "role": "user"}
 
@@ -34,13 +34,6 @@ def _headers(key: str = MAIN_KEY) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-def _wait_ready(stack, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while httpx.get(f"{stack.url}/ready").status_code != 200:
-        assert time.monotonic() < deadline, stack.log_tail()
-        time.sleep(1)
-
-
 def _store_samples(stack) -> dict[tuple[str, str], float]:
     return {
         (name, dict(labels).get("result") or dict(labels).get("operation") or ""): value
@@ -53,7 +46,7 @@ def test_a_follow_up_at_another_effort_runs_in_its_pool_with_the_whole_conversat
     first = client.responses.with_raw_response.create(
         model=MODEL, input="Hi", reasoning={"effort": "high"}, max_output_tokens=16
     )
-    assert first.headers["x-gptoss-pool"] == "deep"
+    assert (first.headers["x-gptoss-pool"], first.headers["x-gptoss-effort-source"]) == ("deep", "responses")
     stored = first.parse()
     assert stored.store is True and stored.id.startswith("resp_") and stored.output
     follow = client.responses.with_raw_response.create(
@@ -204,19 +197,11 @@ def test_a_store_that_fails_answers_503_and_chat_goes_on(stack, client, tmp_path
     assert client.responses.retrieve(again.id).id == again.id
 
 
-def _ingress_processes() -> list[psutil.Process]:
-    return [
-        proc
-        for proc in psutil.process_iter(["cmdline"])
-        if "ServeReplica:gptoss:ingress" in " ".join(proc.info["cmdline"] or [])
-    ]
-
-
 @pytest.mark.stops_stack
 def test_conversations_outlive_an_ingress_restart(stack, client):
-    _wait_ready(stack)
+    wait_ready(stack)
     before = client.responses.create(model=MODEL, input="Hi", max_output_tokens=8)
-    (ingress,) = _ingress_processes()
+    (ingress,) = replica_processes("ingress")
     ingress.kill()
     ingress.wait(timeout=30)
     deadline = time.monotonic() + 300
@@ -228,7 +213,7 @@ def test_conversations_outlive_an_ingress_restart(stack, client):
             assert not isinstance(exc, openai.NotFoundError), "the restarted ingress lost the conversation"
             assert time.monotonic() < deadline, stack.log_tail()
             time.sleep(1)
-    assert found.id == before.id and [p.pid for p in _ingress_processes()] != [ingress.pid]
+    assert found.id == before.id and [p.pid for p in replica_processes("ingress")] != [ingress.pid]
     follow = client.responses.create(
         model=MODEL, input="More", previous_response_id=before.id, max_output_tokens=4
     )

@@ -22,6 +22,7 @@ from transformers import AutoTokenizer
 
 from tests.support.admission import HOLD_TOKENS, HeldRequest, holding, wait_for_in_flight
 from tests.support.shared_stack import LIMITED_KEY, MAIN_KEY, METRICS_PORT_COUNT, MODEL
+from tests.support.stack import replica_processes, wait_ready
 
 pytestmark = pytest.mark.slow
 
@@ -113,26 +114,6 @@ def test_completions_stream_and_not(client):
     assert raw.headers["x-gptoss-pool"] == "fast"
     pieces = list(client.completions.create(model=MODEL, prompt="Hello", max_tokens=5, stream=True))
     assert "".join(p.choices[0].text for p in pieces if p.choices)
-
-
-def test_responses_and_a_follow_up_at_another_effort(client):
-    first = client.responses.with_raw_response.create(
-        model=MODEL, input="Hi", reasoning={"effort": "high"}, max_output_tokens=16
-    )
-    assert first.headers["x-gptoss-effort-source"] == "responses"
-    assert first.headers["x-gptoss-pool"] == "deep"
-    stored = first.parse()
-    # The follow-up asks for another effort: it runs in that effort's pool, the conversation from the store.
-    follow = client.responses.with_raw_response.create(
-        model=MODEL,
-        input="More",
-        previous_response_id=stored.id,
-        max_output_tokens=8,
-        extra_headers={"X-Reasoning-Effort": "low"},
-    )
-    assert (follow.headers["x-gptoss-pool"], follow.headers["x-gptoss-effort"]) == ("fast", "low")
-    assert follow.parse().usage.input_tokens > stored.usage.input_tokens + stored.usage.output_tokens
-    assert client.responses.retrieve(stored.id).id == stored.id
 
 
 def test_responses_stream(client):
@@ -381,25 +362,9 @@ def test_the_prestop_hook_waits_for_a_long_stream_to_finish(stack):
 # -- failures and shutdown (last: they disturb the stack) -------------------------------------------------------
 
 
-def _wait_ready(stack, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while httpx.get(f"{stack.url}/ready").status_code != 200:
-        assert time.monotonic() < deadline, stack.log_tail()
-        time.sleep(2)
-
-
-def _replica_processes(pool: str) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if f"ServeReplica:gptoss:{pool}" in cmdline:
-            found.append(proc)
-    return found
-
-
 @pytest.mark.stops_stack
 def test_killed_replica_gives_a_clean_error_and_is_replaced(stack, client):
-    (victim,) = _replica_processes("deep")
+    (victim,) = replica_processes("deep")
     before = client.chat.completions.with_raw_response.create(
         model=MODEL, messages=USER, reasoning_effort="high", max_tokens=2
     )
@@ -446,7 +411,7 @@ def test_killed_replica_gives_a_clean_error_and_is_replaced(stack, client):
         time.sleep(2)
     assert answer.status_code == 200, stack.log_tail()
     assert answer.headers["x-gptoss-replica"] != old_replica
-    assert victim.pid not in [p.pid for p in _replica_processes("deep")]
+    assert victim.pid not in [p.pid for p in replica_processes("deep")]
     # The conversation deep's dead replica answered lives on: its follow-up runs on the new replica.
     follow = client.responses.with_raw_response.create(
         model=MODEL, input="More", previous_response_id=kept.id, max_output_tokens=4,
@@ -465,7 +430,7 @@ def test_killed_replica_gives_a_clean_error_and_is_replaced(stack, client):
 
 @pytest.mark.stops_stack
 def test_ctrl_c_drains_in_flight_streams_then_exits(stack):
-    _wait_ready(stack)
+    wait_ready(stack)
     lines: list[str] = []
     streaming = threading.Event()
 
@@ -501,4 +466,4 @@ def test_ctrl_c_drains_in_flight_streams_then_exits(stack):
         if (tokens := c.get("delta", {}).get("content"))
     )
     assert generated > 0
-    assert _replica_processes("deep") == [] and _replica_processes("fast") == []
+    assert replica_processes("deep") == [] and replica_processes("fast") == []

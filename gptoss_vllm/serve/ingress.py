@@ -254,19 +254,21 @@ class Ingress:
             try:
                 self._metrics.stored_responses.labels(self._store_backend).set(await self._store.count())
             except StoreUnavailable as exc:
-                self._metrics.store_errors.labels(self._store_backend, exc.operation).inc()
-                log.warning("%s", exc)
+                self._store_failed(exc)
             await asyncio.sleep(STORE_SIZE_PERIOD_S)
 
     # -- the response store ----------------------------------------------------------------------------------
+
+    def _store_failed(self, exc: StoreUnavailable, consequence: str = "") -> None:
+        self._metrics.store_errors.labels(self._store_backend, exc.operation).inc()
+        log.warning("%s%s", exc, consequence)
 
     async def _stored(self, call: Any) -> Any:
         """Await a store call; a failure is counted and answered 503 with Retry-After, never ignored."""
         try:
             return await call
         except StoreUnavailable as exc:
-            self._metrics.store_errors.labels(self._store_backend, exc.operation).inc()
-            log.warning("%s", exc)
+            self._store_failed(exc)
             retry = self._config.ingress.retry_after_s
             message = f"The response store is unavailable; retry in {retry} s"
             raise Refusal.retry_later(
@@ -568,46 +570,48 @@ class Ingress:
         record = RequestRecord(self._metrics, "responses")
         work = asyncio.ensure_future(self._forward(decision, pool_request, record))
         try:
-            while True:
-                done, _ = await asyncio.wait({work}, timeout=BACKGROUND_POLL_S)
-                if done:
-                    break
-                try:
-                    current = await self._store.get(conversation.id)
-                except StoreUnavailable as exc:
-                    self._metrics.store_errors.labels(self._store_backend, exc.operation).inc()
-                    log.warning("background response %s: %s (it keeps running)", conversation.id, exc)
-                    continue
-                if current is None or current.cancel_requested:
-                    log.info("background response %s was %s: stopping it", conversation.id,
-                             "deleted" if current is None else "cancelled")  # fmt: skip
+            while not (await asyncio.wait({work}, timeout=BACKGROUND_POLL_S))[0]:
+                if not await self._renew(conversation.id):
                     work.cancel()
                     return
-                current.lease_until = time.time() + BACKGROUND_LEASE_S
-                if current.status == "queued":
-                    current.response = with_status(current.response, "in_progress")
-                try:
-                    await self._store.put(current)
-                except StoreUnavailable as exc:
-                    self._metrics.store_errors.labels(self._store_backend, exc.operation).inc()
             answer = work.result()
             if answer.status_code != 200:
                 # The engine refused it, or the store failed at the end: the stored response says so.
-                error = {"code": "server_error" if answer.status_code >= 500 else "invalid_request",
-                         "message": bytes(answer.body).decode(errors="replace")[:2000]}  # fmt: skip
-                conversation.lease_until = None
-                conversation.response = with_status(conversation.response, "failed", error)
-                await self._store.put(conversation)
+                kind = "server_error" if answer.status_code >= 500 else "invalid_request"
+                await self._fail(conversation, kind, bytes(answer.body).decode(errors="replace")[:2000])
         except asyncio.CancelledError:
             work.cancel()
             raise
         except Exception:
             log.exception("background response %s failed", conversation.id)
             with contextlib.suppress(Exception):
-                conversation.lease_until = None
-                error = {"code": "server_error", "message": "The server failed while running this response"}
-                conversation.response = with_status(conversation.response, "failed", error)
-                await self._store.put(conversation)
+                await self._fail(
+                    conversation, "server_error", "The server failed while running this response"
+                )
+
+    async def _renew(self, response_id: str) -> bool:
+        """Renew a running background response's lease; False once it was cancelled or deleted (from any
+        ingress replica). A store that cannot be reached stops nothing."""
+        try:
+            current = await self._store.get(response_id)
+            if current is None or current.cancel_requested:
+                state = "deleted" if current is None else "cancelled"
+                log.info("background response %s was %s: stopping it", response_id, state)
+                return False
+            current.lease_until = time.time() + BACKGROUND_LEASE_S
+            if current.status == "queued":
+                current.response = with_status(current.response, "in_progress")
+            await self._store.put(current)
+        except StoreUnavailable as exc:
+            self._store_failed(exc, f" (background response {response_id} keeps running)")
+        return True
+
+    async def _fail(self, conversation: StoredConversation, code: str, message: str) -> None:
+        conversation.lease_until = None
+        conversation.response = with_status(
+            conversation.response, "failed", {"code": code, "message": message}
+        )
+        await self._store.put(conversation)
 
     async def __del__(self) -> None:
         self._watcher.cancel()

@@ -1,5 +1,27 @@
-"""The tests start the stack the way the benchmarks do."""
+"""The tests start the stack the way the benchmarks do, and find its parts the way an operator would."""
+
+import time
+
+import httpx
+import psutil
 
 from gptoss_vllm.serve.process import RunningStack, free_port, start_stack
 
-__all__ = ["RunningStack", "free_port", "start_stack"]
+__all__ = ["RunningStack", "free_port", "replica_processes", "start_stack", "wait_ready"]
+
+
+def wait_ready(stack: RunningStack, timeout_s: float = 300) -> None:
+    """Until ``/ready`` is 200 (after a test replaced a replica)."""
+    deadline = time.monotonic() + timeout_s
+    while httpx.get(f"{stack.url}/ready").status_code != 200:
+        assert time.monotonic() < deadline, stack.log_tail()
+        time.sleep(1)
+
+
+def replica_processes(deployment: str) -> list[psutil.Process]:
+    """The processes of a deployment's Ray Serve replicas (a pool's name, or ``ingress``)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if f"ServeReplica:gptoss:{deployment}" in " ".join(proc.info["cmdline"] or []):
+            found.append(proc)
+    return found
