@@ -20,7 +20,9 @@ MODEL = "gpt-oss-two-ingresses"
 KEY = "sk-two-ingresses"
 PASSWORD = "sk-two-ingresses-store"
 TRIES = 30
-DOWNSCALE_DELAY_S = 20
+# Ray counts the delay from the deploy, while the engines still start (up to a minute on a loaded machine): it must
+# outlast that, and leave the test time to reach both replicas before the pool scales down.
+DOWNSCALE_DELAY_S = 120
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +94,13 @@ def _running_replicas(stack) -> list[float]:
 
 
 def test_conversations_outlive_the_replica_a_scale_down_removes(stack, client):
-    # Runs first, while the pool still has the two replicas it started with.
-    assert _running_replicas(stack) == [2, 2]
+    # Runs first, while the pool still has the two replicas it started with (the stack is ready with one).
+    deadline = time.monotonic() + DOWNSCALE_DELAY_S
+    while _running_replicas(stack) != [2, 2]:
+        assert time.monotonic() < deadline, (
+            f"the pool never ran its two initial replicas: {_running_replicas(stack)}"
+        )
+        time.sleep(0.5)
     by_replica: dict[str, object] = {}
     for _ in range(TRIES):
         raw = client.responses.with_raw_response.create(model=MODEL, input="Hi", max_output_tokens=2)
