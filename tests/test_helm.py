@@ -24,13 +24,10 @@ import yaml
 from gptoss_vllm.observability import rules as rules_module
 from gptoss_vllm.serve.config import EFFORTS, parse_config
 from helm import values_schema
+from tests.support.chart import CHART, EXAMPLES, NAMESPACE, ROOT, by_kind, chart, example, merge, render
 
-ROOT = Path(__file__).resolve().parent.parent
-CHART = ROOT / "helm" / "gptoss-vllm"
-EXAMPLES = sorted((ROOT / "deploy" / "helm").glob("values-*.yaml"))
 CRDS = Path(__file__).resolve().parent / "data" / "crds"
 CHECKOV = ROOT / ".venv-tools" / "bin" / "checkov"
-NAMESPACE = "gptoss"
 KUBE_VERSION = "1.37.0"
 # Kinds validated against a CRD rather than Kubernetes' built-in schemas.
 CRD_FILES = {
@@ -42,29 +39,6 @@ CRD_FILES = {
 }
 # Gateway API kinds: no schema shipped here; their shape is checked by hand below.
 UNCHECKED_KINDS = {("gateway.networking.k8s.io/v1", "HTTPRoute")}
-
-
-@functools.cache
-def chart() -> helm.Chart:
-    return helm.Chart.load(CHART)
-
-
-def render(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    manifests = chart().render(values=values or {}, name="demo", namespace=NAMESPACE, is_install=True)
-    objects = []
-    for path, text in sorted(manifests.items()):
-        if path.endswith("NOTES.txt"):
-            continue
-        objects.extend(doc for doc in yaml.safe_load_all(text) if doc)
-    return objects
-
-
-def example(path: Path) -> dict[str, Any]:
-    return yaml.safe_load(path.read_text())
-
-
-def by_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
-    return [o for o in objects if o["kind"] == kind]
 
 
 def serve_app(objects: list[dict[str, Any]]) -> dict[str, Any]:
@@ -208,17 +182,6 @@ TOGGLES = {
         "podDisruptionBudget": {"head": True},
     },
 }
-
-
-def merge(base: dict[str, Any], *overlays: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for overlay in overlays:
-        for key, value in overlay.items():
-            if isinstance(value, dict) and isinstance(out.get(key), dict):
-                out[key] = merge(out[key], value)
-            else:
-                out[key] = copy.deepcopy(value)
-    return out
 
 
 CASES = {"default": {}} | {f"example:{p.stem}": example(p) for p in EXAMPLES}

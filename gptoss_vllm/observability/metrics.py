@@ -50,6 +50,8 @@ INTER_TOKEN_BUCKETS_S = (
     1.0,
     2.5,
 )
+# A replica's start: the engine loads its weights (seconds for nano, minutes for gpt-oss-120b).
+COLD_START_BUCKETS_S = (1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 300.0, 600.0)
 NONE = "none"  # label value when a request was refused before its effort or pool was known
 
 REQUEST_LABELS = ("endpoint", "effort", "effort_source", "pool", "status")
@@ -124,6 +126,26 @@ class IngressMetrics:
             "gptoss_pool_running_replicas",
             "Replicas of the pool in state RUNNING",
             ("pool",),
+            registry=registry,
+        )
+        self.min_replicas = Gauge(
+            "gptoss_pool_min_replicas",
+            "The pool's floor: replicas, or autoscaling.min_replicas (0: it scales to zero when idle)",
+            ("pool",),
+            registry=registry,
+        )
+        self.cold_starts = Counter(
+            "gptoss_pool_cold_starts",
+            "Times the pool went from no running replica to one while it scales from zero",
+            ("pool",),
+            registry=registry,
+        )
+        self.cold_start_hold = Histogram(
+            "gptoss_cold_start_hold_seconds",
+            "Requests that arrived at a pool with no replica: time held until a replica took them (outcome "
+            "served) or until cold_start_timeout_s (outcome timed_out, answered 503)",
+            ("pool", "outcome"),
+            buckets=COLD_START_BUCKETS_S,
             registry=registry,
         )
         self.spillovers = Counter(

@@ -247,6 +247,7 @@ def capacity_group() -> dict:
                 "gptoss:pool_running_replicas:max",
                 "max by (namespace, pool) (gptoss_pool_running_replicas)",
             ),
+            _record("gptoss:pool_min_replicas:max", "max by (namespace, pool) (gptoss_pool_min_replicas)"),
             _record("gptoss:in_flight_requests:sum", "sum by (namespace, pool) (gptoss_in_flight_requests)"),
             # The queue bound holds per ingress replica: its fullest queue, a pool without a bound is left out.
             _record(
@@ -330,13 +331,17 @@ def capacity_alert_group(runbook_base: str) -> dict:
         "rules": [
             _alert(
                 "GptossPoolNoReadyReplica",
-                "gptoss:pool_running_replicas:max == 0",
+                # A pool scaled to zero (min_replicas 0) is idle by design: it pages only while requests wait
+                # for a replica that does not come.
+                "gptoss:pool_running_replicas:max == 0 and (gptoss:pool_min_replicas:max > 0 "
+                "or gptoss:in_flight_requests:sum > 0)",
                 NO_REPLICA_FOR,
                 "page",
                 summary="gpt-oss pool {{ $labels.pool }} has no running replica",
                 description=(
                     "Pool {{ $labels.pool }} in namespace {{ $labels.namespace }} has had no replica in state "
-                    f"RUNNING for {NO_REPLICA_FOR}: its requests spill over to another pool or are refused "
+                    f"RUNNING for {NO_REPLICA_FOR} while it should have one (min_replicas above 0, or requests "
+                    "waiting for a cold start): its requests spill over to another pool or are refused "
                     "(no_replica)."
                 ),
                 runbook_base=runbook_base,

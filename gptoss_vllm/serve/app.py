@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from ray import serve
+from ray._common.constants import HEAD_NODE_RESOURCE_NAME
 from ray.serve.config import BackpressureConfig, RequestRouterConfig
 
 from gptoss_vllm.lifetime import EXIT_WITH_PARENT_ENV
@@ -63,7 +64,9 @@ def build_application(config: ServeConfig, pool_class: type = PoolServer) -> ser
         # the proxy gate), instead of holding every connection of a flood.
         max_queued_requests=config.ingress.max_queued_requests,
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=config.ingress.retry_after_s),
-        ray_actor_options={"num_cpus": 0},
+        # On the head, as Ray pins its own control actors: the ingress relays every pool's streams, so the loss
+        # of a pool's node must not take the other pools' streams with it (the head's loss is the cluster's).
+        ray_actor_options={"num_cpus": 0, "resources": {HEAD_NODE_RESOURCE_NAME: 0.001}},
         graceful_shutdown_timeout_s=longest_drain,
         graceful_shutdown_wait_loop_s=1.0,
     )

@@ -58,6 +58,12 @@ class Pool(_Strict):
     drain_timeout_s: float = Field(
         default=600.0, gt=0, description="How long a stopping replica finishes streams"
     )
+    cold_start_timeout_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="A pool scaled to zero (autoscaling.min_replicas 0): how long a request waits for a "
+        "replica to start before it is answered 503 with Retry-After",
+    )
 
     @field_validator("efforts")
     @classmethod
@@ -80,6 +86,18 @@ class Pool(_Strict):
         if self.replicas is not None and self.autoscaling is not None:
             raise ValueError("set either replicas or autoscaling, not both")
         return self
+
+    @property
+    def min_replicas(self) -> int:
+        """The floor the pool never goes below (Ray's autoscaling default is 1)."""
+        if self.autoscaling is not None:
+            return int(self.autoscaling.get("min_replicas", 1))
+        return self.replicas or 1
+
+    @property
+    def scales_from_zero(self) -> bool:
+        """Whether the pool may have no replica while idle and start one for a request."""
+        return self.min_replicas == 0
 
     def resolved_model(self) -> str:
         """The checkpoint path (``~`` expanded, builtin presets in the user cache) or the HF id."""

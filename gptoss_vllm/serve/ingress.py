@@ -193,6 +193,7 @@ class Ingress:
         context = serve.get_replica_context()
         self._app_name = context.app_name
         self._heard: set[str] = set()
+        self._seen_at_zero: set[str] = set()  # pools this replica has seen idle at zero (after they ran)
         loop = asyncio.get_running_loop()
         self._watcher = loop.create_task(self._watch_pools())
         self._store_watcher = loop.create_task(self._watch_store())
@@ -204,6 +205,11 @@ class Ingress:
                 lambda n=name: self._admission.running[n]
             )
             self._metrics.queue_limit.labels(name).set(pool.max_queued_requests)
+            self._metrics.min_replicas.labels(name).set(pool.min_replicas)
+            if pool.scales_from_zero:
+                self._metrics.cold_starts.labels(name)
+                for outcome in ("served", "timed_out"):
+                    self._metrics.cold_start_hold.labels(name, outcome)
         replica = context.replica_id.unique_id
         labels = {"component": "ingress", "replica": replica, "app": self._app_name}
         self._metrics_endpoint = MetricsEndpoint(labels, registry)
@@ -233,7 +239,7 @@ class Ingress:
                 if count is None:
                     unheard.append(name)
                 else:
-                    self._admission.running[name] = count
+                    self._set_running(name, count)
                     if name not in self._heard:
                         self._heard.add(name)
                         log.info("pool %s: running replicas now read from its router (%d)", name, count)
@@ -243,10 +249,20 @@ class Ingress:
                     deployments = status.applications[self._app_name].deployments
                     for name in unheard:
                         states = deployments[name].replica_states if name in deployments else {}
-                        self._admission.running[name] = int(states.get("RUNNING", 0))
+                        self._set_running(name, int(states.get("RUNNING", 0)))
                 except Exception as exc:  # the controller restarting: keep the last known counts
                     log.warning("could not read pool status from the Serve controller: %s", exc)
             await asyncio.sleep(POOL_STATUS_PERIOD_S if unheard else ROUTER_READ_PERIOD_S)
+
+    def _set_running(self, pool: str, count: int) -> None:
+        previous = self._admission.running[pool]
+        self._admission.running[pool] = count
+        # Seen at zero first: a pool's first replicas at the deploy are not a cold start.
+        if previous == 0 and count > 0 and pool in self._seen_at_zero:
+            self._metrics.cold_starts.labels(pool).inc()
+            log.info("pool %s: cold start, %d replica(s) running", pool, count)
+        if count == 0 and self._config.pools[pool].scales_from_zero:
+            self._seen_at_zero.add(pool)
 
     async def _watch_store(self) -> None:
         """Keep the store's size gauge (and let retention run when nothing is written)."""
@@ -321,9 +337,18 @@ class Ingress:
 
     @app.get("/ready")
     async def ready(self) -> JSONResponse:
-        running = dict(self._admission.running)
-        ok = all(count > 0 for count in running.values())
-        return JSONResponse({"ready": ok, "pools": running}, status_code=200 if ok else 503)
+        """200 while every pool can serve: it has a running replica, or it scales from zero and can start one."""
+        admission = self._admission
+        pools = {
+            name: {
+                "state": admission.pool_state(name),
+                "running_replicas": admission.running[name],
+                "min_replicas": pool.min_replicas,
+            }
+            for name, pool in self._config.pools.items()
+        }
+        ok = all(pool["state"] != "no_replica" for pool in pools.values())
+        return JSONResponse({"ready": ok, "pools": pools}, status_code=200 if ok else 503)
 
     @app.get("/openapi.json")
     async def openapi(self) -> JSONResponse:
@@ -656,13 +681,21 @@ class Ingress:
         started = time.monotonic()
         # Ray Serve routes the call and counts it until the answer is done; the answer comes over the channel.
         answer = _Answer(self._handles[pool].handle_request.remote(pool_request))
+        cold_start_timeout = self._config.pools[pool].cold_start_timeout_s if decision.cold_start else None
         try:
-            start = await answer.claim()
+            start = await answer.claim(route_timeout_s=cold_start_timeout)
         except BaseException as exc:
             self._pipeline.finished(decision)
             answer.hang_up()
             retry = self._config.ingress.retry_after_s
-            if isinstance(exc, BackPressureError):
+            if isinstance(exc, TimeoutError) and answer.routed_at is None:
+                self._metrics.cold_start_hold.labels(pool, "timed_out").observe(time.monotonic() - started)
+                message = (
+                    f"Pool '{pool}' is starting a replica (it was scaled to zero) and none took the request "
+                    f"within its cold_start_timeout_s ({cold_start_timeout:g} s); retry in {retry} s"
+                )
+                refusal = Refusal.retry_later(Reason.NO_REPLICA, 503, message, retry)
+            elif isinstance(exc, BackPressureError):
                 message = f"Pool '{pool}' is at its queue bound; retry in {retry} s"
                 refusal = Refusal.retry_later(Reason.QUEUE_FULL, 429, message, retry)
             elif isinstance(exc, (RayError, StopAsyncIteration, AnswerLost)):
@@ -673,6 +706,9 @@ class Ingress:
                 raise
             return self._refused(record, Decision(headers=headers), refusal)
         started_at = time.monotonic()  # the replica's observation counts from its first item's arrival
+        if decision.cold_start:
+            assert answer.routed_at is not None
+            self._metrics.cold_start_hold.labels(pool, "served").observe(answer.routed_at - started)
         record.replica = start.replica_id
         if self._config.ingress.expose_replica_ids:
             headers["x-gptoss-replica"] = start.replica_id
@@ -772,10 +808,15 @@ class _Answer:
         self.reader: AnswerReader | None = None
         self._watcher: asyncio.Future | None = None
         self.cancelled = False  # Ray cancelled the call: this request's client hung up, the pool is fine
+        self.routed_at: float | None = None  # when a replica took the call
 
-    async def claim(self) -> PoolAnswerStart:
-        """Wait for the routed replica's ticket, connect, and read the answer's start."""
-        self.reader = await AnswerReader.claim(await self.call.__anext__())
+    async def claim(self, route_timeout_s: float | None = None) -> PoolAnswerStart:
+        """Wait (at most ``route_timeout_s``: TimeoutError) for a replica to take the call and send its
+        ticket, connect, and read the answer's start."""
+        async with asyncio.timeout(route_timeout_s):
+            ticket = await self.call.__anext__()
+        self.routed_at = time.monotonic()
+        self.reader = await AnswerReader.claim(ticket)
         self._watcher = asyncio.ensure_future(self._watch())
         start = await self.reader.__anext__()
         if not isinstance(start, PoolAnswerStart):

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from gptoss_vllm.serve.config import ServeConfig
 
 READY_POLL_S = 2.0
+READY_LINE = "gptoss-vllm is ready at"  # printed once the app answers; process.start_stack waits for it
 
 
 class LaunchError(RuntimeError):
@@ -94,9 +95,18 @@ def _failure_detail(app_name: str) -> str:
 
 
 def wait_until_ready(
-    config: ServeConfig, listen: Listen, app_name: str, timeout_s: float, failed: list, stop: list
+    config: ServeConfig,
+    listen: Listen,
+    app_name: str,
+    timeout_s: float,
+    failed: list,
+    stop: list,
+    deployed: list | None = None,
 ) -> None:
-    """Poll ``/ready`` with a progress bar of ready pools; raise LaunchError on failure, timeout or Ctrl-C."""
+    """Poll ``/ready`` with a progress bar of ready pools; raise LaunchError on failure, timeout or Ctrl-C.
+
+    With ``deployed`` (a flag list the deploying thread appends to), ready also needs the deploy to have
+    returned: an app this one replaces (``--address``, same app name) answers ``/ready`` until it is gone."""
     deadline = time.monotonic() + timeout_s
     with tqdm(total=len(config.pools), desc="pools ready", unit="pool", file=sys.stderr) as bar:
         while True:
@@ -111,10 +121,10 @@ def wait_until_ready(
                     if answer.headers.get("content-type") == "application/json"
                     else {}
                 )
-                bar.n = sum(1 for count in pools.values() if count > 0)
+                bar.n = sum(1 for pool in pools.values() if pool.get("state") != "no_replica")
                 bar.set_postfix_str(", ".join(f"{k}={v}" for k, v in _pool_states(app_name).items()))
                 bar.refresh()
-                if answer.status_code == 200:
+                if answer.status_code == 200 and (deployed is None or deployed):
                     return
             except httpx.HTTPError:
                 pass
@@ -163,17 +173,29 @@ def run(
             address="local", include_dashboard=False, object_store_memory=1 << 30, namespace="gptoss-vllm"
         )
     else:
-        ray.init(address=address, namespace="gptoss-vllm")
+        try:
+            ray.init(address=address, namespace="gptoss-vllm")
+        except Exception as exc:  # unreachable GCS, or token authentication (Ray's message says how)
+            print(
+                f"gptoss-vllm serve: --address {address}: could not join the Ray cluster: {exc}\n"
+                "A cluster with token authentication (the chart's rayAuth, on by default) needs "
+                "RAY_AUTH_MODE=token and its token in $RAY_AUTH_TOKEN or $RAY_AUTH_TOKEN_PATH "
+                "(the chart keeps it in the Secret <release>-gptoss-vllm-ray-auth, key auth_token).",
+                file=sys.stderr,
+            )
+            return 1
     # A flag, not a threading.Event: Event.set from a handler deadlocks with Event.wait in the main thread.
     stop: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, _frame: stop.append(signum))
     failed: list[BaseException] = []
+    deployed: list[bool] = []
 
     def deploy() -> None:
         try:
             serve.start(http_options={"host": listen.host, "port": listen.port})
             serve.run(build_application(config), name=APP_NAME, route_prefix="/")
+            deployed.append(True)
         except BaseException as exc:  # reported by the waiting thread
             failed.append(exc)
 
@@ -181,10 +203,8 @@ def run(
     code = 0
     prometheus: LocalPrometheus | None = None
     try:
-        wait_until_ready(config, listen, APP_NAME, ready_timeout_s, failed, stop)
-        print(
-            f"\ngptoss-vllm is ready at {listen.url}  (model '{config.model_name}', pools: {', '.join(config.pools)})"
-        )
+        wait_until_ready(config, listen, APP_NAME, ready_timeout_s, failed, stop, deployed)
+        print(f"\n{READY_LINE} {listen.url}  (model '{config.model_name}', pools: {', '.join(config.pools)})")
         if prometheus_port is not None:
             token = os.environ.get(config.ingress.monitoring_token_env)
             prometheus = LocalPrometheus(listen.url, prometheus_port, monitoring_token=token)

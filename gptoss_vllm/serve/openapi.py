@@ -159,7 +159,11 @@ def openapi_document(title: str, model_name: str) -> dict[str, Any]:
         "paths": {
             "/health": {"get": {"summary": "Liveness", "security": [], "responses": probe}},
             "/ready": {
-                "get": {"summary": "Every pool has a running replica", "security": [], "responses": probe}
+                "get": {
+                    "summary": "Every pool has a running replica or can start one (scaled to zero); each pool's state",
+                    "security": [],
+                    "responses": probe,
+                }
             },
             "/v1/models": {"get": {"summary": "The served model", "responses": _answers("The model list")}},
             "/v1/chat/completions": _generation("Chat completion", "chat"),

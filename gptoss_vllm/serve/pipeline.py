@@ -55,6 +55,7 @@ class Decision:
     effort: ResolvedEffort | None = None
     pool: str | None = None  # the pool it runs in (after spillover)
     spilled_from: str | None = None
+    cold_start: bool = False  # its pool is at zero replicas: the ingress waits for one to start
     clamped_from: int | None = None
     strip_usage: bool = False  # the ingress asked for a usage event the client did not
     # Responses: the id the server made, whether to store it (and run it in the background), the whole input
@@ -319,6 +320,7 @@ class RequestPipeline:
         except Refusal as refusal:
             raise refusal.with_headers(decision.headers | {"x-gptoss-pool": decision.pool}) from None
         decision.pool, decision.spilled_from = admitted.pool, admitted.spilled_from
+        decision.cold_start = admitted.cold_start
         self.admit_tenant(decision)
 
     def admit_tenant(self, decision: Decision) -> None:

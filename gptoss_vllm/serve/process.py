@@ -14,6 +14,8 @@ from pathlib import Path
 
 import httpx
 
+from gptoss_vllm.serve.launcher import READY_LINE
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -53,7 +55,7 @@ class RunningVllm(RunningServer):
 
 def _start(
     kind: type[RunningServer], cmd: list[str], port: int, log_path: Path, env: dict[str, str] | None,
-    ready_path: str, what: str, timeout_s: float,
+    ready_path: str, what: str, timeout_s: float, ready_line: str | None = None,
 ) -> RunningServer:  # fmt: skip
     proc = subprocess.Popen(
         cmd,
@@ -68,7 +70,8 @@ def _start(
         if proc.poll() is not None:
             raise RuntimeError(f"{what} exited with {proc.returncode}:\n{server.log_tail()}")
         try:
-            if httpx.get(f"{server.url}{ready_path}", timeout=2).status_code == 200:
+            logged = ready_line is None or ready_line in server.log_tail(1 << 20)
+            if logged and httpx.get(f"{server.url}{ready_path}", timeout=2).status_code == 200:
                 return server
         except httpx.HTTPError:
             pass
@@ -83,13 +86,17 @@ def start_stack(
     env: dict[str, str] | None = None,
     timeout_s: float = 600,
     args: list[str] | None = None,
+    port: int | None = None,
 ) -> RunningStack:
-    """``config_path`` None: the embedded default; ``args`` are more ``serve`` arguments."""
-    port = free_port()
+    """``config_path`` None: the embedded default; ``args`` are more ``serve`` arguments; ``port`` None: a
+    free one. Ready is what ``serve`` says (an app it replaces on a cluster answers ``/ready`` until then)."""
+    port = port or free_port()
     cmd = [sys.executable, "-m", "gptoss_vllm.cli", "serve", "--port", str(port), *(args or [])]
     if config_path is not None:
         cmd += ["--config", str(config_path)]
-    stack = _start(RunningStack, cmd, port, log_path, env, "/ready", "gptoss-vllm serve", timeout_s)
+    stack = _start(
+        RunningStack, cmd, port, log_path, env, "/ready", "gptoss-vllm serve", timeout_s, READY_LINE
+    )
     assert isinstance(stack, RunningStack)
     return stack
 
