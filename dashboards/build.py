@@ -285,15 +285,39 @@ def pools_and_capacity() -> dashboard_builders.Dashboard:
         .with_panel(
             panel(
                 "Running replicas by pool",
-                "Replicas in state RUNNING, as the ingress sees them (GptossPoolNoReadyReplica fires at 0).",
+                "Replicas in state RUNNING, as the ingress sees them, and the pool's floor (GptossPoolNoReadyReplica "
+                "fires at 0 with a floor above 0, or with requests waiting), and starts from zero in the last hour.",
                 "short",
-                [target(f"max by (pool) (gptoss_pool_running_replicas{{{NS_POOL}}})", "{{pool}}")],
+                [
+                    target(f"max by (pool) (gptoss_pool_running_replicas{{{NS_POOL}}})", "{{pool}}"),
+                    target(f"max by (pool) (gptoss_pool_min_replicas{{{NS_POOL}}})", "{{pool}} floor"),
+                    target(
+                        f"max by (pool) (increase(gptoss_pool_cold_starts_total{{{NS_POOL}}}[1h]))",
+                        "{{pool}} starts from zero (1 h)",
+                    ),
+                ],
+            )
+        )
+        .with_panel(
+            panel(
+                "Cold starts: requests held for a replica",
+                "Pools scaled to zero (min_replicas 0): how long the requests that arrived with no replica waited "
+                "for one, p95 by outcome (timed_out: answered 503 after cold_start_timeout_s).",
+                "s",
+                [
+                    target(
+                        "histogram_quantile(0.95, sum by (pool, outcome, le) "
+                        f"(rate(gptoss_cold_start_hold_seconds_bucket{{{NS_POOL}}}[{RATE}])))",
+                        "{{pool}} p95 hold ({{outcome}})",
+                    ),
+                ],
             )
         )
         .with_panel(
             panel(
                 "Queue depth vs limit by pool",
-                "Requests beyond the pool's running capacity, per ingress replica at its fullest, and the bound.",
+                "Requests beyond the pool's running capacity (every ingress replica counts the others' too: "
+                "max), and the bound.",
                 "short",
                 [
                     target(f"max by (pool) (gptoss_queue_depth{{{NS_POOL}}})", "{{pool}} depth"),

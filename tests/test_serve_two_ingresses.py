@@ -11,13 +11,14 @@ import time
 import openai
 import pytest
 
-from tests.support.admission import HOLD_ENV, HOLD_MAX_MODEL_LEN, HOLD_TOKENS, samples_by_replica
+from tests.support.admission import HOLD_ENV, HOLD_MAX_MODEL_LEN, HOLD_TOKENS, HeldRequest, samples_by_replica
 from tests.support.redis_server import start_redis
 from tests.support.stack import start_stack
 
 pytestmark = pytest.mark.slow
 MODEL = "gpt-oss-two-ingresses"
 KEY = "sk-two-ingresses"
+CAPPED_KEY = "sk-two-ingresses-capped"  # 2 sequences in flight, for the whole service
 PASSWORD = "sk-two-ingresses-store"
 TRIES = 30
 # Ray counts the delay from the deploy, while the engines still start (up to a minute on a loaded machine): it must
@@ -32,7 +33,7 @@ def stack(tiny_checkpoint_dirs, tmp_path_factory):
     root = tmp_path_factory.mktemp("two-ingresses")
     redis = start_redis(root, password=PASSWORD)
     keys = root / "keys"
-    keys.write_text(f"tenant:{KEY}\n")
+    keys.write_text(f"tenant:{KEY}\ncapped:{CAPPED_KEY}\n")
     env = {"VLLM_CPU_KVCACHE_SPACE": "1", "GPTOSS_VLLM_MOE_BACKEND": "cpu", **HOLD_ENV}
     config = {
         "model_name": MODEL,
@@ -56,7 +57,7 @@ def stack(tiny_checkpoint_dirs, tmp_path_factory):
             }
         },
         "budgets": {"high": {"max_tokens": HOLD_TOKENS}},
-        "auth": {"api_keys_file": str(keys)},
+        "auth": {"api_keys_file": str(keys), "key_rate_limits": {"capped": {"concurrent_requests": 2}}},
         "ingress": {"replicas": 2, "expose_replica_ids": True},
         "response_store": {"backend": "redis", "url": redis.url},
     }
@@ -185,3 +186,69 @@ def test_a_background_response_is_cancelled_through_the_other_ingress_replica(st
         if handled != owner:
             return
     pytest.fail(f"every cancel of {TRIES} landed on the replica running the response")
+
+
+def _by_replica(stack, name: str) -> dict[str, float]:
+    return {
+        replica: _counter(samples, name, pool="all")
+        for replica, samples in samples_by_replica(stack.url, "ingress").items()
+    }
+
+
+def _wait_for(stack, name: str, expected: list[float], timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while sorted((seen := _by_replica(stack, name)).values()) != expected:
+        assert time.monotonic() < deadline, f"{name}: {seen}, expected {expected}"
+        time.sleep(0.2)
+
+
+def test_a_keys_concurrency_bound_holds_for_both_ingress_replicas_together(stack, client):
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": HOLD_TOKENS - 100,
+        "ignore_eos": True,
+        "reasoning_effort": "high",
+    }
+    for _ in range(TRIES):
+        held = []
+        try:
+            # One held stream on each replica (the proxy gives the second to the replica without one, mostly).
+            for count in (1, 2):
+                held.append(HeldRequest(stack.url, "/v1/chat/completions", body, CAPPED_KEY))
+                deadline = time.monotonic() + 60
+                while sum(_by_replica(stack, "gptoss_in_flight_requests").values()) != count:
+                    assert time.monotonic() < deadline, "a held request never reached its pool"
+                    time.sleep(0.2)
+            if sorted(_by_replica(stack, "gptoss_in_flight_requests").values()) != [1, 1]:
+                continue  # both on one replica: that bound is one replica's own, try again
+            # Each replica sees the other's stream, so each refuses the key's third, whichever takes it.
+            _wait_for(stack, "gptoss_peer_in_flight_requests", [1, 1])
+            capped = openai.OpenAI(base_url=f"{stack.url}/v1", api_key=CAPPED_KEY, max_retries=0, timeout=120)
+            for _ in range(TRIES):
+                with pytest.raises(openai.RateLimitError) as raised:
+                    capped.chat.completions.with_raw_response.create(
+                        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2
+                    )
+                assert raised.value.code == "rate_limit_exceeded", raised.value
+                if len(_refusals(stack)) == 2:
+                    break
+            assert len(_refusals(stack)) == 2, f"every refusal came from one replica: {_refusals(stack)}"
+            # Another key is not bounded by this one.
+            assert client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2
+            ).choices
+            return
+        finally:
+            for request in held:
+                request.release()
+            _wait_for(stack, "gptoss_in_flight_requests", [0, 0])
+    pytest.fail(f"in {TRIES} tries the two held streams never went to different ingress replicas")
+
+
+def _refusals(stack) -> dict[str, float]:
+    return {
+        replica: value
+        for replica, samples in samples_by_replica(stack.url, "ingress").items()
+        if (value := _counter(samples, "gptoss_rejections_total", reason="rate_limit"))
+    }

@@ -128,6 +128,17 @@ class IngressMetrics:
             ("pool",),
             registry=registry,
         )
+        self.peer_in_flight = Gauge(
+            "gptoss_peer_in_flight_requests",
+            "Sequences the other ingress replicas have in flight to the pool, as this replica last heard "
+            "(admission bounds their sum with its own)",
+            ("pool",),
+            registry=registry,
+        )
+        self.ingress_peers = Gauge(
+            "gptoss_ingress_peers", "Other live ingress replicas this replica shares its counts with",
+            registry=registry,
+        )  # fmt: skip
         self.min_replicas = Gauge(
             "gptoss_pool_min_replicas",
             "The pool's floor: replicas, or autoscaling.min_replicas (0: it scales to zero when idle)",

@@ -10,7 +10,8 @@ A pool with no running replica spills over, or answers 503 at once instead of ho
 scales from zero (``autoscaling.min_replicas: 0``): then the request is admitted as a cold start (up to the
 queue bound, and never spilled, as Ray Serve starts a replica only for requests sent to the pool) and the
 ingress waits for a replica for at most the pool's ``cold_start_timeout_s``. Counts are per ingress replica
-(one by default); Ray Serve's own ``max_queued_requests`` on the pool handle is the backstop.
+and, with several ingress replicas, the others' counts are added (``peer_counts``); Ray Serve's own
+``max_queued_requests`` on the pool handle is the backstop.
 """
 
 from __future__ import annotations
@@ -31,12 +32,16 @@ class Admitted:
 class Admission:
     def __init__(self, config: ServeConfig) -> None:
         self._config = config
-        self.in_flight = {name: 0 for name in config.pools}
+        self.in_flight = {name: 0 for name in config.pools}  # this replica's
+        self.peer_in_flight = {name: 0 for name in config.pools}  # the other ingress replicas' (peer_counts)
         self.running = {name: 0 for name in config.pools}
+
+    def total_in_flight(self, pool: str) -> int:
+        return self.in_flight[pool] + self.peer_in_flight.get(pool, 0)
 
     def queue_depth(self, pool: str) -> int:
         capacity = self.running[pool] * self._config.pools[pool].max_ongoing_requests
-        return max(0, self.in_flight[pool] - capacity)
+        return max(0, self.total_in_flight(pool) - capacity)
 
     def pool_state(self, pool: str) -> str:
         """``serving``, ``scaled_to_zero`` (idle, can start a replica), ``cold_start`` (starting one for
@@ -44,13 +49,13 @@ class Admission:
         if self.running[pool] > 0:
             return "serving"
         if self._config.pools[pool].scales_from_zero:
-            return "cold_start" if self.in_flight[pool] > 0 else "scaled_to_zero"
+            return "cold_start" if self.total_in_flight(pool) > 0 else "scaled_to_zero"
         return "no_replica"
 
     def _is_full(self, pool: str, sequences: int = 1) -> bool:
         settings = self._config.pools[pool]
         bound = self.running[pool] * settings.max_ongoing_requests + settings.max_queued_requests
-        return self.in_flight[pool] + sequences > bound
+        return self.total_in_flight(pool) + sequences > bound
 
     def _has_room(self, pool: str, sequences: int = 1) -> bool:
         return self.running[pool] > 0 and not self._is_full(pool, sequences)

@@ -158,6 +158,7 @@ class RateLimiter:
         self._default = default
         self._per_key = per_key or {}
         self._buckets: dict[str, _Bucket] = {}
+        self.taken: dict[str, float] = {}  # per name, since start: what other ingress replicas are charged
 
     def _bucket(self, name: str, now: float) -> tuple[_Bucket, float] | None:
         limit = self._per_key.get(name, self._default)
@@ -188,8 +189,18 @@ class RateLimiter:
         bucket, rate = found
         if bucket.tokens >= 1.0:
             bucket.tokens -= 1.0
+            self.taken[name] = self.taken.get(name, 0.0) + 1.0
             return None
         return (1.0 - bucket.tokens) / rate
+
+    def charge(self, name: str, count: float, now: float | None = None) -> None:
+        """Take ``count`` that other ingress replicas took for ``name`` (the bucket may go below zero, down to
+        minus its burst: the wait then covers what they took)."""
+        found = self._bucket(name, time.monotonic() if now is None else now)
+        if found is not None:
+            limit = self._per_key.get(name, self._default)
+            assert limit is not None
+            found[0].tokens = max(-float(limit.burst), found[0].tokens - count)
 
     def wait(self, name: str, now: float | None = None) -> float | None:
         """The seconds until the bucket holds one again (None: it does now), taking nothing."""
@@ -214,6 +225,12 @@ class TenantUsage:
         self._default = default
         self._per_key = per_key or {}
         self._usage: dict[str, _Usage] = {}
+        self.peer_in_flight: dict[
+            str, int
+        ] = {}  # the other ingress replicas' sequences per key (peer_counts)
+        self.tokens_spent: dict[
+            str, float
+        ] = {}  # per key, since start: what other ingress replicas are charged
 
     def limit_of(self, name: str) -> RateLimit | None:
         return self._per_key.get(name, self._default)
@@ -234,7 +251,8 @@ class TenantUsage:
         if limit is None:
             return None
         usage = self._refilled(name, limit, time.monotonic() if now is None else now)
-        if limit.concurrent_requests is not None and usage.in_flight + sequences > limit.concurrent_requests:
+        in_flight = usage.in_flight + self.peer_in_flight.get(name, 0)
+        if limit.concurrent_requests is not None and in_flight + sequences > limit.concurrent_requests:
             return "concurrent_requests", 1.0
         if limit.tokens_per_minute and usage.tokens <= 0:
             return "tokens_per_minute", (1.0 - usage.tokens) * 60 / limit.tokens_per_minute
@@ -253,6 +271,17 @@ class TenantUsage:
         usage.in_flight = max(0, usage.in_flight - sequences)
         if limit.tokens_per_minute:
             usage.tokens -= tokens
+            self.tokens_spent[name] = self.tokens_spent.get(name, 0.0) + tokens
+
+    def charge(self, name: str, tokens: float, now: float | None = None) -> None:
+        """Charge the key's tokens-per-minute bucket with ``tokens`` other ingress replicas' answers used."""
+        limit = self.limit_of(name)
+        if limit is not None and limit.tokens_per_minute:
+            self._refilled(name, limit, time.monotonic() if now is None else now).tokens -= tokens
+
+    def in_flight_by_key(self) -> dict[str, int]:
+        """This replica's sequences in flight, for the keys that have any."""
+        return {name: usage.in_flight for name, usage in self._usage.items() if usage.in_flight}
 
     def in_flight(self, name: str) -> int:
         usage = self._usage.get(name)

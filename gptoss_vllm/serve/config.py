@@ -51,7 +51,9 @@ class Pool(_Strict):
     replicas: int | None = Field(default=None, ge=1)
     autoscaling: dict[str, Any] | None = Field(default=None, description="Ray Serve autoscaling_config")
     max_ongoing_requests: int = Field(default=16, ge=1, description="Concurrent requests per replica")
-    max_queued_requests: int = Field(default=32, ge=0, description="Queue bound per ingress; beyond: 429")
+    max_queued_requests: int = Field(
+        default=32, ge=0, description="Queue bound of the whole service; beyond: 429"
+    )
     router: Literal["power_of_two", "prefix_aware"] = "power_of_two"
     spillover: Spillover | None = None
     ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 1})
@@ -121,7 +123,7 @@ class RateLimit(_Strict):
     requests_per_minute: float | None = Field(default=None, gt=0)
     burst: int = Field(default=10, ge=1, description="Requests at once before requests_per_minute applies")
     concurrent_requests: int | None = Field(
-        default=None, ge=1, description="Sequences in flight at once (n x prompts), per ingress replica"
+        default=None, ge=1, description="Sequences in flight at once (n x prompts), for the whole service"
     )
     tokens_per_minute: int | None = Field(
         default=None, ge=1, description="Prompt and output tokens (reasoning included) per minute"

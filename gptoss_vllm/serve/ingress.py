@@ -50,6 +50,7 @@ from gptoss_vllm.serve.conversation import (
 from gptoss_vllm.serve.effort import Endpoint
 from gptoss_vllm.serve.openai_errors import error_response, sse_error_event
 from gptoss_vllm.serve.openapi import openapi_document
+from gptoss_vllm.serve.peer_counts import EXCHANGE_S, PEER_TTL_S, PeerView, ledger_actor
 from gptoss_vllm.serve.pipeline import Decision, RequestPipeline, client_address
 from gptoss_vllm.serve.pool import PoolRequest
 from gptoss_vllm.serve.proxy_gate import too_large, too_slow
@@ -197,6 +198,11 @@ class Ingress:
         loop = asyncio.get_running_loop()
         self._watcher = loop.create_task(self._watch_pools())
         self._store_watcher = loop.create_task(self._watch_store())
+        self._replica = context.replica_id.unique_id
+        self._peers = PeerView()
+        self._exchanger = (
+            loop.create_task(self._exchange_counts()) if self._config.ingress.replicas > 1 else None
+        )
         for name, pool in self._config.pools.items():
             # Read at scrape time, so the gauges never lag the admission counts.
             self._metrics.in_flight.labels(name).set_function(lambda n=name: self._admission.in_flight[n])
@@ -204,16 +210,18 @@ class Ingress:
             self._metrics.running_replicas.labels(name).set_function(
                 lambda n=name: self._admission.running[n]
             )
+            self._metrics.peer_in_flight.labels(name).set_function(
+                lambda n=name: self._admission.peer_in_flight.get(n, 0)
+            )
             self._metrics.queue_limit.labels(name).set(pool.max_queued_requests)
             self._metrics.min_replicas.labels(name).set(pool.min_replicas)
             if pool.scales_from_zero:
                 self._metrics.cold_starts.labels(name)
                 for outcome in ("served", "timed_out"):
                     self._metrics.cold_start_hold.labels(name, outcome)
-        replica = context.replica_id.unique_id
-        labels = {"component": "ingress", "replica": replica, "app": self._app_name}
+        labels = {"component": "ingress", "replica": self._replica, "app": self._app_name}
         self._metrics_endpoint = MetricsEndpoint(labels, registry)
-        self._tracer = ingress_tracer(replica)
+        self._tracer = ingress_tracer(self._replica)
 
     def _client(self, request: Request) -> str | None:
         peer = request.client.host if request.client else None
@@ -263,6 +271,32 @@ class Ingress:
             log.info("pool %s: cold start, %d replica(s) running", pool, count)
         if count == 0 and self._config.pools[pool].scales_from_zero:
             self._seen_at_zero.add(pool)
+
+    async def _exchange_counts(self) -> None:
+        """Share this replica's counts with the other ingress replicas (``peer_counts``), so that every bound
+        holds for the whole service; if the ledger cannot be reached, the peers are forgotten after PEER_TTL_S
+        (each replica then bounds alone) until it can."""
+        ledger = None
+        last_heard = time.monotonic()
+        while True:
+            try:
+                ledger = ledger or ledger_actor(self._app_name)
+                counts = self._pipeline.own_counts().as_dict()
+                answer = await asyncio.wait_for(ledger.exchange.remote(self._replica, counts), PEER_TTL_S)
+                requests, tokens = self._peers.update(answer)
+                self._pipeline.take_peers(self._peers, requests, tokens)
+                self._metrics.ingress_peers.set(self._peers.peers)
+                last_heard = time.monotonic()
+            except Exception as exc:
+                ledger = None
+                if time.monotonic() - last_heard > PEER_TTL_S and self._peers.peers:
+                    log.warning(
+                        "lost the other ingress replicas' counts (%s): bounding alone until back", exc
+                    )
+                    self._peers = PeerView()
+                    self._pipeline.take_peers(self._peers, {}, {})
+                    self._metrics.ingress_peers.set(0)
+            await asyncio.sleep(EXCHANGE_S)
 
     async def _watch_store(self) -> None:
         """Keep the store's size gauge (and let retention run when nothing is written)."""
@@ -641,6 +675,8 @@ class Ingress:
     async def __del__(self) -> None:
         self._watcher.cancel()
         self._store_watcher.cancel()
+        if self._exchanger is not None:
+            self._exchanger.cancel()
         for task in list(self._background.values()):
             task.cancel()  # their leases run out: other replicas show them as failed
         self._metrics_endpoint.close()

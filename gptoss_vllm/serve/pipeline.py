@@ -25,6 +25,7 @@ from gptoss_vllm.serve.budget import BudgetError, apply_budget
 from gptoss_vllm.serve.config import ServeConfig
 from gptoss_vllm.serve.conversation import as_items, follow_up_input, new_response_id
 from gptoss_vllm.serve.effort import EffortError, Endpoint, ResolvedEffort, apply_effort, resolve_effort
+from gptoss_vllm.serve.peer_counts import Counts, PeerView
 from gptoss_vllm.serve.refusal import Reason, Refusal, whole_seconds
 from gptoss_vllm.serve.response_store import StoredConversation
 
@@ -361,6 +362,28 @@ class RequestPipeline:
         self.admission.finished(decision.pool, decision.sequences)
         if self.tenants is not None and decision.key_name is not None:
             self.tenants.finished(decision.key_name, decision.sequences, tokens)
+
+    # -- the other ingress replicas (peer_counts) -------------------------------------------------------------
+
+    def own_counts(self) -> Counts:
+        """What this replica counts, as it shares it with the other ingress replicas."""
+        return Counts(
+            pool_in_flight=dict(self.admission.in_flight),
+            key_in_flight=self.tenants.in_flight_by_key() if self.tenants else {},
+            key_requests=dict(self._limiter.taken) if self._limiter else {},
+            key_tokens=dict(self.tenants.tokens_spent) if self.tenants else {},
+        )
+
+    def take_peers(self, view: PeerView, requests: dict[str, float], tokens: dict[str, float]) -> None:
+        """Bound with the peers' in-flight counts from now on, and charge the keys what the peers spent."""
+        self.admission.peer_in_flight = dict(view.pool_in_flight)
+        if self.tenants is not None:
+            self.tenants.peer_in_flight = dict(view.key_in_flight)
+            for name, spent in tokens.items():
+                self.tenants.charge(name, spent)
+        if self._limiter is not None:
+            for name, taken in requests.items():
+                self._limiter.charge(name, taken)
 
     # -- whole requests --------------------------------------------------------------------------------------
 
