@@ -260,10 +260,9 @@ def test_ray_cluster_shape():
         assert env["OTEL_SERVICE_NAME"] == "gptoss-vllm"
         assert env["OTEL_TRACES_SAMPLER"] == "parentbased_always_on"
         assert env["GPTOSS_METRICS_PORT"] == "9500"
-        assert {"name": "api-keys", "mountPath": "/etc/gptoss/api-keys", "readOnly": True} in container[
-            "volumeMounts"
-        ]
+        assert "api-keys" not in {m["name"] for m in container["volumeMounts"]}  # the ingress is on the head
     head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {"name": "api-keys", "mountPath": "/etc/gptoss/api-keys", "readOnly": True} in head["volumeMounts"]
     assert head["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert head["livenessProbe"]["httpGet"]["path"] == "/health"
     assert serve_app(objects)["args"]["serve"]["auth"]["api_keys_file"] == "/etc/gptoss/api-keys/keys"
@@ -295,13 +294,15 @@ def test_monitoring_objects():
     (sd,) = scrape["spec"]["httpSDConfigs"]
     assert sd["url"] == f"http://demo-gptoss-vllm.{NAMESPACE}.svc:8000/metrics/targets"
     # GET /metrics/targets answers only the bearer of the monitoring token: the chart's Secret, whose key the
-    # Ray containers get as GPTOSS_MONITORING_TOKEN.
+    # head's Ray container (where the ingress runs) gets as GPTOSS_MONITORING_TOKEN; no worker does.
     token = {"name": "demo-gptoss-vllm-monitoring", "key": "token"}
     assert sd["authorization"] == {"type": "Bearer", "credentials": token}
     secret = secrets_by_name(objects)["demo-gptoss-vllm-monitoring"]
     assert len(base64.b64decode(secret["data"]["token"])) >= 32
     for container in ray_containers(objects):
-        assert env_of(container)["GPTOSS_MONITORING_TOKEN"] == {"secretKeyRef": token}, container["name"]
+        found = env_of(container).get("GPTOSS_MONITORING_TOKEN")
+        expected = {"secretKeyRef": token} if container["name"] == "ray-head" else None
+        assert found == expected, container["name"]
     assert {"action": "replace", "targetLabel": "namespace", "replacement": NAMESPACE} in scrape["spec"][
         "relabelings"
     ]
@@ -344,7 +345,7 @@ def test_monitoring_token_from_an_existing_secret():
     assert "demo-gptoss-vllm-monitoring" not in secrets_by_name(objects)
     for container in ray_containers(objects):
         env = env_of(container)
-        assert env["SCRAPE_TOKEN"] == {"secretKeyRef": ref}
+        assert env.get("SCRAPE_TOKEN") == ({"secretKeyRef": ref} if container["name"] == "ray-head" else None)
         assert "GPTOSS_MONITORING_TOKEN" not in env
 
 
@@ -423,10 +424,10 @@ def test_each_secret_reaches_only_the_containers_that_read_it(source):
     }
     read = secrets_read_by_container(render(values))
     ray, monitoring = "demo-gptoss-vllm-ray-auth", "demo-gptoss-vllm-monitoring"
-    # API keys and the monitoring token: the Ray containers (an ingress replica may run on any Ray node); the Ray
-    # token: every Ray process including the autoscaler; the HF token: whatever downloads the model (the pool
-    # replicas on the workers with model.source hf, the download Job alone with pvc).
-    worker = {"gptoss-keys", monitoring, ray} | ({"hf-token"} if source == "hf" else set())
+    # API keys and the monitoring token: the head, where the ingress runs (pinned there); the Ray token: every Ray
+    # process including the autoscaler; the HF token: whatever downloads the model (the pool replicas on the
+    # workers with model.source hf, the download Job alone with pvc).
+    worker = {ray} | ({"hf-token"} if source == "hf" else set())
     expected = {
         "head/ray-head": {"gptoss-keys", monitoring, ray},
         "head/autoscaler": {ray},
@@ -606,15 +607,19 @@ def test_the_response_store_from_values_with_its_secrets():
     )  # fmt: skip
     assert store.tls_ca_file == "/etc/gptoss/response-store-ca/ca.crt"
     read = secrets_read_by_container(objects)
-    # Every Ray container may run an ingress replica: each reads the password and the CA bundle.
+    # The ingress (pinned to the head) reads the password and the CA bundle; no worker gets them.
     for container in ray_containers(objects):
-        password = next(e for e in container["env"] if e["name"] == "GPTOSS_RESPONSE_STORE_PASSWORD")
-        assert password["valueFrom"]["secretKeyRef"] == {"name": "redis-auth", "key": "password"}
+        env = {e["name"]: e for e in container["env"]}
         mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
-        assert mounts["response-store-ca"] == "/etc/gptoss/response-store-ca"
-    assert all(
-        "redis-ca" in names for role, names in read.items() if role.endswith(("ray-head", "ray-worker"))
-    )
+        if container["name"] == "ray-head":
+            password = env["GPTOSS_RESPONSE_STORE_PASSWORD"]
+            assert password["valueFrom"]["secretKeyRef"] == {"name": "redis-auth", "key": "password"}
+            assert mounts["response-store-ca"] == "/etc/gptoss/response-store-ca"
+        else:
+            assert "GPTOSS_RESPONSE_STORE_PASSWORD" not in env and "response-store-ca" not in mounts
+    assert {role for role, names in read.items() if "redis-ca" in names or "redis-auth" in names} == {
+        "head/ray-head"
+    }
     assert "redis-ca" not in read["head/autoscaler"]
 
 

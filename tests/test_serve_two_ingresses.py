@@ -12,6 +12,7 @@ import openai
 import pytest
 
 from tests.support.admission import HOLD_ENV, HOLD_MAX_MODEL_LEN, HOLD_TOKENS, HeldRequest, samples_by_replica
+from tests.support.long_stream import LongStream
 from tests.support.redis_server import start_redis
 from tests.support.stack import start_stack
 
@@ -109,16 +110,49 @@ def test_conversations_outlive_the_replica_a_scale_down_removes(stack, client):
         if len(by_replica) == 2:
             break
     assert len(by_replica) == 2, "every request went to one replica"
-    deadline = time.monotonic() + DOWNSCALE_DELAY_S + 180
-    while _running_replicas(stack) != [1, 1]:
-        assert time.monotonic() < deadline, "the idle pool was never scaled down"
-        time.sleep(1)
+    # A long stream on each replica: the one the scale-down stops drains its stream instead of cutting it.
+    streams = _one_stream_per_replica(stack)
+    try:
+        deadline = time.monotonic() + DOWNSCALE_DELAY_S + 180
+        while _running_replicas(stack) != [1, 1]:
+            assert time.monotonic() < deadline, "the pool was never scaled down"
+            time.sleep(1)
+        scaled_down = time.monotonic()
+        for stream in streams:
+            stream.assert_flowing(after=scaled_down)
+    finally:
+        for stream in streams:
+            stream.close()
     # One of the two conversations was answered by the replica that is gone; both go on.
     for first in by_replica.values():
         follow = client.responses.create(
             model=MODEL, input="More", previous_response_id=first.id, max_output_tokens=2
         )
         assert follow.usage.input_tokens > first.usage.input_tokens + first.usage.output_tokens
+
+
+def _one_stream_per_replica(stack) -> list[LongStream]:
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Tell me a long story."}],
+        "max_tokens": HOLD_TOKENS - 100,
+        "ignore_eos": True,
+        "reasoning_effort": "high",
+    }
+    streams: list[LongStream] = []
+    for _ in range(TRIES):
+        stream = LongStream(stack.url, "/v1/chat/completions", body, KEY)
+        stream.wait_for_events(5)
+        replicas = {s.headers["x-gptoss-replica"] for s in streams}
+        if stream.headers["x-gptoss-replica"] in replicas:
+            stream.close()  # the pool's router sent it to the replica that has one: again
+            continue
+        streams.append(stream)
+        if len(streams) == 2:
+            return streams
+    for stream in streams:
+        stream.close()
+    pytest.fail("every long stream went to one pool replica")
 
 
 def _hits(stack) -> dict[str, float]:

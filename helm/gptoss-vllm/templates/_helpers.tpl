@@ -291,8 +291,9 @@ plus terminationMarginSeconds. An effort without a budget counts engine_args.max
 
 {{/*
 Env of every Ray container, head and workers (dict "root" $ "worker" bool): what the processes of any Ray node
-read, as a Serve HTTP proxy, an ingress replica or the Serve controller may run on any node (a pool replica only
-on its group's workers). The monitoring token and the Ray auth token come from Secrets (secretKeyRef); the HF
+read, as a Serve HTTP proxy runs on every node (the ingress and the Serve controller on the head only, a pool
+replica only on its group's workers). The Ray auth token comes from a Secret (secretKeyRef) on every Ray
+container; the ingress's secrets (API keys, monitoring token, store password and CA) reach the head only; the HF
 token is a file, on workers only and only while they download (model.source hf).
 */}}
 {{- define "gptoss.env" -}}
@@ -330,14 +331,15 @@ token is a file, on workers only and only while they download (model.source hf).
   value: {{ int64 $v.ingress.maxHeaderBytes | quote }}
 - name: GPTOSS_BODY_TIMEOUT_S
   value: {{ float64 $v.ingress.bodyTimeoutSeconds | toString | quote }}
-{{- if include "gptoss.monitoringToken" .root }}
+{{- /* The ingress's own secrets (it runs on the head only): the monitoring token, the store's password. */}}
+{{- if and (not .worker) (include "gptoss.monitoringToken" .root) }}
 - name: {{ dig "ingress" "monitoring_token_env" "GPTOSS_MONITORING_TOKEN" $v.serve }}
   valueFrom:
     secretKeyRef:
       name: {{ include "gptoss.monitoringTokenSecret" .root }}
       key: {{ $v.monitoring.tokenSecret.key }}
 {{- end }}
-{{- if and (eq $v.responseStore.backend "redis") $v.responseStore.passwordSecret.name }}
+{{- if and (not .worker) (eq $v.responseStore.backend "redis") $v.responseStore.passwordSecret.name }}
 - name: GPTOSS_RESPONSE_STORE_PASSWORD
   valueFrom:
     secretKeyRef:
@@ -387,7 +389,7 @@ seccompProfile:
 {{- end -}}
 
 {{/* Volumes of every Ray pod (dict "root" $ "shm" size "models" bool "worker" bool). The HF token only where a
-     pool replica downloads its model (workers, model.source hf); the API keys on head and workers (the ingress). */}}
+     pool replica downloads its model (workers, model.source hf); the API keys on the head (the ingress). */}}
 {{- define "gptoss.volumes" -}}
 {{- $v := .root.Values -}}
 - name: dshm
@@ -418,13 +420,13 @@ seccompProfile:
     secretName: {{ $v.model.hfTokenSecret.name }}
     defaultMode: 0440
 {{- end }}
-{{- if $v.apiKeys.existingSecret }}
+{{- if and (not .worker) $v.apiKeys.existingSecret }}
 - name: api-keys
   secret:
     secretName: {{ $v.apiKeys.existingSecret }}
     defaultMode: 0440
 {{- end }}
-{{- if and (eq $v.responseStore.backend "redis") $v.responseStore.tlsCaSecret.name }}
+{{- if and (not .worker) (eq $v.responseStore.backend "redis") $v.responseStore.tlsCaSecret.name }}
 - name: response-store-ca
   secret:
     secretName: {{ $v.responseStore.tlsCaSecret.name }}
@@ -447,10 +449,10 @@ seccompProfile:
 {{- if and .worker $v.model.hfTokenSecret.name (ne $v.model.source "pvc") }}
 - {name: hf-token, mountPath: /etc/gptoss/hf-token, readOnly: true}
 {{- end }}
-{{- if $v.apiKeys.existingSecret }}
+{{- if and (not .worker) $v.apiKeys.existingSecret }}
 - {name: api-keys, mountPath: {{ $v.apiKeys.mountPath }}, readOnly: true}
 {{- end }}
-{{- if and (eq $v.responseStore.backend "redis") $v.responseStore.tlsCaSecret.name }}
+{{- if and (not .worker) (eq $v.responseStore.backend "redis") $v.responseStore.tlsCaSecret.name }}
 - {name: response-store-ca, mountPath: /etc/gptoss/response-store-ca, readOnly: true}
 {{- end }}
 {{- end -}}
