@@ -1,6 +1,6 @@
 """Two ingress replicas share one conversation store (a real ``redis-server``): a conversation begun through
-one is continued, read and cancelled through the other, and conversations outlive the pool replica that
-answered them when the autoscaler scales the pool down. Ray Serve's proxy picks the ingress replica of each
+one is continued, read and cancelled through the other, and a key's bound holds for the two together. (Scaling
+a pool down under conversations and streams: tests/test_cluster_lifecycle.py.) Ray Serve's proxy picks the ingress replica of each
 request, so the tests read each replica's own metrics to know which one served what, and repeat until both
 sides were seen."""
 
@@ -12,7 +12,6 @@ import openai
 import pytest
 
 from tests.support.admission import HOLD_ENV, HOLD_MAX_MODEL_LEN, HOLD_TOKENS, HeldRequest, samples_by_replica
-from tests.support.long_stream import LongStream
 from tests.support.redis_server import start_redis
 from tests.support.stack import start_stack
 
@@ -22,9 +21,6 @@ KEY = "sk-two-ingresses"
 CAPPED_KEY = "sk-two-ingresses-capped"  # 2 sequences in flight, for the whole service
 PASSWORD = "sk-two-ingresses-store"
 TRIES = 30
-# Ray counts the delay from the deploy, while the engines still start (up to a minute on a loaded machine): it must
-# outlast that, and leave the test time to reach both replicas before the pool scales down.
-DOWNSCALE_DELAY_S = 120
 
 
 @pytest.fixture(scope="module")
@@ -43,15 +39,7 @@ def stack(tiny_checkpoint_dirs, tmp_path_factory):
                 "model": str(tiny_checkpoint_dirs["mxfp4"]),
                 "efforts": ["low", "medium", "high"],
                 "max_ongoing_requests": 4,
-                # Starts at two replicas and, idle, scales down to one (never up again in this module).
-                "autoscaling": {
-                    "min_replicas": 1,
-                    "max_replicas": 2,
-                    "initial_replicas": 2,
-                    "target_ongoing_requests": 2,
-                    "downscale_delay_s": DOWNSCALE_DELAY_S,
-                    "upscale_delay_s": 3600,
-                },
+                "replicas": 1,
                 "engine_args": {"max_model_len": HOLD_MAX_MODEL_LEN, "enforce_eager": True},
                 "env": env,
                 "drain_timeout_s": 30,
@@ -86,73 +74,6 @@ def _counter(samples, name: str, **labels: str) -> float:
         for (sample, found), value in samples.items()
         if sample == name and all(dict(found).get(k) == v for k, v in labels.items())
     )
-
-
-def _running_replicas(stack) -> list[float]:
-    return [
-        _counter(samples, "gptoss_pool_running_replicas", pool="all")
-        for samples in samples_by_replica(stack.url, "ingress").values()
-    ]
-
-
-def test_conversations_outlive_the_replica_a_scale_down_removes(stack, client):
-    # Runs first, while the pool still has the two replicas it started with (the stack is ready with one).
-    deadline = time.monotonic() + DOWNSCALE_DELAY_S
-    while _running_replicas(stack) != [2, 2]:
-        assert time.monotonic() < deadline, (
-            f"the pool never ran its two initial replicas: {_running_replicas(stack)}"
-        )
-        time.sleep(0.5)
-    by_replica: dict[str, object] = {}
-    for _ in range(TRIES):
-        raw = client.responses.with_raw_response.create(model=MODEL, input="Hi", max_output_tokens=2)
-        by_replica.setdefault(raw.headers["x-gptoss-replica"], raw.parse())
-        if len(by_replica) == 2:
-            break
-    assert len(by_replica) == 2, "every request went to one replica"
-    # A long stream on each replica: the one the scale-down stops drains its stream instead of cutting it.
-    streams = _one_stream_per_replica(stack)
-    try:
-        deadline = time.monotonic() + DOWNSCALE_DELAY_S + 180
-        while _running_replicas(stack) != [1, 1]:
-            assert time.monotonic() < deadline, "the pool was never scaled down"
-            time.sleep(1)
-        scaled_down = time.monotonic()
-        for stream in streams:
-            stream.assert_flowing(after=scaled_down)
-    finally:
-        for stream in streams:
-            stream.close()
-    # One of the two conversations was answered by the replica that is gone; both go on.
-    for first in by_replica.values():
-        follow = client.responses.create(
-            model=MODEL, input="More", previous_response_id=first.id, max_output_tokens=2
-        )
-        assert follow.usage.input_tokens > first.usage.input_tokens + first.usage.output_tokens
-
-
-def _one_stream_per_replica(stack) -> list[LongStream]:
-    body = {
-        "model": MODEL,
-        "messages": [{"role": "user", "content": "Tell me a long story."}],
-        "max_tokens": HOLD_TOKENS - 100,
-        "ignore_eos": True,
-        "reasoning_effort": "high",
-    }
-    streams: list[LongStream] = []
-    for _ in range(TRIES):
-        stream = LongStream(stack.url, "/v1/chat/completions", body, KEY)
-        stream.wait_for_events(5)
-        replicas = {s.headers["x-gptoss-replica"] for s in streams}
-        if stream.headers["x-gptoss-replica"] in replicas:
-            stream.close()  # the pool's router sent it to the replica that has one: again
-            continue
-        streams.append(stream)
-        if len(streams) == 2:
-            return streams
-    for stream in streams:
-        stream.close()
-    pytest.fail("every long stream went to one pool replica")
 
 
 def _hits(stack) -> dict[str, float]:

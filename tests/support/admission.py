@@ -110,14 +110,23 @@ class HeldRequest:
     the test sends while it holds the slot; :func:`holding` checks that it did.
     """
 
-    def __init__(self, url: str, path: str, body: dict, api_key: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        path: str,
+        body: dict,
+        api_key: str | None = None,
+        stream: bool = True,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         address = urlsplit(url)
-        payload = json.dumps({**body, "stream": True}).encode()
+        payload = json.dumps({**body, "stream": stream}).encode()
         head = [
             f"POST {path} HTTP/1.1",
             f"Host: {address.netloc}",
             "Content-Type: application/json",
             f"Content-Length: {len(payload)}",
+            *(f"{name}: {value}" for name, value in (headers or {}).items()),
         ]
         if api_key:
             head.append(f"Authorization: Bearer {api_key}")

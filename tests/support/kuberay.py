@@ -174,7 +174,7 @@ class RayNode:
         """Node loss: the raylet killed outright (no drain, no goodbye); ``ray start`` then stops the rest."""
         self.raylet().kill()
 
-    def stop(self, timeout_s: float = 30) -> None:
+    def stop(self, timeout_s: float = 10) -> None:
         procs = self.processes()
         for proc in procs:
             with contextlib.suppress(psutil.NoSuchProcess):
