@@ -215,10 +215,11 @@ class Ingress:
             )
             self._metrics.queue_limit.labels(name).set(pool.max_queued_requests)
             self._metrics.min_replicas.labels(name).set(pool.min_replicas)
-            if pool.scales_from_zero:
-                self._metrics.cold_starts.labels(name)
-                for outcome in ("served", "timed_out"):
-                    self._metrics.cold_start_hold.labels(name, outcome)
+            # Every pool's series from the start (0 for a pool that never scales to zero): panels and alerts
+            # read a series that exists.
+            self._metrics.cold_starts.labels(name)
+            for outcome in ("served", "timed_out"):
+                self._metrics.cold_start_hold.labels(name, outcome)
         labels = {"component": "ingress", "replica": self._replica, "app": self._app_name}
         self._metrics_endpoint = MetricsEndpoint(labels, registry)
         self._tracer = ingress_tracer(self._replica)
