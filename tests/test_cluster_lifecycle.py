@@ -15,8 +15,8 @@ import time
 import httpx
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support.admission import target_samples
 from tests.support.chart import EXAMPLES, example, merge, render
 from tests.support.kuberay import Cluster, rayservice_spec, start_cluster
 from tests.support.stack import start_stack
@@ -92,21 +92,9 @@ def _wait_ready(cluster: Cluster, timeout_s: float) -> dict:
 
 
 def _ingress_samples(cluster: Cluster) -> dict[tuple[str, frozenset], float]:
-    """Every ingress replica's exposition summed, found as Prometheus finds them (the monitoring token)."""
+    """Every ingress replica's exposition summed, found as Prometheus finds them (the cluster's monitoring token)."""
     token = cluster.spec.head.env["GPTOSS_MONITORING_TOKEN"]
-    targets = httpx.get(
-        f"{cluster.serve_url}/metrics/targets", headers={"Authorization": f"Bearer {token}"}, timeout=30
-    ).json()
-    summed: dict[tuple[str, frozenset], float] = {}
-    for target in targets:
-        if target["labels"].get("component") != "ingress":
-            continue
-        text = httpx.get(f"http://{target['targets'][0]}/metrics", timeout=30).text
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                key = (sample.name, frozenset(sample.labels.items()))
-                summed[key] = summed.get(key, 0.0) + sample.value
-    return summed
+    return target_samples(cluster.serve_url, "ingress", monitoring_token=token)
 
 
 def _sample(samples: dict, name: str, **labels: str) -> float:

@@ -225,12 +225,10 @@ class TenantUsage:
         self._default = default
         self._per_key = per_key or {}
         self._usage: dict[str, _Usage] = {}
-        self.peer_in_flight: dict[
-            str, int
-        ] = {}  # the other ingress replicas' sequences per key (peer_counts)
-        self.tokens_spent: dict[
-            str, float
-        ] = {}  # per key, since start: what other ingress replicas are charged
+        # For peer_counts: the other ingress replicas' sequences per key, and what this replica's answers spent
+        # per key since start (what the other replicas are charged).
+        self.peer_in_flight: dict[str, int] = {}
+        self.tokens_spent: dict[str, float] = {}
 
     def limit_of(self, name: str) -> RateLimit | None:
         return self._per_key.get(name, self._default)

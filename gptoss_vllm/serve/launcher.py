@@ -101,12 +101,12 @@ def wait_until_ready(
     timeout_s: float,
     failed: list,
     stop: list,
-    deployed: list | None = None,
+    deployed: list,
 ) -> None:
     """Poll ``/ready`` with a progress bar of ready pools; raise LaunchError on failure, timeout or Ctrl-C.
 
-    With ``deployed`` (a flag list the deploying thread appends to), ready also needs the deploy to have
-    returned: an app this one replaces (``--address``, same app name) answers ``/ready`` until it is gone."""
+    Ready also needs the deploy to have returned (``deployed``, a flag list the deploying thread appends to):
+    an app this one replaces (``--address``, same app name) answers ``/ready`` until it is gone."""
     deadline = time.monotonic() + timeout_s
     with tqdm(total=len(config.pools), desc="pools ready", unit="pool", file=sys.stderr) as bar:
         while True:
@@ -124,7 +124,7 @@ def wait_until_ready(
                 bar.n = sum(1 for pool in pools.values() if pool.get("state") != "no_replica")
                 bar.set_postfix_str(", ".join(f"{k}={v}" for k, v in _pool_states(app_name).items()))
                 bar.refresh()
-                if answer.status_code == 200 and (deployed is None or deployed):
+                if answer.status_code == 200 and deployed:
                     return
             except httpx.HTTPError:
                 pass

@@ -83,7 +83,7 @@ class PeerView:
 
     def update(self, answer: dict[str, Any]) -> tuple[dict[str, float], dict[str, float]]:
         """Take the ledger's answer; returns the peers' new spending (requests, tokens) per key."""
-        counts = Counts.summed([answer["counts"]])
+        counts = Counts(**answer["counts"])
         self.peers = int(answer["peers"])
         self.pool_in_flight = {k: int(v) for k, v in counts.pool_in_flight.items()}
         self.key_in_flight = {k: int(v) for k, v in counts.key_in_flight.items()}

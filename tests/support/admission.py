@@ -31,9 +31,10 @@ HOLD_ENV = {"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"}
 POLL_S = 0.25
 
 
-def monitoring_headers() -> dict[str, str]:
-    """What GET /metrics/targets requires: the monitoring token the stacks of this session were given."""
-    return {"Authorization": f"Bearer {os.environ['GPTOSS_MONITORING_TOKEN']}"}
+def monitoring_headers(token: str | None = None) -> dict[str, str]:
+    """What GET /metrics/targets requires: ``token``, or the monitoring token the stacks of this session
+    were given."""
+    return {"Authorization": f"Bearer {token or os.environ['GPTOSS_MONITORING_TOKEN']}"}
 
 
 def _exposition(address: str) -> Samples:
@@ -45,9 +46,12 @@ def _exposition(address: str) -> Samples:
     }
 
 
-def target_samples(url: str, component: str, **labels: str) -> Samples:
+def target_samples(
+    url: str, component: str, *, monitoring_token: str | None = None, **labels: str
+) -> Samples:
     """The expositions of every announced target of ``component`` (and ``labels``), summed by sample."""
-    targets = httpx.get(f"{url}/metrics/targets", headers=monitoring_headers(), timeout=30).json()
+    headers = monitoring_headers(monitoring_token)
+    targets = httpx.get(f"{url}/metrics/targets", headers=headers, timeout=30).json()
     summed: Samples = {}
     for target in targets:
         found = target["labels"]
