@@ -19,7 +19,7 @@ PORT ?= 8000
 PROMETHEUS_PORT ?= 9090
 PYTEST_ARGS ?=
 
-.PHONY: venv tools test lint format serve clean
+.PHONY: venv tools test test-fast lint format serve clean
 
 venv: $(STAMP)
 
@@ -73,8 +73,14 @@ format: venv
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# The whole suite; the 25 slowest tests are listed at the end, so that growth shows in every run.
 test: venv tools lint
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --durations=25 $(PYTEST_ARGS)
+
+# The loop for every change: every test that starts no engine, no Ray and no stack (tests/conftest.py marks the
+# others `slow` from the fixtures they use).
+test-fast: venv tools lint
+	$(BIN)/python -m pytest -m "not slow" --durations=10 $(PYTEST_ARGS)
 
 # The main job: the Ray Serve app on the embedded default (two pools of the nano MXFP4 model, built on first
 # use into ~/.cache/gptoss-vllm). Ctrl-C drains and stops.

@@ -17,9 +17,11 @@ from gptoss_vllm.checkpoints.builder import write_checkpoint
 from gptoss_vllm.checkpoints.config import build_config
 from gptoss_vllm.serve.config import load_config
 from tests.support.admission import HOLD_ENV, HOLD_MAX_MODEL_LEN, HOLD_TOKENS
+from tests.support.cli import run_cli
+from tests.support.engines import run_offline_batch
 from tests.support.otlp_receiver import OtlpReceiver
 from tests.support.shared_stack import start_shared_stack
-from tests.support.stack import free_port, start_stack
+from tests.support.stack import free_port, fresh_cache, start_stack
 
 TINY_SEED = 7
 OBSERVED_KEY = "sk-observed"
@@ -27,9 +29,46 @@ OBSERVED_KEY = "sk-observed"
 MONITORING_TOKEN = os.environ.setdefault("GPTOSS_MONITORING_TOKEN", secrets.token_urlsafe(18))
 
 
+# Fixtures that start a vLLM engine, Ray or a stack, and the markers a test that uses one (itself or through
+# another fixture) gets: `make test-fast` (-m "not slow") leaves them out. A test that starts such a thing
+# does it through one of these fixtures, never in its body, so that its markers follow from what it uses.
+HEAVY_FIXTURES: dict[str, tuple[str, ...]] = {
+    "stack": ("slow",),  # the shared stack, or a module's own (two ingresses)
+    "observed_stack": ("slow",),
+    "nano_stack": ("slow",),
+    "plugin_server": ("slow",),
+    "plugin_runs": ("slow",),
+    "stock_runs": ("slow",),
+    "offline_engines": ("slow",),
+    "bench_cli": ("slow",),
+    "cluster": ("slow", "cluster"),
+}
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests that stop or break the shared stack run after all others (a stable sort keeps the rest in order)."""
+    """Markers from the heavy fixtures each test uses; tests that stop or break the shared stack run after all
+    others (a stable sort keeps the rest in order)."""
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        for marker in {m for name in names & HEAVY_FIXTURES.keys() for m in HEAVY_FIXTURES[name]}:
+            item.add_marker(marker)
     items.sort(key=lambda item: item.get_closest_marker("stops_stack") is not None)
+
+
+@pytest.fixture(scope="session")
+def offline_engines():
+    """Runs offline vLLM engines (``tests.support.engines.run_offline_batch``)."""
+    return run_offline_batch
+
+
+@pytest.fixture(scope="session")
+def bench_cli():
+    """Runs ``gptoss-vllm bench ...`` (each bench starts its own engines or Ray) as a subprocess."""
+
+    def run(*args: str, timeout: float = 1200):
+        return run_cli("bench", *args, timeout=timeout)
+
+    return run
 
 
 @pytest.fixture(scope="session")
@@ -82,7 +121,7 @@ def observed_stack(tmp_path_factory, otlp_receiver):
     (root / "serve.yaml").write_text(yaml.safe_dump(config))
     prometheus_port = free_port()
     env = {
-        "GPTOSS_VLLM_CACHE": str(root / "cache"),
+        "GPTOSS_VLLM_CACHE": str(fresh_cache(root / "cache")),
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": otlp_receiver.endpoint,
         "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
         "OTEL_BSP_SCHEDULE_DELAY": "200",

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tests.support.cli import assert_argument_errors, run_cli
+from tests.support.cli import assert_argument_errors
 
 
 def test_argument_errors_name_the_argument(tmp_path):
@@ -25,11 +25,10 @@ def test_argument_errors_name_the_argument(tmp_path):
     )
 
 
-@pytest.mark.slow
-def test_both_targets_are_measured_side_by_side(tmp_path):
+def test_both_targets_are_measured_side_by_side(bench_cli, tmp_path):
     out = tmp_path / "overhead.json"
-    answer = run_cli(
-        "bench", "overhead", "--concurrency", "2",
+    answer = bench_cli(
+        "overhead", "--concurrency", "2",
         "--rounds", "2", "--requests", "4", "--streams", "2", "--output-tokens", "8", "--json", str(out),
         "--keep", str(tmp_path / "keep"), "--idle-seconds", "2", timeout=1200,
     )  # fmt: skip
@@ -64,11 +63,10 @@ def test_both_targets_are_measured_side_by_side(tmp_path):
     assert (tmp_path / "keep" / "vllm.log").stat().st_size > 0
 
 
-@pytest.mark.slow
-def test_relay_bench_counts_every_token_through_the_real_ingress(tmp_path):
+def test_relay_bench_counts_every_token_through_the_real_ingress(bench_cli, tmp_path):
     out = tmp_path / "relay.json"
-    answer = run_cli(
-        "bench", "overhead", "--relay", "--concurrency", "1,8", "--output-tokens", "64", "--json", str(out),
+    answer = bench_cli(
+        "overhead", "--relay", "--concurrency", "1,8", "--output-tokens", "64", "--json", str(out),
         timeout=600,
     )  # fmt: skip
     assert answer.returncode == 0, answer.stdout[-3000:] + answer.stderr[-3000:]
@@ -85,11 +83,10 @@ def test_relay_bench_counts_every_token_through_the_real_ingress(tmp_path):
     assert "one ingress replica" in answer.stdout
 
 
-@pytest.mark.slow
-def test_relay_bench_with_direct_ingress_has_no_proxy_in_the_path(tmp_path):
+def test_relay_bench_with_direct_ingress_has_no_proxy_in_the_path(bench_cli, tmp_path):
     out = tmp_path / "relay.json"
-    answer = run_cli(
-        "bench", "overhead", "--relay", "--direct-ingress", "--concurrency", "8", "--output-tokens", "64",
+    answer = bench_cli(
+        "overhead", "--relay", "--direct-ingress", "--concurrency", "8", "--output-tokens", "64",
         "--json", str(out), timeout=600,
     )  # fmt: skip
     assert answer.returncode == 0, answer.stdout[-3000:] + answer.stderr[-3000:]

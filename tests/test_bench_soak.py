@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from gptoss_vllm.bench.soak import MIX
-from tests.support.cli import assert_argument_errors, run_cli
+from tests.support.cli import assert_argument_errors
 
 
 def test_argument_errors_name_the_argument(tmp_path):
@@ -24,11 +22,10 @@ def test_argument_errors_name_the_argument(tmp_path):
     )
 
 
-@pytest.mark.slow
-def test_a_short_soak_loses_and_leaks_nothing(tmp_path):
+def test_a_short_soak_loses_and_leaks_nothing(bench_cli, tmp_path):
     out = tmp_path / "soak.json"
-    answer = run_cli(
-        "bench", "soak", "--duration", "75s", "--users", "4", "--sample-every", "15s", "--json", str(out),
+    answer = bench_cli(
+        "soak", "--duration", "30s", "--users", "4", "--sample-every", "6s", "--json", str(out),
         "--keep", str(tmp_path / "keep"), timeout=1200,
     )  # fmt: skip
     assert answer.returncode == 0, answer.stdout[-3000:] + answer.stderr[-3000:]

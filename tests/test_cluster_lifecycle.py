@@ -21,7 +21,6 @@ from tests.support.chart import EXAMPLES, example, merge, render
 from tests.support.kuberay import Cluster, rayservice_spec, start_cluster
 from tests.support.stack import start_stack
 
-pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 CPU_DEMO = next(path for path in EXAMPLES if path.name == "values-cpu-demo.yaml")
 HOLD_TOKENS = 30000
 TEST_VALUES = {
@@ -87,7 +86,7 @@ def _wait_ready(cluster: Cluster, timeout_s: float) -> dict:
             return answer.json()
         for node in cluster.nodes():
             assert node.proc.poll() is None, f"{node.name} exited:\n{node.log_tail()}"
-        time.sleep(2)
+        time.sleep(0.5)
     raise AssertionError(f"not ready after {timeout_s} s:\n{cluster.log_tail()}")
 
 

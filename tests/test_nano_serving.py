@@ -18,20 +18,25 @@ import pytest
 from gptoss_vllm.nano.conversations import chat_messages
 from gptoss_vllm.nano.evaluate import EffortScore, Turn, format_table, held_out_tasks, score
 from gptoss_vllm.nano.tasks import EFFORTS, LOOKUP_TOOL, Task
-from tests.support.stack import start_stack
+from tests.support.stack import fresh_cache, start_stack
 
-pytestmark = pytest.mark.slow
 MODEL = "gpt-oss-nano"
 PER_FAMILY = 8
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory):
+def nano_stack(tmp_path_factory):
     root = tmp_path_factory.mktemp("nano-stack")
-    stack = start_stack(None, root / "serve.log", env={"GPTOSS_VLLM_CACHE": str(root / "cache")})
-    assert (root / "cache" / "models" / "nano" / "config.json").exists()
-    yield openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    cache = fresh_cache(root / "cache")
+    stack = start_stack(None, root / "serve.log", env={"GPTOSS_VLLM_CACHE": str(cache)})
+    assert (cache / "models" / "nano" / "config.json").exists()
+    yield stack
     stack.stop()
+
+
+@pytest.fixture(scope="module")
+def client(nano_stack):
+    return openai.OpenAI(base_url=f"{nano_stack.url}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 def _ask(client: openai.OpenAI, task: Task, effort: str, after_tool: bool) -> Turn:

@@ -21,8 +21,6 @@ from gptoss_vllm.observability.local_prometheus import RULES
 from tests.support.admission import HOLD_TOKENS, Samples, holding, ingress_samples, monitoring_headers
 from tests.support.cli import run_cli
 
-pytestmark = pytest.mark.slow
-
 USER = [{"role": "user", "content": "What is 47 + 8?"}]
 CHAT = "/v1/chat/completions"
 # Held slots: outputs at their effort's budget (conftest), released by the test.
@@ -202,7 +200,7 @@ def _wait_for(stack, expr: str, timeout_s: float = 90) -> list[dict[str, Any]]:
     while time.monotonic() < deadline:
         if result := _query(stack, expr):
             return result
-        time.sleep(2)
+        time.sleep(0.5)
     pytest.fail(f"no data for {expr} after {timeout_s} s")
 
 
@@ -316,7 +314,7 @@ def test_every_dashboard_and_recording_rule_expression_returns_data(stack):
     while empty := [f"{where}: {expr}" for where, expr in queries if not _query(stack, expr)]:
         if time.monotonic() > deadline:
             break
-        time.sleep(2)
+        time.sleep(0.5)
     assert not empty, "expressions without data:\n" + "\n".join(empty)
 
 

@@ -26,9 +26,7 @@ from transformers import AutoModelForCausalLM
 from gptoss_vllm.checkpoints.builder import write_checkpoint
 from gptoss_vllm.checkpoints.config import build_config
 
-from .support.engines import run_offline
-
-pytestmark = pytest.mark.slow
+from .support.engines import run_offline_batch
 
 MAX_LOGPROB_DIFF = 0.35
 MEAN_LOGPROB_DIFF = 0.03
@@ -124,11 +122,13 @@ def _resident_bytes(log: str) -> int:
     return int(match[1])
 
 
-@pytest.fixture(scope="session")
-def cpu_tiny_run(tiny_checkpoint_dirs):
+def _cpu_tiny_job(checkpoint) -> dict:
     """tiny MXFP4 on the plugin's cpu backend, prefix caching and chunked prefill (64-token chunks) on."""
-    job = {
-        "model": str(tiny_checkpoint_dirs["mxfp4"]),
+    return {
+        "name": "cpu_tiny",
+        "model": str(checkpoint),
+        # Batch-invariant kernel (no GEMM path): "together" and "alone" then differ only if vLLM itself does.
+        "env": {"GPTOSS_VLLM_MOE_BACKEND": "cpu", "GPTOSS_VLLM_CPU_GEMM_MIN_TOKENS": "0"},
         "engine": {
             "enable_prefix_caching": True,
             "enable_chunked_prefill": True,
@@ -142,36 +142,103 @@ def cpu_tiny_run(tiny_checkpoint_dirs):
             {"name": "alone", "sampling": {"max_tokens": NEW_TOKENS}, "one_at_a_time": True},
         ],
     }
-    # Batch-invariant kernel (no GEMM path): "together" and "alone" then differ only if vLLM itself does.
-    run = run_offline(job, env={"GPTOSS_VLLM_MOE_BACKEND": "cpu", "GPTOSS_VLLM_CPU_GEMM_MIN_TOKENS": "0"})
-    assert run.returncode == 0, run.log[-5000:]
-    return run
 
 
-@pytest.fixture(scope="session")
-def native_bf16_run(tiny_checkpoint_dirs):
-    """Stock vLLM's own MoE on the bf16 twin: the baseline for accuracy and memory."""
-    job = {
-        "model": str(tiny_checkpoint_dirs["bf16"]),
-        "prompts": PROMPTS,
-        "phases": [{"name": "logprobs", "sampling": {"max_tokens": 1, "prompt_logprobs": 0}}],
-    }
-    run = run_offline(job, env={"GPTOSS_VLLM_MOE_BACKEND": "native"})
-    assert run.returncode == 0, run.log[-5000:]
-    return run
-
-
-@pytest.fixture(scope="session")
-def reference_tiny_run(tiny_checkpoint_dirs):
-    """tiny MXFP4 on the float32 reference backend (first 6 prompts)."""
-    job = {
-        "model": str(tiny_checkpoint_dirs["mxfp4"]),
-        "prompts": PROMPTS[:6],
+def _wide_job(checkpoints) -> dict:
+    return {
+        "model": str(checkpoints["bf16"]),
+        "prompts": PROMPTS[:8],
         "phases": [{"name": "logprobs", "sampling": {"max_tokens": NEW_TOKENS, "prompt_logprobs": 0}}],
     }
-    run = run_offline(job, env={"GPTOSS_VLLM_MOE_BACKEND": "reference"})
+
+
+MIS_SHAPED_TENSOR = "model.layers.1.mlp.experts.down_proj_bias"
+
+
+def _mis_shaped_checkpoint(good, root):
+    broken = root / "broken"
+    shutil.copytree(good, broken)
+    weights = load_file(broken / "model.safetensors")
+    weights[MIS_SHAPED_TENSOR] = weights[MIS_SHAPED_TENSOR][:, :64].contiguous()
+    save_file(weights, str(broken / "model.safetensors"))
+    return broken
+
+
+@pytest.fixture(scope="session")
+def plugin_runs(tiny_checkpoint_dirs, wide_checkpoint_dirs, tmp_path_factory) -> dict:
+    """Every engine with the plugin loaded, one after another in one process (tests.support.vllm_offline).
+    The mis-shaped checkpoint goes last: its engine fails while loading."""
+    no_gemm_override = {"GPTOSS_VLLM_CPU_GEMM_MIN_TOKENS": None}
+    jobs = [
+        _cpu_tiny_job(tiny_checkpoint_dirs["mxfp4"]),
+        {  # stock vLLM's own MoE on the bf16 twin: the baseline for accuracy and memory
+            "name": "native_bf16",
+            "model": str(tiny_checkpoint_dirs["bf16"]),
+            "env": {"GPTOSS_VLLM_MOE_BACKEND": "native", **no_gemm_override},
+            "prompts": PROMPTS,
+            "phases": [{"name": "logprobs", "sampling": {"max_tokens": 1, "prompt_logprobs": 0}}],
+        },
+        {  # tiny MXFP4 on the float32 reference backend (first 6 prompts)
+            "name": "reference_tiny",
+            "model": str(tiny_checkpoint_dirs["mxfp4"]),
+            "env": {"GPTOSS_VLLM_MOE_BACKEND": "reference", **no_gemm_override},
+            "prompts": PROMPTS[:6],
+            "phases": [{"name": "logprobs", "sampling": {"max_tokens": NEW_TOKENS, "prompt_logprobs": 0}}],
+        },
+        {  # the wide bf16 checkpoint on the cpu backend, torch.compile on
+            **_wide_job(wide_checkpoint_dirs),
+            "name": "wide_cpu_compiled",
+            "env": {"GPTOSS_VLLM_MOE_BACKEND": "cpu", **no_gemm_override},
+            "engine": {"enforce_eager": False},
+        },
+        {
+            "name": "mis_shaped",
+            "model": str(
+                _mis_shaped_checkpoint(tiny_checkpoint_dirs["mxfp4"], tmp_path_factory.mktemp("bad"))
+            ),
+            "env": {"GPTOSS_VLLM_MOE_BACKEND": "cpu", **no_gemm_override},
+            "prompts": PROMPTS[:1],
+            "phases": [{"name": "run"}],
+        },
+    ]
+    return run_offline_batch(jobs)
+
+
+@pytest.fixture(scope="session")
+def stock_runs(tiny_checkpoint_dirs, wide_checkpoint_dirs) -> dict:
+    """Stock vLLM, the plugin not loaded, in one process: the wide baseline, then the MXFP4 checkpoint (which
+    it refuses without AMX)."""
+    jobs = [
+        {**_wide_job(wide_checkpoint_dirs), "name": "wide_stock"},
+        {
+            "name": "stock_mxfp4",
+            "model": str(tiny_checkpoint_dirs["mxfp4"]),
+            "prompts": PROMPTS[:1],
+            "phases": [{"name": "run"}],
+        },
+    ]
+    return run_offline_batch(jobs, env={"VLLM_PLUGINS": ""})
+
+
+def _succeeded(runs: dict, name: str):
+    run = runs[name]
     assert run.returncode == 0, run.log[-5000:]
     return run
+
+
+@pytest.fixture(scope="session")
+def cpu_tiny_run(plugin_runs):
+    return _succeeded(plugin_runs, "cpu_tiny")
+
+
+@pytest.fixture(scope="session")
+def native_bf16_run(plugin_runs):
+    return _succeeded(plugin_runs, "native_bf16")
+
+
+@pytest.fixture(scope="session")
+def reference_tiny_run(plugin_runs):
+    return _succeeded(plugin_runs, "reference_tiny")
 
 
 def _assert_parity(name: str, diffs: torch.Tensor, baseline: torch.Tensor | None = None) -> None:
@@ -223,7 +290,7 @@ def test_cpu_kernel_and_reference_backend_agree_on_greedy_outputs(cpu_tiny_run, 
     assert sum(a == b for a, b in zip(cpu, ref, strict=True)) >= 5, (cpu, ref)
 
 
-def test_bf16_checkpoint_with_more_experts_compiled(wide_checkpoint_dirs) -> None:
+def test_bf16_checkpoint_with_more_experts_compiled(plugin_runs, stock_runs, wide_checkpoint_dirs) -> None:
     """A bf16 checkpoint on the cpu backend (quantised on load), top-2 of 16 experts, torch.compile on.
 
     With top-2 of 16 random experts some tokens sit on a near-tie between two experts, and bf16 rounding
@@ -231,15 +298,8 @@ def test_bf16_checkpoint_with_more_experts_compiled(wide_checkpoint_dirs) -> Non
     such positions). So the check here is statistical against stock vLLM's own envelope: mean and 95th
     percentile within the bf16 bounds, the largest difference no worse than twice stock vLLM's.
     """
-    job = {
-        "model": str(wide_checkpoint_dirs["bf16"]),
-        "prompts": PROMPTS[:8],
-        "phases": [{"name": "logprobs", "sampling": {"max_tokens": NEW_TOKENS, "prompt_logprobs": 0}}],
-    }
-    plugin = run_offline({**job, "engine": {"enforce_eager": False}}, env={"GPTOSS_VLLM_MOE_BACKEND": "cpu"})
-    assert plugin.returncode == 0, plugin.log[-5000:]
-    stock = run_offline(job, env={"VLLM_PLUGINS": ""})
-    assert stock.returncode == 0, stock.log[-5000:]
+    plugin = _succeeded(plugin_runs, "wide_cpu_compiled")
+    stock = _succeeded(stock_runs, "wide_stock")
     ref = hf_reference(wide_checkpoint_dirs["bf16"], PROMPTS[:8])
     diffs = _logprob_diffs(plugin.result["logprobs"], ref)
     baseline = _logprob_diffs(stock.result["logprobs"], ref)
@@ -259,12 +319,11 @@ def test_resident_expert_memory_is_about_a_quarter_of_bf16(cpu_tiny_run, native_
     assert abs(ratio - 4.25 / 16) < 0.02
 
 
-def test_stock_vllm_on_the_mxfp4_checkpoint(tiny_checkpoint_dirs) -> None:
+def test_stock_vllm_on_the_mxfp4_checkpoint(stock_runs) -> None:
     """Without the plugin, vLLM runs MXFP4 MoE on a CPU only with Intel AMX; elsewhere it refuses."""
     from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUExpertsMxfp4
 
-    job = {"model": str(tiny_checkpoint_dirs["mxfp4"]), "prompts": PROMPTS[:1], "phases": [{"name": "run"}]}
-    run = run_offline(job, env={"VLLM_PLUGINS": ""})
+    run = stock_runs["stock_mxfp4"]
     assert "gpt-oss MoE backend" not in run.log  # the plugin really is off
     if CPUExpertsMxfp4._supports_current_device():
         assert run.returncode == 0 and "Using 'CPU' Mxfp4 MoE backend" in run.log
@@ -273,14 +332,10 @@ def test_stock_vllm_on_the_mxfp4_checkpoint(tiny_checkpoint_dirs) -> None:
         assert "NotImplementedError: No MXFP4 MoE backend supports the deployment configuration" in run.log
 
 
-def test_mis_shaped_checkpoint_fails_naming_the_tensor(tmp_path, tiny_checkpoint_dirs) -> None:
-    broken = tmp_path / "broken"
-    shutil.copytree(tiny_checkpoint_dirs["mxfp4"], broken)
-    weights = load_file(broken / "model.safetensors")
-    name = "model.layers.1.mlp.experts.down_proj_bias"
-    weights[name] = weights[name][:, :64].contiguous()
-    save_file(weights, str(broken / "model.safetensors"))
-    job = {"model": str(broken), "prompts": PROMPTS[:1], "phases": [{"name": "run"}]}
-    run = run_offline(job, env={"GPTOSS_VLLM_MOE_BACKEND": "cpu"})
+def test_mis_shaped_checkpoint_fails_naming_the_tensor(plugin_runs) -> None:
+    run = plugin_runs["mis_shaped"]
     assert run.returncode != 0
-    assert f"checkpoint tensor {name} has shape (8, 64)" in run.log and "expects (8, 128)" in run.log
+    assert (
+        f"checkpoint tensor {MIS_SHAPED_TENSOR} has shape (8, 64)" in run.log
+        and "expects (8, 128)" in run.log
+    )

@@ -11,13 +11,11 @@ from gptoss_vllm.serve.conversation import as_items, follow_up_input
 from gptoss_vllm.serve.process import start_vllm_server
 from gptoss_vllm.serve.response_store import StoredConversation
 
-pytestmark = pytest.mark.slow
-
 EFFORTS = ("low", "medium", "high")
 
 
 @pytest.fixture(scope="module")
-def server(tiny_checkpoint_dirs, tmp_path_factory):
+def plugin_server(tiny_checkpoint_dirs, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("server") / "vllm.log"
     argv = ["--model", str(tiny_checkpoint_dirs["mxfp4"]), "--served-model-name", "tiny"]
     argv += ["--max-model-len", "1024", "--enforce-eager"]
@@ -34,16 +32,16 @@ def server(tiny_checkpoint_dirs, tmp_path_factory):
         running.stop()
 
 
-def test_the_plugin_serves_the_mxfp4_checkpoint(server) -> None:
-    _, log_path = server
+def test_the_plugin_serves_the_mxfp4_checkpoint(plugin_server) -> None:
+    _, log_path = plugin_server
     log = log_path.read_text()
     assert "gpt-oss MoE backend: cpu" in log
     assert "gpt-oss expert weights resident" in log
 
 
 @pytest.mark.parametrize("effort", EFFORTS)
-def test_chat_completions_for_each_effort(server, effort: str) -> None:
-    client, _ = server
+def test_chat_completions_for_each_effort(plugin_server, effort: str) -> None:
+    client, _ = plugin_server
     reply = client.chat.completions.create(
         model="tiny",
         messages=[{"role": "user", "content": "What is 2+2?"}],
@@ -57,8 +55,8 @@ def test_chat_completions_for_each_effort(server, effort: str) -> None:
 
 
 @pytest.mark.parametrize("effort", EFFORTS)
-def test_streamed_chat_completions_for_each_effort(server, effort: str) -> None:
-    client, _ = server
+def test_streamed_chat_completions_for_each_effort(plugin_server, effort: str) -> None:
+    client, _ = plugin_server
     stream = client.chat.completions.create(
         model="tiny",
         messages=[{"role": "user", "content": "Count to three."}],
@@ -72,14 +70,14 @@ def test_streamed_chat_completions_for_each_effort(server, effort: str) -> None:
     assert any(c.choices and c.choices[0].finish_reason for c in chunks)
 
 
-def test_completions(server) -> None:
-    client, _ = server
+def test_completions(plugin_server) -> None:
+    client, _ = plugin_server
     reply = client.completions.create(model="tiny", prompt="Hello, my name is", max_tokens=8, temperature=0)
     assert reply.usage.completion_tokens == 8 and reply.choices[0].text
 
 
-def test_responses(server) -> None:
-    client, _ = server
+def test_responses(plugin_server) -> None:
+    client, _ = plugin_server
     reply = client.responses.create(
         model="tiny", input="Say hi.", reasoning={"effort": "low"}, max_output_tokens=24
     )
@@ -95,8 +93,8 @@ def _prompt_tokens(messages: list[dict]) -> list[int]:
 
 
 @pytest.mark.parametrize("effort", ["low", "high"])
-def test_a_follow_up_expanded_from_the_store_renders_as_vllms_own_store_renders_it(server, effort):
-    client, _ = server
+def test_a_follow_up_expanded_from_the_store_renders_as_vllms_own_store_renders_it(plugin_server, effort):
+    client, _ = plugin_server
     asked = {"model": "tiny", "reasoning": {"effort": effort}, "temperature": 0}
     show = {"enable_response_messages": True}
     first = client.responses.create(input="Say hi.", max_output_tokens=40, store=True, **asked)

@@ -10,8 +10,6 @@ from transformers import AutoModelForCausalLM, Mxfp4Config
 
 from gptoss_vllm.quant import mxfp4
 
-from .support.engines import run_offline
-
 PROMPT = torch.randint(
     0, 199_000, (1, 70), generator=torch.Generator().manual_seed(11)
 )  # longer than the window
@@ -47,8 +45,7 @@ def test_transformers_loads_mxfp4_and_matches_the_bf16_twin(hf_models, tiny_chec
     assert torch.equal(a.argmax(-1), b.argmax(-1))
 
 
-@pytest.mark.slow
-def test_stock_vllm_serves_the_bf16_twin(hf_models, tiny_checkpoint_dirs) -> None:
+def test_stock_vllm_serves_the_bf16_twin(hf_models, tiny_checkpoint_dirs, offline_engines) -> None:
     prompt = PROMPT[0].tolist()
     job = {
         "model": str(tiny_checkpoint_dirs["bf16"]),
@@ -56,7 +53,7 @@ def test_stock_vllm_serves_the_bf16_twin(hf_models, tiny_checkpoint_dirs) -> Non
         "prompts": [prompt],
         "phases": [{"name": "run", "sampling": {"max_tokens": 6, "prompt_logprobs": 0}}],
     }
-    run = run_offline(job, env={"VLLM_PLUGINS": ""})  # stock vLLM: no plugin loaded
+    run = offline_engines([{"name": "stock", **job}], env={"VLLM_PLUGINS": ""})["stock"]  # no plugin loaded
     assert run.returncode == 0, run.log[-4000:]
     out = run.result["run"][0]
     assert len(out["token_ids"]) == 6

@@ -30,8 +30,6 @@ from tests.support.shared_stack import (
     keys_file_text,
 )
 
-pytestmark = pytest.mark.slow
-
 AUTH = {"Authorization": f"Bearer {MAIN_KEY}"}
 USER = [{"role": "user", "content": "What is 2 + 2?"}]
 CHAT = "/v1/chat/completions"
@@ -330,7 +328,7 @@ def test_key_rotation_reload_failure_and_an_emptied_file(stack):
 
     try:
         stack.keys_path.write_bytes(b"\xff\xfe\x00 not a keys file")
-        # The ring re-reads a changed file when a request needs it (at most every 10 s).
+        # The ring re-reads a changed file when a request needs it (at most every KEYS_RECHECK_S).
         wait_for(
             lambda: (
                 _post(stack, {"messages": USER, "max_tokens": 2}).status_code == 200

@@ -20,11 +20,9 @@ import psutil
 import pytest
 from transformers import AutoTokenizer
 
-from tests.support.admission import HOLD_TOKENS, HeldRequest, holding, wait_for_in_flight
+from tests.support.admission import HOLD_TOKENS, HeldRequest, holding, target_samples, wait_for_in_flight
 from tests.support.shared_stack import LIMITED_KEY, MAIN_KEY, METRICS_PORT_COUNT, MODEL
 from tests.support.stack import replica_processes, wait_ready
-
-pytestmark = pytest.mark.slow
 
 AUTH = {"Authorization": f"Bearer {MAIN_KEY}"}
 POOL_OF = {"low": "fast", "medium": "fast", "high": "deep"}
@@ -338,9 +336,21 @@ def test_the_prestop_hook_waits_for_a_long_stream_to_finish(stack):
         "GPTOSS_DRAIN_POLL_S": "0.5",
     }
     wait_for_in_flight(stack.url, {"deep": 0})
+    (replica,) = replica_processes("deep")
     held = HeldRequest(stack.url, "/v1/chat/completions", _hold("high"), MAIN_KEY)
+    engine: list[psutil.Process] = []
+    looks: list[str] = []
     try:
         wait_for_in_flight(stack.url, {"deep": 1})
+        deadline = time.monotonic() + 60
+        while _engine_running(stack, "deep") < 1:
+            assert time.monotonic() < deadline, "the held stream never ran in deep's engine"
+            time.sleep(0.25)
+        # Deep's engine processes stop where they are: the stream stays in flight (the ingress counts it, the
+        # engine's last counts show it running) until the test lets it go, however fast this CPU generates.
+        engine = replica.children(recursive=True)
+        for proc in engine:
+            proc.suspend()
         hook = subprocess.Popen(
             [sys.executable, str(DRAIN_HOOK)],
             env=env,
@@ -348,15 +358,23 @@ def test_the_prestop_hook_waits_for_a_long_stream_to_finish(stack):
             stderr=subprocess.STDOUT,
             text=True,
         )
-        time.sleep(5)
-        assert hook.poll() is None, f"the hook returned with a stream in flight: {hook.stdout.read()}"
+        looks = [hook.stdout.readline() for _ in range(3)]  # three looks, each finding the stream in flight
+        assert hook.poll() is None, f"the hook returned with a stream in flight: {''.join(looks)}"
     finally:
+        for proc in engine:
+            proc.resume()
         held.release()
-    output, _ = hook.communicate(timeout=60)
+    rest, _ = hook.communicate(timeout=60)
+    output = "".join(looks) + rest
     assert hook.returncode == 0, output
     counts = [int(line.split()[1]) for line in output.splitlines() if line.startswith("drain: ")]
     # The stream was seen (the ingress's in-flight count and the engine's running request), then nothing.
     assert counts[0] >= 2 and counts[-2:] == [0, 0], output
+
+
+def _engine_running(stack, pool: str) -> float:
+    samples = target_samples(stack.url, "pool", pool=pool)
+    return sum(value for (name, _), value in samples.items() if name == "vllm:num_requests_running")
 
 
 # -- failures and shutdown (last: they disturb the stack) -------------------------------------------------------

@@ -15,7 +15,6 @@ from tests.support.admission import HOLD_ENV, HOLD_MAX_MODEL_LEN, HOLD_TOKENS, H
 from tests.support.redis_server import start_redis
 from tests.support.stack import start_stack
 
-pytestmark = pytest.mark.slow
 MODEL = "gpt-oss-two-ingresses"
 KEY = "sk-two-ingresses"
 CAPPED_KEY = "sk-two-ingresses-capped"  # 2 sequences in flight, for the whole service

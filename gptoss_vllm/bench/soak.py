@@ -102,6 +102,8 @@ class _Traffic:
         self.lost: list[str] = []
         self.unanswered = 0
         self._auth = {"Authorization": f"Bearer {KEY}"}
+        # Every kind once first, in a random order, then the weighted mix: a short soak still tries them all.
+        self._first = self.rng.sample(list(MIX), len(MIX))
 
     def _body(self, **extra: Any) -> dict[str, Any]:
         effort = self.rng.choice(("low", "medium", "high"))
@@ -113,8 +115,11 @@ class _Traffic:
         }
 
     async def one(self, client: httpx.AsyncClient, other: httpx.AsyncClient) -> None:
-        kinds, weights = zip(*((k, w) for k, (w, _) in MIX.items()), strict=True)
-        kind = self.rng.choices(kinds, weights)[0]
+        if self._first:
+            kind = self._first.pop()
+        else:
+            kinds, weights = zip(*((k, w) for k, (w, _) in MIX.items()), strict=True)
+            kind = self.rng.choices(kinds, weights)[0]
         try:
             status = await getattr(self, f"_{kind}")(client, other)
         except (httpx.TransportError, OSError) as exc:

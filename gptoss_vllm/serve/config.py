@@ -145,6 +145,11 @@ class Auth(_Strict):
 
     api_keys_env: str | None = None
     api_keys_file: str | None = None
+    api_keys_recheck_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="How often, at most, a request makes the ingress look whether api_keys_file changed",
+    )
     rate_limit: RateLimit | None = Field(default=None, description="Default limit of every key")
     key_rate_limits: dict[str, RateLimit] = Field(default_factory=dict, description="Per key name")
     failed_auth_per_address: RateLimit = Field(

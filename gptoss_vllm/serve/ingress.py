@@ -158,7 +158,7 @@ class Ingress:
         registry = CollectorRegistry()
         self._metrics = IngressMetrics(registry)
         auth = self._config.auth
-        keys = KeyRing(auth, on_reload=self._keys_reloaded) if auth else None
+        keys = KeyRing(auth, auth.api_keys_recheck_s, self._keys_reloaded) if auth else None
         if keys is not None:
             self._metrics.api_keys.set(len(keys))
         self._pipeline = RequestPipeline(

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from gptoss_vllm.serve.config import ServeConfig
 
-READY_POLL_S = 2.0
+READY_POLL_S = 0.5
 READY_LINE = "gptoss-vllm is ready at"  # printed once the app answers; process.start_stack waits for it
 
 

@@ -75,7 +75,7 @@ def _start(
                 return server
         except httpx.HTTPError:
             pass
-        time.sleep(2)
+        time.sleep(0.5)
     server.stop()
     raise RuntimeError(f"{what} not ready after {timeout_s} s:\n{server.log_tail()}")
 

@@ -175,16 +175,22 @@ class RayNode:
         self.raylet().kill()
 
     def stop(self, timeout_s: float = 10) -> None:
-        procs = self.processes()
-        for proc in procs:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.terminate()
-        _, alive = psutil.wait_procs(procs, timeout=timeout_s)
-        for proc in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.kill()
-        psutil.wait_procs(alive, timeout=10)
-        shutil.rmtree(self.params["temp-dir"], ignore_errors=True)
+        stop_nodes([self], timeout_s)
+
+
+def stop_nodes(nodes: list[RayNode], timeout_s: float = 10) -> None:
+    """SIGTERM to every process of ``nodes`` at once, SIGKILL to what outlives ``timeout_s``."""
+    procs = [proc for node in nodes for proc in node.processes()]
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=timeout_s)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=10)
+    for node in nodes:
+        shutil.rmtree(node.params["temp-dir"], ignore_errors=True)
 
 
 @dataclass
@@ -257,8 +263,9 @@ class Cluster:
         return "\n".join(f"--- {node.name}\n{node.log_tail(1500)}" for node in self.nodes())
 
     def stop(self) -> None:
-        for node in reversed(self.nodes()):
-            node.stop()
+        # As a deleted RayService's pods go: the workers together, then the head.
+        stop_nodes(self.workers)
+        stop_nodes([self.head])
 
 
 def _start_node(name: str, pod: PodSpec, params: dict[str, str], root: Path) -> RayNode:

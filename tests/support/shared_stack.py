@@ -24,6 +24,7 @@ LIMITED_KEY = "sk-test-limited"
 CAPPED_KEY = "sk-test-capped"  # one sequence in flight, few tokens per minute
 TPM_KEY = "sk-test-tpm"
 CAPPED_TOKENS_PER_MINUTE = 120
+KEYS_RECHECK_S = 1.0  # the rotation tests wait for it
 BODY_TIMEOUT_S = 3  # short, so that a stalled upload's 408 comes soon
 STORE_PASSWORD = "sk-store-secret"
 METRICS_PORT_COUNT = 16  # the chart's metricsPortCount, and how far a metrics endpoint looks for a free port
@@ -74,6 +75,7 @@ def start_shared_stack(checkpoint: Path, root: Path) -> RunningStack:
         },
         "auth": {
             "api_keys_file": str(keys),
+            "api_keys_recheck_s": KEYS_RECHECK_S,
             "key_rate_limits": {
                 "limited": {"requests_per_minute": 6, "burst": 2},
                 "capped": {"concurrent_requests": 1},

@@ -1,13 +1,27 @@
 """The tests start the stack the way the benchmarks do, and find its parts the way an operator would."""
 
 import time
+from pathlib import Path
 
 import httpx
 import psutil
 
+from gptoss_vllm.kernels.build import cache_dir as kernel_cache_dir
 from gptoss_vllm.serve.process import RunningStack, free_port, start_stack
 
-__all__ = ["RunningStack", "free_port", "replica_processes", "start_stack", "wait_ready"]
+__all__ = ["RunningStack", "free_port", "fresh_cache", "replica_processes", "start_stack", "wait_ready"]
+
+
+def fresh_cache(path: Path) -> Path:
+    """An empty cache for a stack that must build its models from nothing, sharing only the compiled CPU
+    kernel with the session's own cache (``~/.cache/gptoss-vllm``): the kernel is compiled once per run, not
+    once per fresh cache (a minute on 2 cores each time)."""
+    (path / "kernels").mkdir(parents=True)
+    shared = kernel_cache_dir()
+    shared.parent.mkdir(parents=True, exist_ok=True)
+    (path / "kernels" / shared.name).symlink_to(shared, target_is_directory=True)
+    shared.mkdir(exist_ok=True)
+    return path
 
 
 def wait_ready(stack: RunningStack, timeout_s: float = 300) -> None:
