@@ -1,6 +1,6 @@
 """Shared fixtures: tiny gpt-oss checkpoints and the shared ``stack`` (once per session; tests marked
-``stops_stack`` run last); the observed stack (nano served with a local Prometheus and tracing, once per module
-that asks for it). Every stack started here gets ``MONITORING_TOKEN`` for its service discovery route."""
+``stops_stack`` run last); the observed stack (nano served with a local Prometheus and tracing, once per session:
+the observability and nano serving modules share it). Every stack started here gets ``MONITORING_TOKEN`` for its service discovery route."""
 
 from __future__ import annotations
 
@@ -35,7 +35,6 @@ MONITORING_TOKEN = os.environ.setdefault("GPTOSS_MONITORING_TOKEN", secrets.toke
 HEAVY_FIXTURES: dict[str, tuple[str, ...]] = {
     "stack": ("slow",),  # the shared stack, or a module's own (two ingresses)
     "observed_stack": ("slow",),
-    "nano_stack": ("slow",),
     "plugin_server": ("slow",),
     "plugin_runs": ("slow",),
     "stock_runs": ("slow",),
@@ -91,17 +90,18 @@ def stack(tiny_checkpoint_dirs, tmp_path_factory):
     running.redis.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def otlp_receiver():
     running = OtlpReceiver()
     yield running
     running.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def observed_stack(tmp_path_factory, otlp_receiver):
-    """Nano in two pools with tight bounds (a few requests spill over and get refused), API key
-    ``OBSERVED_KEY``, ``--prometheus`` (``.prometheus_url``) and OTLP tracing into ``otlp_receiver``."""
+    """The embedded default (nano in two pools, built into an empty cache: ``.cache``) with tight bounds (a few
+    requests spill over and get refused), API key ``OBSERVED_KEY``, ``--prometheus`` (``.prometheus_url``) and
+    OTLP tracing into ``otlp_receiver``; otherwise as the default, replica ids kept from clients included."""
     root = tmp_path_factory.mktemp("observed")
     (root / "keys").write_text(f"observer:{OBSERVED_KEY}\n")
     config = load_config(None).model_dump(exclude_none=True)
@@ -113,11 +113,9 @@ def observed_stack(tmp_path_factory, otlp_receiver):
     for pool in config["pools"].values():
         pool["engine_args"]["max_model_len"] = HOLD_MAX_MODEL_LEN
         pool["env"] |= HOLD_ENV
-    config["budgets"]["low"] = {"max_tokens": 48}
     config["budgets"]["medium"] = {"max_tokens": HOLD_TOKENS}
     config["budgets"]["high"] = {"max_tokens": HOLD_TOKENS, "over_budget": "reject"}
     config["auth"] = {"api_keys_file": str(root / "keys")}
-    config["ingress"] = {"expose_replica_ids": True}  # the span tests compare them
     (root / "serve.yaml").write_text(yaml.safe_dump(config))
     prometheus_port = free_port()
     env = {
@@ -128,6 +126,7 @@ def observed_stack(tmp_path_factory, otlp_receiver):
     }
     args = ["--prometheus", "--prometheus-port", str(prometheus_port)]
     running = start_stack(root / "serve.yaml", root / "serve.log", env=env, args=args)
+    running.cache = root / "cache"
     running.prometheus_url = f"http://127.0.0.1:{prometheus_port}"
     running.api_key = OBSERVED_KEY
     deadline = time.monotonic() + 60

@@ -1,6 +1,7 @@
-"""Nano through the whole stack: the real CLI runs the embedded default (``gptoss-vllm serve`` with no config,
-what ``make serve`` runs), which builds nano from the committed asset into an empty cache and serves it in
-two pools; the official ``openai`` client asks held-out tasks at every effort.
+"""Nano through the whole stack: the real CLI runs the embedded default (what ``make serve`` runs) with the
+observed stack's settings (``tests/conftest.py``: tight bounds, an API key, Prometheus and tracing; the stack is
+shared with the observability tests), which builds nano from the committed asset into an empty cache and serves
+it in two pools; the official ``openai`` client asks held-out tasks at every effort.
 
 Checks: completions come back as harmony (vLLM splits reasoning from content), reasoning grows with effort,
 answers at high effort are right (>= 90%, and more often than at low effort), and the lookup family calls its
@@ -18,25 +19,18 @@ import pytest
 from gptoss_vllm.nano.conversations import chat_messages
 from gptoss_vllm.nano.evaluate import EffortScore, Turn, format_table, held_out_tasks, score
 from gptoss_vllm.nano.tasks import EFFORTS, LOOKUP_TOOL, Task
-from tests.support.stack import fresh_cache, start_stack
 
 MODEL = "gpt-oss-nano"
 PER_FAMILY = 8
 
 
 @pytest.fixture(scope="module")
-def nano_stack(tmp_path_factory):
-    root = tmp_path_factory.mktemp("nano-stack")
-    cache = fresh_cache(root / "cache")
-    stack = start_stack(None, root / "serve.log", env={"GPTOSS_VLLM_CACHE": str(cache)})
-    assert (cache / "models" / "nano" / "config.json").exists()
-    yield stack
-    stack.stop()
-
-
-@pytest.fixture(scope="module")
-def client(nano_stack):
-    return openai.OpenAI(base_url=f"{nano_stack.url}/v1", api_key="unused", max_retries=0, timeout=120)
+def client(observed_stack):
+    assert (observed_stack.cache / "models" / "nano" / "config.json").exists()
+    # The observed stack's bounds are tight: a request refused 429 is asked again after its Retry-After.
+    return openai.OpenAI(
+        base_url=f"{observed_stack.url}/v1", api_key=observed_stack.api_key, max_retries=10, timeout=120
+    )
 
 
 def _ask(client: openai.OpenAI, task: Task, effort: str, after_tool: bool) -> Turn:

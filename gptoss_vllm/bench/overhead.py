@@ -18,6 +18,7 @@ import os
 import platform
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -340,10 +341,20 @@ def run_bench(settings: Settings, json_path: str | None = None, keep: Path | Non
     config = {"model_name": MODEL_NAME, "pools": {"all": pool.model_dump(exclude_none=True)}}
     (work / "stack.yaml").write_text(yaml.safe_dump(config))
     print("starting vLLM's own OpenAI server and the stack (one pool, one replica) ...", flush=True)
-    vllm = start_vllm_server(server_argv(pool, MODEL_NAME), work / "vllm.log", env=pool.env)
-    stack = None
+    # Both start at once (their start-ups are mostly imports, which overlap well); the rounds run once both
+    # are up, so neither is measured while the other starts.
+    with ThreadPoolExecutor(2) as starting:
+        vllm_start = starting.submit(
+            start_vllm_server, server_argv(pool, MODEL_NAME), work / "vllm.log", pool.env
+        )
+        stack_start = starting.submit(start_stack, work / "stack.yaml", work / "stack.log")
+    started = [f.result() for f in (vllm_start, stack_start) if f.exception() is None]
+    if len(started) < 2:
+        for target in started:
+            target.stop()
+        raise (vllm_start.exception() or stack_start.exception())
+    vllm, stack = started
     try:
-        stack = start_stack(work / "stack.yaml", work / "stack.log")
         roots = {"vllm": (vllm.url, vllm.proc.pid), "stack": (stack.url, stack.proc.pid)}
         procs = {target: _processes(target, pid) for target, (_, pid) in roots.items()}
         idle = _idle_cpu(procs, settings.idle_s) if settings.idle_s > 0 else {}
@@ -364,8 +375,7 @@ def run_bench(settings: Settings, json_path: str | None = None, keep: Path | Non
                         bar.update()
                 results += [_figures(target, concurrency, samples[target]) for target in TARGETS]
     finally:
-        if stack is not None:
-            stack.stop()
+        stack.stop()
         vllm.stop()
     report = {
         "machine": machine_info(),
