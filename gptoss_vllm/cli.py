@@ -17,7 +17,7 @@ log = logging.getLogger("gptoss_vllm")
 
 def _make_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from gptoss_vllm.checkpoints.config import ConfigError, parse_override
-    from gptoss_vllm.checkpoints.presets import TRAINED_PRESETS, build_preset
+    from gptoss_vllm.presets import TRAINED_PRESETS, build_preset
 
     if args.preset in TRAINED_PRESETS and args.seed is not None:
         parser.error(f"--seed: the {args.preset} preset is trained weights; a seed does not apply")
@@ -34,7 +34,7 @@ def _make_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 
 
 def _quantize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from gptoss_vllm.quant.convert import CheckpointError, quantize_checkpoint
+    from gptoss_vllm.checkpoints.quantize import CheckpointError, quantize_checkpoint
 
     try:
         out = quantize_checkpoint(args.src, args.dst)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from gptoss_vllm.serve.refusal import Reason
+from gptoss_vllm.refusal_reasons import Reason
 
 # Tens of milliseconds (a cached prefix on a GPU) to minutes (a high-effort answer on a CPU).
 LATENCY_BUCKETS_S = (

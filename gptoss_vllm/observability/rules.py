@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from gptoss_vllm.observability.metrics import LATENCY_BUCKETS_S
-from gptoss_vllm.serve.refusal import SERVICE_REASONS
+from gptoss_vllm.refusal_reasons import SERVICE_REASONS
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gptoss_vllm.refusal_reasons import Reason
 from gptoss_vllm.serve.config import ServeConfig
-from gptoss_vllm.serve.refusal import Reason, Refusal
+from gptoss_vllm.serve.refusal import Refusal
 
 
 @dataclass(frozen=True)

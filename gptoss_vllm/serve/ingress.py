@@ -30,6 +30,7 @@ from gptoss_vllm.observability.metrics import IngressMetrics
 from gptoss_vllm.observability.request_record import RequestRecord
 from gptoss_vllm.observability.targets import MetricsEndpoint, targets_actor
 from gptoss_vllm.observability.tracing import ingress_tracer
+from gptoss_vllm.refusal_reasons import SERVICE_REASONS, Reason
 from gptoss_vllm.serve.admission import Admission
 from gptoss_vllm.serve.answer_channel import (
     AnswerLost,
@@ -54,7 +55,7 @@ from gptoss_vllm.serve.peer_counts import EXCHANGE_S, PEER_TTL_S, PeerView, ledg
 from gptoss_vllm.serve.pipeline import Decision, RequestPipeline, client_address
 from gptoss_vllm.serve.pool import PoolRequest
 from gptoss_vllm.serve.proxy_gate import too_large, too_slow
-from gptoss_vllm.serve.refusal import SERVICE_REASONS, Reason, Refusal
+from gptoss_vllm.serve.refusal import Refusal
 from gptoss_vllm.serve.response_store import StoredConversation, StoreUnavailable, open_store
 from gptoss_vllm.serve.router import routable_replicas
 

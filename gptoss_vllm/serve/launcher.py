@@ -23,6 +23,7 @@ from tqdm import tqdm
 from gptoss_vllm.serve.config import ServeConfig
 
 READY_POLL_S = 0.5
+STATES_POLL_S = 2.0  # how often the progress bar asks Serve for the deployments' states
 READY_LINE = "gptoss-vllm is ready at"  # printed once the app answers; process.start_stack waits for it
 
 
@@ -108,6 +109,7 @@ def wait_until_ready(
     Ready also needs the deploy to have returned (``deployed``, a flag list the deploying thread appends to):
     an app this one replaces (``--address``, same app name) answers ``/ready`` until it is gone."""
     deadline = time.monotonic() + timeout_s
+    states_due = 0.0
     with tqdm(total=len(config.pools), desc="pools ready", unit="pool", file=sys.stderr) as bar:
         while True:
             if stop:
@@ -122,7 +124,9 @@ def wait_until_ready(
                     else {}
                 )
                 bar.n = sum(1 for pool in pools.values() if pool.get("state") != "no_replica")
-                bar.set_postfix_str(", ".join(f"{k}={v}" for k, v in _pool_states(app_name).items()))
+                if time.monotonic() >= states_due:  # Serve's status is a controller call: not every poll
+                    bar.set_postfix_str(", ".join(f"{k}={v}" for k, v in _pool_states(app_name).items()))
+                    states_due = time.monotonic() + STATES_POLL_S
                 bar.refresh()
                 if answer.status_code == 200 and deployed:
                     return

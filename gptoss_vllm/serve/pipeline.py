@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gptoss_vllm.observability.request_record import request_usage
+from gptoss_vllm.refusal_reasons import Reason
 from gptoss_vllm.serve.admission import Admission
 from gptoss_vllm.serve.auth import KeyRing, RateLimiter, TenantUsage
 from gptoss_vllm.serve.budget import BudgetError, apply_budget
@@ -26,7 +27,7 @@ from gptoss_vllm.serve.config import ServeConfig
 from gptoss_vllm.serve.conversation import as_items, follow_up_input, new_response_id
 from gptoss_vllm.serve.effort import EffortError, Endpoint, ResolvedEffort, apply_effort, resolve_effort
 from gptoss_vllm.serve.peer_counts import Counts, PeerView
-from gptoss_vllm.serve.refusal import Reason, Refusal, whole_seconds
+from gptoss_vllm.serve.refusal import Refusal, whole_seconds
 from gptoss_vllm.serve.response_store import StoredConversation
 
 ANONYMOUS = "anonymous"

@@ -68,7 +68,7 @@ class PoolRequest:
 
 def _builtin_source(preset: str) -> str:
     """What a builtin checkpoint is built from; a cached build from anything else is rebuilt."""
-    from gptoss_vllm.checkpoints.presets import TRAINED_PRESETS
+    from gptoss_vllm.presets import TRAINED_PRESETS
 
     if preset in TRAINED_PRESETS:
         from gptoss_vllm.nano.asset import ASSET_PATH
@@ -81,7 +81,7 @@ def ensure_builtin_model(model: str) -> None:
     """Build a ``builtin:<preset>`` checkpoint into the user cache unless it is there (one builder per node)."""
     if not model.startswith(BUILTIN_PREFIX):
         return
-    from gptoss_vllm.checkpoints.presets import build_preset
+    from gptoss_vllm.presets import build_preset
 
     preset = model[len(BUILTIN_PREFIX) :]
     out = cache_root() / "models" / preset

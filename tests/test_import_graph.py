@@ -1,0 +1,130 @@
+"""The package's imports run one way: no two modules import each other, through any chain, and no two rooms do
+(a room is a folder under ``gptoss_vllm/``, or a module at its top).
+
+Imports are read from the source (``ast``), wherever they stand, in functions too: a deferred import still
+ties two modules together. Imports under ``if TYPE_CHECKING:`` are left out: they never run.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "gptoss_vllm"
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return found
+
+
+def _imported_names(tree: ast.Module, package: str) -> list[str]:
+    type_only = {
+        id(node)
+        for branch in ast.walk(tree)
+        if isinstance(branch, ast.If) and "TYPE_CHECKING" in ast.unparse(branch.test)
+        for statement in branch.body
+        for node in ast.walk(statement)
+    }
+    names = []
+    for node in ast.walk(tree):
+        if id(node) in type_only:
+            continue
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            names += [base, *(f"{base}.{alias.name}" for alias in node.names)]
+    return names
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the package's modules it imports (a name resolves to the longest module it starts with)."""
+    modules = _modules()
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for imported in _imported_names(ast.parse(path.read_text()), package):
+            while imported and imported not in modules:
+                imported = imported.rpartition(".")[0]
+            # A module importing its own package's __init__ (or a package its submodule) is Python's doing.
+            if imported and imported != name and not name.startswith(imported + "."):
+                graph[name].add(imported)
+    return graph
+
+
+def room(module: str) -> str:
+    return ".".join(module.split(".")[:2])
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle through each strongly connected group of two or more nodes (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    groups: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in graph.get(node, ()):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                groups.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return groups
+
+
+def rooms_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    rooms: dict[str, set[str]] = {}
+    for module, imported in graph.items():
+        rooms.setdefault(room(module), set()).update(room(i) for i in imported if room(i) != room(module))
+    return rooms
+
+
+def test_no_module_cycle() -> None:
+    assert cycles(import_graph()) == []
+
+
+def test_no_room_cycle() -> None:
+    graph = import_graph()
+    found = cycles(rooms_graph(graph))
+    detail = [
+        f"{a} -> {b}"
+        for group in found
+        for a, imported in sorted(graph.items())
+        for b in sorted(imported)
+        if room(a) in group and room(b) in group and room(a) != room(b)
+    ]
+    assert found == [], "\n".join(detail)
+
+
+def test_the_graph_sees_imports_the_way_python_runs_them() -> None:
+    # The walk must find what it checks, or a cycle could hide: known edges, and a cycle that is there.
+    graph = import_graph()
+    assert "gptoss_vllm.refusal_reasons" in graph["gptoss_vllm.observability.metrics"]
+    assert "gptoss_vllm.refusal_reasons" in graph["gptoss_vllm.serve.refusal"]
+    assert "gptoss_vllm.serve.engine_args" in graph["gptoss_vllm.serve.config"]  # a deferred import, counted
+    assert "gptoss_vllm.serve.config" not in graph["gptoss_vllm.serve.engine_args"]  # TYPE_CHECKING only
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles(rooms_graph({"p.x.m": {"p.y.n"}, "p.y.n": {"p.x.k"}, "p.x.k": set()})) == [["p.x", "p.y"]]
