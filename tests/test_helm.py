@@ -571,7 +571,9 @@ def test_proxy_gate_env_and_serving_config():
     objects = render()
     for container in ray_containers(objects):
         env = env_of(container)
-        assert env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == "gptoss_vllm.serve.proxy_gate:middlewares"
+        assert (
+            env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == "gptoss_vllm.serve.proxy.callback:middlewares"
+        )
         assert env["GPTOSS_MAX_HEADER_BYTES"] == "32768"
         assert env["GPTOSS_BODY_TIMEOUT_S"] == "30"
         # Empty: the server computes the body limit from the largest pool's max_model_len.

@@ -63,6 +63,13 @@ def room(module: str) -> str:
     return ".".join(module.split(".")[:2])
 
 
+def subroom(module: str) -> str | None:
+    """The folder inside a room that a module lives in (``serve.ingress``), or None for a module at a room's top
+    (a room's driver and its shared leaves, which its folders may all import)."""
+    parts = module.split(".")
+    return ".".join(parts[:3]) if len(parts) > 3 else None
+
+
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     """One cycle through each strongly connected group of two or more nodes (Tarjan)."""
     index: dict[str, int] = {}
@@ -95,10 +102,13 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return groups
 
 
-def rooms_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+def rooms_graph(graph: dict[str, set[str]], room_of=room) -> dict[str, set[str]]:
     rooms: dict[str, set[str]] = {}
     for module, imported in graph.items():
-        rooms.setdefault(room(module), set()).update(room(i) for i in imported if room(i) != room(module))
+        if (here := room_of(module)) is None:
+            continue
+        others = {room_of(i) for i in imported} - {here, None}
+        rooms.setdefault(here, set()).update(others)
     return rooms
 
 
@@ -119,12 +129,41 @@ def test_no_room_cycle() -> None:
     assert found == [], "\n".join(detail)
 
 
+def test_no_cycle_between_the_folders_of_a_room() -> None:
+    # serve's processes: proxy, ingress and pool import one way (ingress -> pool), never back.
+    graph = import_graph()
+    found = cycles(rooms_graph(graph, subroom))
+    detail = [
+        f"{a} -> {b}"
+        for group in found
+        for a, imported in sorted(graph.items())
+        for b in sorted(imported)
+        if subroom(a) in group and subroom(b) in group and subroom(a) != subroom(b)
+    ]
+    assert found == [], "\n".join(detail)
+    folders = rooms_graph(graph, subroom)
+    assert "gptoss_vllm.serve.pool" in folders["gptoss_vllm.serve.ingress"]
+    assert not folders.get("gptoss_vllm.serve.pool", set()) & {
+        "gptoss_vllm.serve.ingress",
+        "gptoss_vllm.serve.proxy",
+    }
+
+
 def test_the_graph_sees_imports_the_way_python_runs_them() -> None:
     # The walk must find what it checks, or a cycle could hide: known edges, and a cycle that is there.
     graph = import_graph()
     assert "gptoss_vllm.refusal_reasons" in graph["gptoss_vllm.observability.metrics"]
-    assert "gptoss_vllm.refusal_reasons" in graph["gptoss_vllm.serve.refusal"]
-    assert "gptoss_vllm.serve.engine_args" in graph["gptoss_vllm.serve.config"]  # a deferred import, counted
-    assert "gptoss_vllm.serve.config" not in graph["gptoss_vllm.serve.engine_args"]  # TYPE_CHECKING only
+    assert "gptoss_vllm.refusal_reasons" in graph["gptoss_vllm.serve.ingress.refusal"]
+    assert (
+        "gptoss_vllm.serve.pool.engine_args" in graph["gptoss_vllm.serve.config"]
+    )  # a deferred import, counted
+    assert "gptoss_vllm.serve.config" not in graph["gptoss_vllm.serve.pool.engine_args"]  # TYPE_CHECKING only
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles(rooms_graph({"p.x.m": {"p.y.n"}, "p.y.n": {"p.x.k"}, "p.x.k": set()})) == [["p.x", "p.y"]]
+    nested = {
+        "p.r.a.m": {"p.r.b.n"},
+        "p.r.b.n": {"p.r.a.k", "p.r.top"},
+        "p.r.top": {"p.r.a.m"},
+        "p.r.a.k": set(),
+    }
+    assert cycles(rooms_graph(nested, subroom)) == [["p.r.a", "p.r.b"]]

@@ -14,7 +14,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from gptoss_vllm.observability import targets, tracing
 from gptoss_vllm.observability.local_prometheus import SD_REFRESH_INTERVAL, prometheus_config
 from gptoss_vllm.observability.metrics import IngressMetrics
-from gptoss_vllm.observability.request_record import RequestRecord, StreamObserver, request_usage
+from gptoss_vllm.observability.request_record import RequestRecord
+from gptoss_vllm.serve.ingress.usage_event import request_usage
+from gptoss_vllm.serve.pool.stream_observer import StreamObserver
 
 
 def _event(payload: dict) -> bytes:

@@ -7,9 +7,9 @@ from __future__ import annotations
 import openai
 import pytest
 
-from gptoss_vllm.serve.conversation import as_items, follow_up_input
-from gptoss_vllm.serve.process import start_vllm_server
-from gptoss_vllm.serve.response_store import StoredConversation
+from gptoss_vllm.bench.process import start_vllm_server
+from gptoss_vllm.serve.ingress.responses.conversation import as_items, follow_up_input
+from gptoss_vllm.serve.ingress.responses.store import StoredConversation
 
 EFFORTS = ("low", "medium", "high")
 

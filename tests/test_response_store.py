@@ -12,7 +12,7 @@ import time
 import pytest
 
 from gptoss_vllm.serve.config import ConfigError, ResponseStoreConfig, parse_config
-from gptoss_vllm.serve.response_store import (
+from gptoss_vllm.serve.ingress.responses.store import (
     EmbeddedStore,
     RedisStore,
     StoredConversation,

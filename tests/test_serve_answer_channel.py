@@ -9,7 +9,7 @@ import asyncio
 import pytest
 
 from gptoss_vllm.observability.request_record import Observation
-from gptoss_vllm.serve.answer_channel import (
+from gptoss_vllm.serve.pool.answer_channel import (
     AnswerChannel,
     AnswerLost,
     AnswerReader,
@@ -203,7 +203,7 @@ def test_a_ticket_works_once_and_a_forged_one_not_at_all() -> None:
 
 
 def test_an_unclaimed_ticket_expires(monkeypatch) -> None:
-    import gptoss_vllm.serve.answer_channel as answer_channel
+    import gptoss_vllm.serve.pool.answer_channel as answer_channel
 
     monkeypatch.setattr(answer_channel, "CONNECT_TIMEOUT_S", 0.2)
     started = []

@@ -1,4 +1,4 @@
-"""Bounds across ingress replicas (``serve/peer_counts.py``): two pipelines, as two ingress replicas have, share
+"""Bounds across ingress replicas (``serve/ingress/peer_counts.py``): two pipelines, as two ingress replicas have, share
 their counts through one ledger, and every bound (a pool's queue, a key's concurrency, its requests and tokens
 per minute) holds for the two together. The ledger is the Ray actor's class, called directly here; the
 two-ingress stack test runs it as the actor."""
@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 
 from gptoss_vllm.serve.config import parse_config
-from gptoss_vllm.serve.peer_counts import PEER_TTL_S, Ledger, PeerView
-from gptoss_vllm.serve.pipeline import Decision, RequestPipeline
-from gptoss_vllm.serve.refusal import Refusal
+from gptoss_vllm.serve.ingress.peer_counts import PEER_TTL_S, Ledger, PeerView
+from gptoss_vllm.serve.ingress.pipeline import Decision, RequestPipeline
+from gptoss_vllm.serve.ingress.refusal import Refusal
 
 CONFIG = {
     "model_name": "m",
@@ -37,8 +37,8 @@ class Replica:
     """One ingress replica's pipeline and view of its peers, exchanging through ``ledger``."""
 
     def __init__(self, name: str, ledger: Ledger) -> None:
-        from gptoss_vllm.serve.admission import Admission
-        from gptoss_vllm.serve.auth import RateLimiter
+        from gptoss_vllm.serve.ingress.admission import Admission
+        from gptoss_vllm.serve.ingress.rate_limits import RateLimiter
 
         config = parse_config(CONFIG)
         auth = config.auth

@@ -12,13 +12,14 @@ from gptoss_vllm.observability.local_prometheus import RULES
 from gptoss_vllm.observability.metrics import IngressMetrics
 from gptoss_vllm.observability.rules import SERVICE_REJECTION_REASONS
 from gptoss_vllm.refusal_reasons import Reason
-from gptoss_vllm.serve.admission import Admission
-from gptoss_vllm.serve.auth import KeyRing, RateLimiter
 from gptoss_vllm.serve.config import RateLimit, parse_config
+from gptoss_vllm.serve.ingress.admission import Admission
+from gptoss_vllm.serve.ingress.keys import KeyRing
+from gptoss_vllm.serve.ingress.pipeline import MAX_N, Decision, RequestPipeline, client_address
+from gptoss_vllm.serve.ingress.rate_limits import RateLimiter
+from gptoss_vllm.serve.ingress.refusal import Refusal
+from gptoss_vllm.serve.ingress.responses.store import StoredConversation
 from gptoss_vllm.serve.openai_errors import error_response
-from gptoss_vllm.serve.pipeline import MAX_N, Decision, RequestPipeline, client_address
-from gptoss_vllm.serve.refusal import Refusal
-from gptoss_vllm.serve.response_store import StoredConversation
 
 KEY = "sk-pipeline"
 AUTH = {"authorization": f"Bearer {KEY}"}

@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from gptoss_vllm.serve.proxy_gate import CALLBACK, GateError, ProxyGate, gate_env
+from gptoss_vllm.serve.proxy.gate import ProxyGate
+from gptoss_vllm.serve.proxy.settings import CALLBACK, GateError, gate_env
 
 
 class _App:

@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gptoss_vllm.serve.admission import Admission
-from gptoss_vllm.serve.auth import KeyConfigError, KeyRing, RateLimiter
-from gptoss_vllm.serve.budget import BudgetError, apply_budget
 from gptoss_vllm.serve.config import Auth, Budget, ConfigError, RateLimit, load_config, parse_config
-from gptoss_vllm.serve.effort import EffortError, ResolvedEffort, apply_effort, resolve_effort
-from gptoss_vllm.serve.engine_args import server_argv
-from gptoss_vllm.serve.refusal import Refusal
+from gptoss_vllm.serve.ingress.admission import Admission
+from gptoss_vllm.serve.ingress.budget import BudgetError, apply_budget
+from gptoss_vllm.serve.ingress.effort import EffortError, ResolvedEffort, apply_effort, resolve_effort
+from gptoss_vllm.serve.ingress.keys import KeyConfigError, KeyRing
+from gptoss_vllm.serve.ingress.rate_limits import RateLimiter
+from gptoss_vllm.serve.ingress.refusal import Refusal
+from gptoss_vllm.serve.pool.engine_args import server_argv
 
 BASE = {
     "model_name": "m",
@@ -462,7 +463,7 @@ def test_pool_deployment_options():
 
 
 def test_pool_requests_show_their_prompt_to_the_prefix_aware_router():
-    from gptoss_vllm.serve.pool import PoolRequest
+    from gptoss_vllm.serve.pool.deployment import PoolRequest
 
     # Ray Serve LLM's prefix-aware router reads the prompt from these attributes.
     chat = PoolRequest(
@@ -502,7 +503,7 @@ def test_serve_hands_its_ray_the_proxy_gate_and_a_monitoring_token(monkeypatch):
     monkeypatch.delenv("GPTOSS_MONITORING_TOKEN", raising=False)
     config = parse_config(_config(ingress={"max_header_bytes": 4096, "body_timeout_s": 7}))
     env = proxy_environment(config)
-    assert env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == "gptoss_vllm.serve.proxy_gate:middlewares"
+    assert env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == "gptoss_vllm.serve.proxy.callback:middlewares"
     assert env["GPTOSS_MAX_BODY_BYTES"] == str(config.body_limit())
     assert (env["GPTOSS_MAX_HEADER_BYTES"], env["GPTOSS_BODY_TIMEOUT_S"]) == ("4096", "7")
     assert len(env["GPTOSS_MONITORING_TOKEN"]) >= 24 and env != proxy_environment(config)  # fresh each time

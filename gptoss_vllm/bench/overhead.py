@@ -28,8 +28,8 @@ import psutil
 import yaml
 from tqdm import tqdm
 
-from gptoss_vllm.serve.config import Pool, load_config
-from gptoss_vllm.serve.engine_args import server_argv
+from gptoss_vllm.serve.config import PoolConfig, load_config
+from gptoss_vllm.serve.pool.engine_args import server_argv
 
 TARGETS = ("vllm", "stack")
 MODEL_NAME = "gpt-oss-bench"
@@ -297,7 +297,7 @@ def ratios(results: list[dict]) -> list[dict[str, Any]]:
 # -- the two servers -------------------------------------------------------------------------------------------
 
 
-def bench_pool(model: str | None) -> Pool:
+def bench_pool(model: str | None) -> PoolConfig:
     """The embedded default's first pool (same engine arguments and environment), serving every effort."""
     base = next(iter(load_config(None).pools.values()))
     changes: dict[str, Any] = {
@@ -309,7 +309,7 @@ def bench_pool(model: str | None) -> Pool:
     }
     if model is not None:
         changes["model"] = model
-    return Pool.model_validate(base.model_dump() | changes)
+    return PoolConfig.model_validate(base.model_dump() | changes)
 
 
 def machine_info() -> dict[str, Any]:
@@ -330,8 +330,8 @@ def machine_info() -> dict[str, Any]:
 
 def run_bench(settings: Settings, json_path: str | None = None, keep: Path | None = None) -> dict[str, Any]:
     """Start both targets, run the alternating rounds, stop both; returns the report (also written as JSON)."""
-    from gptoss_vllm.serve.pool import ensure_builtin_model
-    from gptoss_vllm.serve.process import start_stack, start_vllm_server
+    from gptoss_vllm.bench.process import start_stack, start_vllm_server
+    from gptoss_vllm.serve.pool.deployment import ensure_builtin_model
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would bury the progress bar
     work = keep or Path(tempfile.mkdtemp(prefix="gptoss-bench-overhead-"))

@@ -1,7 +1,7 @@
 """``gptoss-vllm bench overhead --relay``: how many tokens/s one ingress replica relays, without an engine.
 
 The real ingress (and Ray Serve's proxy in front of it) serves one pool whose replica is :class:`SyntheticPool`:
-it answers through the same :class:`~gptoss_vllm.serve.answer_channel.AnswerChannel` as a pool replica and
+it answers through the same :class:`~gptoss_vllm.serve.pool.answer_channel.AnswerChannel` as a pool replica and
 emits pre-rendered chat-completion SSE events, one item per token as vLLM's app sends them, as fast as it is
 asked. Clients hold 1, 32, 128 and 512 streams at once; the figures are tokens/s through the ingress and the CPU per token of the proxy, the ingress and the
 synthetic pool. The synthetic pool lives here and in no serving config.
@@ -21,14 +21,14 @@ from tqdm import tqdm
 
 from gptoss_vllm.bench.overhead import cpu_seconds, machine_info
 from gptoss_vllm.observability.request_record import Observation
-from gptoss_vllm.serve.answer_channel import (
+from gptoss_vllm.serve.pool.answer_channel import (
     AnswerChannel,
     AnswerItem,
     AnswerTicket,
     PoolAnswerEnd,
     PoolAnswerStart,
 )
-from gptoss_vllm.serve.pool import PoolRequest
+from gptoss_vllm.serve.pool.deployment import PoolRequest
 
 STREAMS = (1, 32, 128, 512)
 POOL = "relay"
@@ -123,7 +123,7 @@ def _direct_ingress(port: int) -> None:
     the flags when it is first imported, here and in every Ray process this one starts."""
     import sys
 
-    from gptoss_vllm.serve.process import free_port
+    from gptoss_vllm.bench.process import free_port
 
     if "ray.serve" in sys.modules and os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") != "1":
         raise RuntimeError("--direct-ingress: Ray Serve was imported before the flag could be set")
@@ -144,7 +144,7 @@ def run_relay_bench(
 ) -> dict[str, Any]:
     """Start Ray, the real ingress and a synthetic pool in this process; measure; stop. ``direct_ingress``:
     clients reach the ingress replica without Ray Serve's proxy."""
-    from gptoss_vllm.serve.process import free_port
+    from gptoss_vllm.bench.process import free_port
 
     port = free_port()  # the proxy's (Ray Serve starts one even with direct ingress on)
     url = f"http://127.0.0.1:{port}"

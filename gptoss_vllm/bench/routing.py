@@ -67,7 +67,7 @@ def _slo_file(directory: Path) -> Path:
 def run_bench(
     users: int, duration_s: float, report_dir: Path | None = None, json_path: str | None = None
 ) -> dict:
-    from gptoss_vllm.serve.process import start_stack
+    from gptoss_vllm.bench.process import start_stack
 
     work = Path(tempfile.mkdtemp(prefix="gptoss-bench-routing-"))
     report_dir = report_dir or work

@@ -244,8 +244,8 @@ def _growth(samples: list[dict[str, Any]], warm: float) -> dict[str, float | Non
 
 def run_soak(settings: Settings, json_path: str | None = None, keep: Path | None = None) -> dict[str, Any]:
     """Start the stack, run the traffic for the duration, sample RSS, check the end state; stop the stack."""
-    from gptoss_vllm.serve.pool import ensure_builtin_model
-    from gptoss_vllm.serve.process import start_stack
+    from gptoss_vllm.bench.process import start_stack
+    from gptoss_vllm.serve.pool.deployment import ensure_builtin_model
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would bury the progress bar
     work = keep or Path(tempfile.mkdtemp(prefix="gptoss-bench-soak-"))

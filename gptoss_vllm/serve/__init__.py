@@ -1,6 +1,20 @@
 """Ray Serve application: an OpenAI-compatible gpt-oss service that routes each request by its reasoning effort.
 
-``config`` (the one YAML schema) -> ``app`` (builds the Ray Serve application) -> ``ingress`` (HTTP, auth,
-effort, budgets, admission) -> ``pool`` (one deployment per pool, each replica an ``AsyncLLM`` behind vLLM's own
-OpenAI serving layer).
+The folders are the processes the code runs in; data flows one way, proxy -> ingress -> pool:
+
+- ``proxy/``: in Ray Serve's HTTP proxy, on every Ray node: the gate that bounds headers, bodies and upload
+  time, the rewriting of Ray's own error answers, and the proxy's metrics.
+- ``ingress/``: in the ingress replicas: the deployment (HTTP routes wired to the services it is given), the
+  request pipeline and its steps (keys, rate limits, quotas, effort, budget, admission), the peer-count
+  exchange between ingress replicas, and ``responses/`` (the store, conversation expansion, background runs).
+- ``pool/``: in the pool replicas: the deployment (an ``AsyncLLM`` behind vLLM's own OpenAI serving layer),
+  its engine arguments, the stream observer and the answer channel back to the ingress; and the request
+  routers Ray Serve runs for each pool in the calling (ingress) process.
+- here, in the driver (``gptoss-vllm serve``, or the RayService's import path): ``config`` (the one YAML
+  schema), ``app`` (builds the Ray Serve application), ``launcher`` (starts Ray and Serve, waits until ready);
+  and the leaves that proxy, ingress and pool share: ``openai_errors`` (OpenAI's error shape), ``body_bounds``
+  and ``asgi``.
+
+Helpers that only the benches and tests use (starting a stack or a vLLM server as a process) live in
+:mod:`gptoss_vllm.bench`.
 """

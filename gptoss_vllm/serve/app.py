@@ -13,15 +13,15 @@ from ray._common.constants import HEAD_NODE_RESOURCE_NAME
 from ray.serve.config import BackpressureConfig, RequestRouterConfig
 
 from gptoss_vllm.lifetime import EXIT_WITH_PARENT_ENV
-from gptoss_vllm.serve.config import Pool, ServeConfig, load_config, parse_config
-from gptoss_vllm.serve.ingress import Ingress, app
-from gptoss_vllm.serve.pool import PoolServer
-from gptoss_vllm.serve.router import router_class_path
+from gptoss_vllm.serve.config import PoolConfig, ServeConfig, load_config, parse_config
+from gptoss_vllm.serve.ingress.deployment import Ingress, app
+from gptoss_vllm.serve.pool.deployment import PoolServer
+from gptoss_vllm.serve.pool.router import router_class_path
 
 APP_NAME = "gptoss"
 
 
-def pool_deployment_options(name: str, pool: Pool) -> dict[str, Any]:
+def pool_deployment_options(name: str, pool: PoolConfig) -> dict[str, Any]:
     """Ray Serve deployment options of one pool."""
     actor_options = dict(pool.ray_actor_options)
     runtime_env = dict(actor_options.pop("runtime_env", {}) or {})

@@ -41,7 +41,7 @@ class Spillover(_Strict):
     queue_above: int = Field(ge=0)
 
 
-class Pool(_Strict):
+class PoolConfig(_Strict):
     """One replica pool: a deployment of identical engines serving some efforts."""
 
     model: str = Field(description="Local checkpoint path, HF id, or builtin:<preset> (built on first use)")
@@ -84,7 +84,7 @@ class Pool(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _replicas_or_autoscaling(self) -> Pool:
+    def _replicas_or_autoscaling(self) -> PoolConfig:
         if self.replicas is not None and self.autoscaling is not None:
             raise ValueError("set either replicas or autoscaling, not both")
         return self
@@ -201,7 +201,7 @@ class ResponseStoreConfig(_Strict):
         return Path(self.path) if self.path else cache_root() / "responses.sqlite3"
 
 
-class Ingress(_Strict):
+class IngressConfig(_Strict):
     replicas: int = Field(default=1, ge=1)
     max_ongoing_requests: int = Field(default=1000, ge=1)
     max_queued_requests: int = Field(
@@ -230,15 +230,15 @@ class Ingress(_Strict):
 class ServeConfig(_Strict):
     model_name: str = Field(min_length=1, description="The model name clients send and /v1/models lists")
     default_effort: Effort = "medium"
-    pools: dict[str, Pool] = Field(min_length=1)
+    pools: dict[str, PoolConfig] = Field(min_length=1)
     budgets: dict[Effort, Budget] = Field(default_factory=dict)
     auth: Auth | None = None
-    ingress: Ingress = Field(default_factory=Ingress)
+    ingress: IngressConfig = Field(default_factory=IngressConfig)
     response_store: ResponseStoreConfig = Field(default_factory=ResponseStoreConfig)
 
     @field_validator("pools")
     @classmethod
-    def _pool_names(cls, value: dict[str, Pool]) -> dict[str, Pool]:
+    def _pool_names(cls, value: dict[str, PoolConfig]) -> dict[str, PoolConfig]:
         for name in value:
             if not _POOL_NAME.match(name):
                 raise ValueError(
@@ -301,7 +301,7 @@ def parse_config(data: Any, source: str = "<config>") -> ServeConfig:
         config = ServeConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"{source}: {_format_errors(exc)}") from None
-    from gptoss_vllm.serve.engine_args import EngineArgsError, server_argv
+    from gptoss_vllm.serve.pool.engine_args import EngineArgsError, server_argv
 
     for name, pool in config.pools.items():
         try:
@@ -309,7 +309,7 @@ def parse_config(data: Any, source: str = "<config>") -> ServeConfig:
         except EngineArgsError as exc:
             raise ConfigError(f"{source}: pools.{name}.engine_args: {exc}") from None
         if pool.router != "power_of_two":
-            from gptoss_vllm.serve.router import router_class_path
+            from gptoss_vllm.serve.pool.router import router_class_path
 
             try:
                 router_class_path(pool.router)

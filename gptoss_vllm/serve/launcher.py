@@ -140,7 +140,7 @@ def wait_until_ready(
 def proxy_environment(config: ServeConfig) -> dict[str, str]:
     """What this machine's Ray needs for the config: the proxy gate with the config's bounds, and a monitoring
     token (a fresh one unless the environment has one) for the local Prometheus's service discovery."""
-    from gptoss_vllm.serve.proxy_gate import gate_env
+    from gptoss_vllm.serve.proxy.settings import gate_env
 
     ingress = config.ingress
     env = gate_env(config.body_limit(), ingress.max_header_bytes, ingress.body_timeout_s)
@@ -164,7 +164,7 @@ def run(
 
     from gptoss_vllm.observability.local_prometheus import LocalPrometheus, PrometheusError
     from gptoss_vllm.serve.app import APP_NAME, build_application
-    from gptoss_vllm.serve.pool import ensure_builtin_model
+    from gptoss_vllm.serve.pool.deployment import ensure_builtin_model
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # the readiness polls are not news
     local = address is None

@@ -6,8 +6,8 @@ from pathlib import Path
 import httpx
 import psutil
 
+from gptoss_vllm.bench.process import RunningStack, free_port, start_stack
 from gptoss_vllm.kernels.build import cache_dir as kernel_cache_dir
-from gptoss_vllm.serve.process import RunningStack, free_port, start_stack
 
 __all__ = ["RunningStack", "free_port", "fresh_cache", "replica_processes", "start_stack", "wait_ready"]
 

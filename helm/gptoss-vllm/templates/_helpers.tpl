@@ -319,10 +319,10 @@ token is a file, on workers only and only while they download (model.source hf).
 - name: HF_HUB_OFFLINE
   value: "1"
 {{- end }}
-{{- /* The proxy gate: Ray Serve's HTTP proxy on every node runs gptoss_vllm.serve.proxy_gate's middleware,
+{{- /* The proxy gate: Ray Serve's HTTP proxy on every node runs gptoss_vllm.serve.proxy.gate's middleware,
      bounding headers, bodies and upload time before a request reaches the ingress. */}}
 - name: RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH
-  value: gptoss_vllm.serve.proxy_gate:middlewares
+  value: gptoss_vllm.serve.proxy.callback:middlewares
 {{- if ne (toString $v.ingress.maxBodyBytes) "" }}
 - name: GPTOSS_MAX_BODY_BYTES
   value: {{ int64 $v.ingress.maxBodyBytes | quote }}

@@ -13,7 +13,7 @@ import time
 import uuid
 from typing import Any
 
-from gptoss_vllm.serve.response_store import StoredConversation
+from gptoss_vllm.serve.ingress.responses.store import StoredConversation
 
 MAX_LISTED_ITEMS = 100  # OpenAI's bound on ``limit``
 

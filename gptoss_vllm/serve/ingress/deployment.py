@@ -1,10 +1,10 @@
 """The ingress deployment: OpenAI routes wired to the request pipeline, then to a pool's handle.
 
 The checks (key, rate limit, body, model, effort, budget, pool, admission) are :mod:`.pipeline`'s; this class
-only reads the HTTP request, runs them, answers a :class:`~gptoss_vllm.serve.refusal.Refusal`, and relays the
+only reads the HTTP request, runs them, answers a :class:`~gptoss_vllm.serve.ingress.refusal.Refusal`, and relays the
 pool's answer as it is produced with ``x-gptoss-effort``, ``x-gptoss-effort-source`` and ``x-gptoss-pool``
 (``x-gptoss-replica`` only where the operator turns it on). Rendering, parsing and generation are the pool's
-(vLLM's). Bodies normally arrive whole from the proxy gate (:mod:`.proxy_gate`); the ingress still holds them to
+(vLLM's). Bodies normally arrive whole from the proxy gate (:mod:`gptoss_vllm.serve.proxy.gate`); the ingress still holds them to
 its own limit and deadline, for paths that bypass the gate. Every error is OpenAI's shape, internals never.
 """
 
@@ -31,33 +31,34 @@ from gptoss_vllm.observability.request_record import RequestRecord
 from gptoss_vllm.observability.targets import MetricsEndpoint, targets_actor
 from gptoss_vllm.observability.tracing import ingress_tracer
 from gptoss_vllm.refusal_reasons import SERVICE_REASONS, Reason
-from gptoss_vllm.serve.admission import Admission
-from gptoss_vllm.serve.answer_channel import (
-    AnswerLost,
-    AnswerReader,
-    FinishedResponse,
-    PoolAnswerEnd,
-    PoolAnswerStart,
-)
-from gptoss_vllm.serve.auth import KeyRing, RateLimiter, bearer_token
+from gptoss_vllm.serve.body_bounds import too_large, too_slow
 from gptoss_vllm.serve.config import ServeConfig
-from gptoss_vllm.serve.conversation import (
+from gptoss_vllm.serve.ingress.admission import Admission
+from gptoss_vllm.serve.ingress.effort import Endpoint
+from gptoss_vllm.serve.ingress.keys import KeyRing, bearer_token
+from gptoss_vllm.serve.ingress.openapi import openapi_document
+from gptoss_vllm.serve.ingress.peer_counts import EXCHANGE_S, PEER_TTL_S, PeerView, ledger_actor
+from gptoss_vllm.serve.ingress.pipeline import Decision, RequestPipeline, client_address
+from gptoss_vllm.serve.ingress.rate_limits import RateLimiter
+from gptoss_vllm.serve.ingress.refusal import Refusal
+from gptoss_vllm.serve.ingress.responses.conversation import (
     ListingError,
     deleted,
     input_items_page,
     queued_response,
     with_status,
 )
-from gptoss_vllm.serve.effort import Endpoint
+from gptoss_vllm.serve.ingress.responses.store import StoredConversation, StoreUnavailable, open_store
 from gptoss_vllm.serve.openai_errors import error_response, sse_error_event
-from gptoss_vllm.serve.openapi import openapi_document
-from gptoss_vllm.serve.peer_counts import EXCHANGE_S, PEER_TTL_S, PeerView, ledger_actor
-from gptoss_vllm.serve.pipeline import Decision, RequestPipeline, client_address
-from gptoss_vllm.serve.pool import PoolRequest
-from gptoss_vllm.serve.proxy_gate import too_large, too_slow
-from gptoss_vllm.serve.refusal import Refusal
-from gptoss_vllm.serve.response_store import StoredConversation, StoreUnavailable, open_store
-from gptoss_vllm.serve.router import routable_replicas
+from gptoss_vllm.serve.pool.answer_channel import (
+    AnswerLost,
+    AnswerReader,
+    FinishedResponse,
+    PoolAnswerEnd,
+    PoolAnswerStart,
+)
+from gptoss_vllm.serve.pool.deployment import PoolRequest
+from gptoss_vllm.serve.pool.router import routable_replicas
 
 log = logging.getLogger("ray.serve")
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gptoss_vllm.serve.config import Budget
-from gptoss_vllm.serve.effort import Endpoint
+from gptoss_vllm.serve.ingress.effort import Endpoint
 
 
 class BudgetError(ValueError):

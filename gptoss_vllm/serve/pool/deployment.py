@@ -5,7 +5,7 @@ the engine from the pool's config and relays HTTP requests into that app. Engine
 ingress keeps conversations, :mod:`.response_store`): the replica sets the fields the client asked for in each
 response object and hands the final one to the ingress ahead of its bytes. It observes the answers of
 generating requests (timings, usage) where their events are made, so the ingress forwards bytes.
-Answers go to the ingress over the replica's :mod:`~gptoss_vllm.serve.answer_channel`, not Ray's stream.
+Answers go to the ingress over the replica's :mod:`~gptoss_vllm.serve.pool.answer_channel`, not Ray's stream.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gptoss_vllm.cache import cache_root
-from gptoss_vllm.observability.request_record import StreamObserver
 from gptoss_vllm.observability.targets import MetricsEndpoint
 from gptoss_vllm.observability.tracing import engine_tracing_env
-from gptoss_vllm.serve.answer_channel import (
+from gptoss_vllm.serve.config import BUILTIN_PREFIX, PoolConfig
+from gptoss_vllm.serve.pool.answer_channel import (
     AnswerChannel,
     AnswerItem,
     AnswerTicket,
@@ -32,9 +32,9 @@ from gptoss_vllm.serve.answer_channel import (
     PoolAnswerEnd,
     PoolAnswerStart,
 )
-from gptoss_vllm.serve.asgi_stream import ResponseStart, stream_asgi
-from gptoss_vllm.serve.config import BUILTIN_PREFIX, Pool
-from gptoss_vllm.serve.engine_args import parse_server_args, server_argv
+from gptoss_vllm.serve.pool.asgi_stream import ResponseStart, stream_asgi
+from gptoss_vllm.serve.pool.engine_args import parse_server_args, server_argv
+from gptoss_vllm.serve.pool.stream_observer import StreamObserver
 
 log = logging.getLogger("ray.serve")
 
@@ -107,7 +107,7 @@ class PoolServer:
         from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client_from_engine_args
         from vllm.entrypoints.launchers.app import build_app
 
-        config = Pool.model_validate(pool)
+        config = PoolConfig.model_validate(pool)
         ensure_builtin_model(config.model)
         args = parse_server_args(server_argv(config, model_name))
         tracing = engine_tracing_env()

@@ -10,28 +10,10 @@ when the caller asks for the next are joined into one.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
-ASGIApp = Callable[
-    [dict[str, Any], Callable[[], Awaitable[dict]], Callable[[dict], Awaitable[None]]], Awaitable[None]
-]
-
-
-def whole_body(body: bytes, then: Callable[[], Awaitable[dict]]) -> Callable[[], Awaitable[dict]]:
-    """An ASGI ``receive`` that hands over ``body`` in one message, then answers with ``then`` (what says the
-    client left)."""
-    sent = False
-
-    async def receive() -> dict:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await then()
-
-    return receive
+from gptoss_vllm.serve.asgi import ASGIApp, whole_body
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ address guard -> key -> rate limit -> body (media type, size, JSON, encoding) ->
 the answer asked for (Responses: server-made id, a follow-up's whole conversation) -> sequences (``n`` times
 prompts) -> admission -> the key's concurrency and tokens per minute. Each step
 either fills in the
-request's :class:`Decision` or raises :class:`~gptoss_vllm.serve.refusal.Refusal`; the decision keeps what the
+request's :class:`Decision` or raises :class:`~gptoss_vllm.serve.ingress.refusal.Refusal`; the decision keeps what the
 steps before a refusal learnt (effort, pool), so that a refused request is counted where it was refused. Nothing
 here touches Ray or HTTP objects: the ingress deployment hands in headers and bytes and wires the decision to
 the pool handles, and unit tests drive the pipeline directly.
@@ -18,17 +18,25 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from gptoss_vllm.observability.request_record import request_usage
 from gptoss_vllm.refusal_reasons import Reason
-from gptoss_vllm.serve.admission import Admission
-from gptoss_vllm.serve.auth import KeyRing, RateLimiter, TenantUsage
-from gptoss_vllm.serve.budget import BudgetError, apply_budget
 from gptoss_vllm.serve.config import ServeConfig
-from gptoss_vllm.serve.conversation import as_items, follow_up_input, new_response_id
-from gptoss_vllm.serve.effort import EffortError, Endpoint, ResolvedEffort, apply_effort, resolve_effort
-from gptoss_vllm.serve.peer_counts import Counts, PeerView
-from gptoss_vllm.serve.refusal import Refusal, whole_seconds
-from gptoss_vllm.serve.response_store import StoredConversation
+from gptoss_vllm.serve.ingress.admission import Admission
+from gptoss_vllm.serve.ingress.budget import BudgetError, apply_budget
+from gptoss_vllm.serve.ingress.effort import (
+    EffortError,
+    Endpoint,
+    ResolvedEffort,
+    apply_effort,
+    resolve_effort,
+)
+from gptoss_vllm.serve.ingress.keys import KeyRing
+from gptoss_vllm.serve.ingress.peer_counts import Counts, PeerView
+from gptoss_vllm.serve.ingress.quotas import TenantUsage
+from gptoss_vllm.serve.ingress.rate_limits import RateLimiter
+from gptoss_vllm.serve.ingress.refusal import Refusal, whole_seconds
+from gptoss_vllm.serve.ingress.responses.conversation import as_items, follow_up_input, new_response_id
+from gptoss_vllm.serve.ingress.responses.store import StoredConversation
+from gptoss_vllm.serve.ingress.usage_event import request_usage
 
 ANONYMOUS = "anonymous"
 MAX_N = 128  # OpenAI's cap on choices per request

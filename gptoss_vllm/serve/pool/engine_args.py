@@ -12,7 +12,7 @@ from functools import cache
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from gptoss_vllm.serve.config import Pool
+    from gptoss_vllm.serve.config import PoolConfig
 
 # What gpt-oss needs from vLLM's OpenAI layer: harmony reasoning split and tool calls through `commentary`.
 GPT_OSS_DEFAULTS: dict[str, Any] = {
@@ -53,7 +53,7 @@ def _actions() -> dict[str, argparse.Action]:
     return {a.dest: a for a in parser._actions if a.option_strings}
 
 
-def server_argv(pool: Pool, model_name: str) -> list[str]:
+def server_argv(pool: PoolConfig, model_name: str) -> list[str]:
     """The ``vllm serve`` argument list of one pool's replicas (validated)."""
     actions = _actions()
     argv = ["--model", pool.resolved_model(), "--served-model-name", model_name]

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from gptoss_vllm.refusal_reasons import Reason
 from gptoss_vllm.serve.config import ServeConfig
-from gptoss_vllm.serve.refusal import Refusal
+from gptoss_vllm.serve.ingress.refusal import Refusal
 
 
 @dataclass(frozen=True)

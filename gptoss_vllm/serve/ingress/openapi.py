@@ -11,8 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from gptoss_vllm.serve.config import EFFORTS
-from gptoss_vllm.serve.conversation import MAX_LISTED_ITEMS
-from gptoss_vllm.serve.pipeline import MAX_N
+from gptoss_vllm.serve.ingress.pipeline import MAX_N
+from gptoss_vllm.serve.ingress.responses.conversation import MAX_LISTED_ITEMS
 
 _EFFORT = {"type": "string", "enum": list(EFFORTS)}
 _LIMIT = {"type": "integer", "minimum": 1}

@@ -1,0 +1,51 @@
+"""The proxy gate's settings: environment variables every Ray node's proxy reads, and the environment the driver
+(``serve``) and the chart set for them."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+CALLBACK = "gptoss_vllm.serve.proxy.callback:middlewares"
+CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+MAX_BODY_ENV = "GPTOSS_MAX_BODY_BYTES"
+MAX_HEADER_ENV = "GPTOSS_MAX_HEADER_BYTES"
+BODY_TIMEOUT_ENV = "GPTOSS_BODY_TIMEOUT_S"
+DEFAULT_MAX_BODY_BYTES = (1 << 20) + 32 * 131072  # the serving config's default for a 128k-token context
+DEFAULT_MAX_HEADER_BYTES = 32768
+DEFAULT_BODY_TIMEOUT_S = 30.0
+# Ray Serve's per-request controls (ray.serve._private.constants), and its session-affinity header.
+CONTROL_HEADERS = frozenset({b"x-request-timeout-seconds", b"x-request-disconnect-disabled"})
+SESSION_HEADER_ENV = "RAY_SERVE_SESSION_ID_HEADER_KEY"
+
+
+class GateError(ValueError):
+    """A proxy gate setting that cannot be used; the message names the environment variable."""
+
+
+def env_number(name: str, default: float, kind: type) -> Any:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return kind(default)
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise GateError(f"{name}={raw!r} is not a {kind.__name__}") from None
+    if value <= 0:
+        raise GateError(f"{name}={raw!r} must be positive")
+    return value
+
+
+def control_headers() -> frozenset[bytes]:
+    session = os.environ.get(SESSION_HEADER_ENV, "x-session-id").lower()
+    return CONTROL_HEADERS | {session.encode(), session.replace("-", "_").encode()}
+
+
+def gate_env(max_body_bytes: int, max_header_bytes: int, body_timeout_s: float) -> dict[str, str]:
+    """The environment every Ray node's proxy needs for the gate with these bounds."""
+    return {
+        CALLBACK_ENV: CALLBACK,
+        MAX_BODY_ENV: str(max_body_bytes),
+        MAX_HEADER_ENV: str(max_header_bytes),
+        BODY_TIMEOUT_ENV: f"{body_timeout_s:g}",
+    }
