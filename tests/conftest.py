@@ -1,5 +1,5 @@
-"""Shared fixtures: tiny gpt-oss checkpoints and the shared ``stack`` (once per session; tests marked
-``stops_stack`` run last); the observed stack lives in ``tests/observed/conftest.py``. Every stack of the session
+"""Shared fixtures: tiny gpt-oss checkpoints and the engine runners; the stacks live where their tests are (the
+shared ``stack`` in ``tests/serve/conftest.py``, the observed stack in ``tests/observed/conftest.py``). Every stack of the session
 gets ``MONITORING_TOKEN`` for its service discovery route. The markers of the fast and slow tiers follow from
 the fixtures each test uses."""
 
@@ -15,7 +15,6 @@ from gptoss_vllm.checkpoints.builder import write_checkpoint
 from gptoss_vllm.checkpoints.config import build_config
 from tests.support.cli import run_cli
 from tests.support.engines import run_offline_batch
-from tests.support.shared_stack import start_shared_stack
 
 TINY_SEED = 7
 # The stacks' processes inherit it (serve keeps a token it finds); tests present it to GET /metrics/targets.
@@ -38,13 +37,27 @@ HEAVY_FIXTURES: dict[str, tuple[str, ...]] = {
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Markers from the heavy fixtures each test uses; tests that stop or break the shared stack run after all
-    others (a stable sort keeps the rest in order)."""
+    """Markers from the heavy fixtures each test uses; tests that stop or break a folder's stack run after all
+    others of that folder, which stays where it was in the run (its stack is the folder's, stopped when the
+    folder is done). A stable sort keeps the rest in order."""
     for item in items:
         names = set(getattr(item, "fixturenames", ()))
         for marker in {m for name in names & HEAVY_FIXTURES.keys() for m in HEAVY_FIXTURES[name]}:
             item.add_marker(marker)
-    items.sort(key=lambda item: item.get_closest_marker("stops_stack") is not None)
+    folders: dict[Path, int] = {}
+    for item in items:
+        folders.setdefault(_top_folder(item), len(folders))
+    items.sort(
+        key=lambda item: (folders[_top_folder(item)], item.get_closest_marker("stops_stack") is not None)
+    )
+
+
+def _top_folder(item: pytest.Item) -> Path:
+    """The folder right under ``tests/`` that holds the item's module (``tests/`` itself for its own modules)."""
+    path = Path(item.path).resolve()
+    tests = Path(__file__).resolve().parent
+    relative = path.relative_to(tests).parts
+    return tests / relative[0] if len(relative) > 1 else tests
 
 
 @pytest.fixture(scope="session")
@@ -72,12 +85,3 @@ def tiny_checkpoint_dirs(tmp_path_factory) -> dict[str, Path]:
         dtype: write_checkpoint(root / f"tiny-{dtype}", config, seed=TINY_SEED, dtype=dtype, progress=False)
         for dtype in ("mxfp4", "bf16")
     }
-
-
-@pytest.fixture(scope="session")
-def stack(tiny_checkpoint_dirs, tmp_path_factory):
-    """The shared stack (``tests/support/shared_stack.py``)."""
-    running = start_shared_stack(tiny_checkpoint_dirs["mxfp4"], tmp_path_factory.mktemp("stack"))
-    yield running
-    running.stop()
-    running.redis.stop()

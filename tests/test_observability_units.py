@@ -1,137 +1,28 @@
-"""Observability parts without a running stack: what the ingress reads from answers, the targets list, the
-tracing switch, and the CLI's ``--prometheus`` checks."""
+"""Observability parts without a running stack: a request's record, the targets list, the tracing switch, and
+the CLI's ``--prometheus`` checks."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
 import pytest
-from prometheus_client import CollectorRegistry
-from prometheus_client.parser import text_string_to_metric_families
 
 from gptoss_vllm.observability import targets, tracing
 from gptoss_vllm.observability.local_prometheus import SD_REFRESH_INTERVAL, prometheus_config
-from gptoss_vllm.observability.metrics import IngressMetrics
-from gptoss_vllm.observability.request_record import RequestRecord
-from gptoss_vllm.serve.ingress.usage_event import request_usage
-from gptoss_vllm.serve.pool.stream_observer import StreamObserver
-
-
-def _event(payload: dict) -> bytes:
-    return b"data: " + json.dumps(payload).encode() + b"\n\n"
-
-
-def _chat_chunk(**delta: str) -> bytes:
-    return _event({"choices": [{"index": 0, "delta": delta}]})
-
-
-USAGE = {"prompt_tokens": 70, "completion_tokens": 12, "completion_tokens_details": {"reasoning_tokens": 9}}
-
-
-def _samples(registry: CollectorRegistry) -> dict[tuple[str, frozenset], float]:
-    from prometheus_client import generate_latest
-
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(generate_latest(registry).decode())
-        for s in family.samples
-    }
-
-
-def _record(endpoint: str = "chat") -> tuple[RequestRecord, CollectorRegistry]:
-    registry = CollectorRegistry()
-    record = RequestRecord(IngressMetrics(registry), endpoint)
-    record.effort, record.effort_source, record.pool = "high", "chat", "deep"
-    return record, registry
-
-
-def test_request_usage_is_forced_on_streams_and_remembered():
-    body = {"stream": True}
-    assert request_usage("chat", body) and body["stream_options"] == {"include_usage": True}
-    asked = {"stream": True, "stream_options": {"include_usage": True}}
-    assert not request_usage("chat", asked)
-    assert not request_usage("chat", {"stream": False})
-    assert not request_usage("responses", {"stream": True})  # its completed event always carries usage
-
-
-def test_a_chat_stream_split_anywhere_is_relayed_intact_and_timed():
-    record, registry = _record()
-    observer = StreamObserver("chat", strip_usage=True)
-    stream = (
-        _chat_chunk(role="assistant")
-        + _chat_chunk(reasoning="We")
-        + _chat_chunk(reasoning=" add")
-        + _chat_chunk(content="4")
-        + _event({"choices": [], "usage": USAGE})
-        + b"data: [DONE]\n\n"
-    )
-    relayed = b""
-    for i in range(0, len(stream), 7):  # events cut at arbitrary points
-        relayed += observer.relay(stream[i : i + 7])
-    relayed += observer.flush()
-    assert b'"usage"' not in relayed
-    assert relayed == stream.replace(_event({"choices": [], "usage": USAGE}), b"")
-    seen = observer.seen
-    assert len(seen.gaps_s) == 2 and 0 <= seen.first_token_s <= seen.first_answer_s
-    # The observation was made elsewhere (the pool replica): its times count from when its answer arrived.
-    record.take(seen, origin=record.started + 0.5)
-    assert record.time_to_first_token_s == pytest.approx(0.5 + seen.first_token_s)
-    assert record.time_to_first_answer_token_s == pytest.approx(0.5 + seen.first_answer_s)
-    record.finish()
-    samples = _samples(registry)
-    labels = frozenset({"endpoint": "chat", "effort": "high", "pool": "deep"}.items())
-    assert samples[("gptoss_time_to_first_token_seconds_count", labels)] == 1
-    assert samples[("gptoss_time_to_first_token_seconds_sum", labels)] == pytest.approx(
-        0.5 + seen.first_token_s
-    )
-    assert samples[("gptoss_time_to_first_answer_token_seconds_count", labels)] == 1
-    assert samples[("gptoss_inter_token_latency_seconds_count", labels)] == 2  # three token events
-    tokens = {k: v for (name, k), v in samples.items() if name == "gptoss_output_tokens_total"}
-    assert tokens[frozenset({"effort": "high", "pool": "deep", "kind": "reasoning"}.items())] == 9
-    assert tokens[frozenset({"effort": "high", "pool": "deep", "kind": "answer"}.items())] == 3
-
-
-def test_usage_the_client_asked_for_is_kept():
-    observer = StreamObserver("chat")
-    usage_event = _event({"choices": [], "usage": USAGE})
-    assert observer.relay(usage_event) == usage_event
-    assert observer.seen.output_tokens == 12
-
-
-def test_responses_events_and_a_whole_answer():
-    observer = StreamObserver("responses")
-    observer.relay(_event({"type": "response.created", "response": {"id": "resp_1", "status": "queued"}}))
-    assert observer.seen.response_id == "resp_1"  # known before the answer ends (cancel, follow-ups)
-    observer.relay(_event({"type": "response.reasoning_text.delta", "delta": "x"}))
-    assert observer.seen.first_answer_s is None
-    observer.relay(_event({"type": "response.output_text.delta", "delta": "y"}))
-    usage = {"input_tokens": 5, "output_tokens": 4, "output_tokens_details": {"reasoning_tokens": 1}}
-    observer.relay(_event({"type": "response.completed", "response": {"id": "resp_1", "usage": usage}}))
-    seen = observer.seen
-    assert seen.first_answer_s >= seen.first_token_s
-    assert (seen.prompt_tokens, seen.output_tokens, seen.reasoning_tokens) == (5, 4, 1)
-    whole = StreamObserver("responses")
-    whole.observe_body(json.dumps({"id": "resp_2", "usage": USAGE}).encode())
-    assert (whole.seen.prompt_tokens, whole.seen.output_tokens, whole.seen.reasoning_tokens) == (70, 12, 9)
-    assert whole.seen.response_id == "resp_2"
-    whole.observe_body(b"not json")  # an error page passes through without breaking the observation
-    chat = StreamObserver("chat")
-    chat.observe_body(json.dumps({"id": "chatcmpl-1", "usage": USAGE}).encode())
-    assert chat.seen.response_id is None  # only Responses are stored
+from tests.support.ingress_metrics import new_record, samples
 
 
 def test_a_record_is_written_once_with_its_rejection():
-    record, registry = _record()
+    record, registry = new_record()
     record.rejected = "queue_full"
     record.finish(429)
     record.finish(500)
-    samples = _samples(registry)
-    requests = {dict(k)["status"]: v for (name, k), v in samples.items() if name == "gptoss_requests_total"}
+    found = samples(registry)
+    requests = {dict(k)["status"]: v for (name, k), v in found.items() if name == "gptoss_requests_total"}
     assert requests == {"429": 1}
     assert (
-        samples[("gptoss_rejections_total", frozenset({"reason": "queue_full", "pool": "deep"}.items()))] == 1
+        found[("gptoss_rejections_total", frozenset({"reason": "queue_full", "pool": "deep"}.items()))] == 1
     )
 
 

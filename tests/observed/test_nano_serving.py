@@ -1,5 +1,5 @@
 """Nano through the whole stack: the real CLI runs the embedded default (what ``make serve`` runs) with the
-observed stack's settings (``tests/conftest.py``: tight bounds, an API key, Prometheus and tracing; the stack is
+observed stack's settings (``tests/observed/conftest.py``: tight bounds, an API key, Prometheus and tracing; the stack is
 shared with the observability tests), which builds nano from the committed asset into an empty cache and serves
 it in two pools; the official ``openai`` client asks held-out tasks at every effort.
 

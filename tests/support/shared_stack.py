@@ -2,16 +2,18 @@
 and its conversations in a real ``redis-server`` with a password (``stack.redis``; the embedded store is the
 default's, which the nano stack runs).
 
-One stack serves every test module that asks for the ``stack`` fixture (``tests/conftest.py``); tests that stop
-or break it are marked ``stops_stack`` and run last. ``keys_path`` is its API keys file (tests rotate it).
+One stack serves every test module of ``tests/serve/`` that asks for the ``stack`` fixture
+(``tests/serve/conftest.py``); tests that stop or break it are marked ``stops_stack`` and run last there. ``keys_path`` is its API keys file (tests rotate it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 from pathlib import Path
 
+import httpx
 import yaml
 
 from tests.support.admission import HOLD_ENV, HOLD_MAX_MODEL_LEN, HOLD_TOKENS
@@ -28,6 +30,28 @@ KEYS_RECHECK_S = 1.0  # the rotation tests wait for it
 BODY_TIMEOUT_S = 3  # short, so that a stalled upload's 408 comes soon
 STORE_PASSWORD = "sk-store-secret"
 METRICS_PORT_COUNT = 16  # the chart's metricsPortCount, and how far a metrics endpoint looks for a free port
+
+
+AUTH = {"Authorization": f"Bearer {MAIN_KEY}"}
+USER = [{"role": "user", "content": "What is 2 + 2?"}]
+
+
+def post(stack: RunningStack, path: str, body, headers=None, **kw) -> httpx.Response:
+    """POST ``body`` (JSON unless bytes or text) with the main key, and ``headers`` on top."""
+    content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx.post(
+        f"{stack.url}{path}", content=content, headers={**AUTH, **(headers or {})}, timeout=120, **kw
+    )
+
+
+def held_chat(effort: str) -> dict:
+    """A held slot's chat body (``tests.support.admission``): the longest output the effort's budget allows."""
+    return {
+        "messages": USER,
+        "max_tokens": HOLD_TOKENS,
+        "ignore_eos": True,
+        "reasoning_effort": effort,
+    }
 
 
 def keys_file_text() -> str:

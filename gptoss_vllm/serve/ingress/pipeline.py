@@ -2,19 +2,21 @@
 
 address guard -> key -> rate limit -> body (media type, size, JSON, encoding) -> model -> effort -> budget ->
 the answer asked for (Responses: server-made id, a follow-up's whole conversation) -> sequences (``n`` times
-prompts) -> admission -> the key's concurrency and tokens per minute. Each step
-either fills in the
-request's :class:`Decision` or raises :class:`~gptoss_vllm.serve.ingress.refusal.Refusal`; the decision keeps what the
-steps before a refusal learnt (effort, pool), so that a refused request is counted where it was refused. Nothing
-here touches Ray or HTTP objects: the ingress deployment hands in headers and bytes and wires the decision to
-the pool handles, and unit tests drive the pipeline directly.
+prompts) -> admission -> the key's concurrency and tokens per minute. Each step either fills in the request's
+:class:`Decision` or raises :class:`~gptoss_vllm.serve.ingress.refusal.Refusal`; the decision keeps what the
+steps before a refusal learnt (effort, pool), so that a refused request is counted where it was refused.
+
+:meth:`RequestPipeline.generation` is the one call from a request's bytes to its decision, for the ingress
+deployment and the unit tests alike. Nothing here touches Ray or HTTP objects: the deployment hands in headers,
+a body reader and a conversation lookup, and wires the decision to the pool handles.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,13 +36,14 @@ from gptoss_vllm.serve.ingress.peer_counts import Counts, PeerView
 from gptoss_vllm.serve.ingress.quotas import TenantUsage
 from gptoss_vllm.serve.ingress.rate_limits import RateLimiter
 from gptoss_vllm.serve.ingress.refusal import Refusal, whole_seconds
-from gptoss_vllm.serve.ingress.responses.conversation import as_items, follow_up_input, new_response_id
+from gptoss_vllm.serve.ingress.responses.conversation import owned_by, responses_request
 from gptoss_vllm.serve.ingress.responses.store import StoredConversation
 from gptoss_vllm.serve.ingress.usage_event import request_usage
 
 ANONYMOUS = "anonymous"
 MAX_N = 128  # OpenAI's cap on choices per request
 _JSON_MEDIA = re.compile(r"^application/(?:[\w.+-]+\+)?json$")
+BodyReader = Callable[[int], Awaitable[bytes]]
 
 
 def client_address(headers: Mapping[str, str], peer: str | None, header: str | None) -> str | None:
@@ -76,6 +79,10 @@ class Decision:
     input_items: list[Any] | None = None
     response_fields: dict[str, Any] | None = None
     headers: dict[str, str] = field(default_factory=dict)  # the x-gptoss-* headers of the answer
+
+
+# (the id, the request's decision so far, the field it came in) -> the stored conversation, or a 404 refusal
+ConversationLookup = Callable[[Any, Decision, str], Awaitable[StoredConversation]]
 
 
 class RequestPipeline:
@@ -267,46 +274,13 @@ class RequestPipeline:
         decision.strip_usage = request_usage(endpoint, body)
         if endpoint != "responses":
             return
-        if "request_id" in body:
-            raise Refusal(
-                Reason.INVALID,
-                400,
-                "'request_id' is not accepted: the server makes each response's id",
-                param="request_id",
-                code="invalid_value",
-            )
-        value = body.get("input")
-        if value is not None and not isinstance(value, (str, list)):
-            raise _invalid("input", "'input' must be a string or a list of input items")
-        store = body.get("store", True) is not False
-        background = body.get("background") is True
-        if background and not store:
-            raise _invalid("background", "A background response must be stored: leave out 'store: false'")
-        if background and body.get("stream"):
-            raise _invalid(
-                "stream",
-                "Streaming a background response is not supported: poll GET /v1/responses/{id} instead",
-            )
-        previous_id = body.pop("previous_response_id", None)
-        if previous_id is not None:
-            if body.get("previous_input_messages"):
-                raise _invalid(
-                    "previous_response_id",
-                    "Send 'previous_response_id' or 'previous_input_messages', not both",
-                )
-            if previous is None or previous.id != previous_id:  # the caller looks it up (:meth:`owned`)
-                raise _not_found(str(previous_id), "previous_response_id")
-            body["input"] = follow_up_input(previous, value)
-        decision.response_id = body["request_id"] = new_response_id()
-        body["store"] = False
-        body.pop("background", None)
-        decision.store, decision.background = store, background
-        decision.input_items = as_items(body.get("input"))
-        decision.response_fields = {
-            "store": store,
-            "previous_response_id": previous_id,
-            "background": background,
-        }
+        asked = responses_request(body, previous)
+        decision.response_id, decision.store, decision.background = (
+            asked.response_id,
+            asked.store,
+            asked.background,
+        )
+        decision.input_items, decision.response_fields = asked.input_items, asked.response_fields
 
     def owned(
         self,
@@ -315,13 +289,8 @@ class RequestPipeline:
         decision: Decision,
         param: str | None = None,
     ) -> StoredConversation:
-        """The stored response ``found`` under ``response_id``, if the request's key owns it; to any other
-        key it does not exist (404, as for an unknown id). ``param`` names the field the id came in."""
-        if not isinstance(response_id, str):
-            raise _invalid(param or "response_id", f"'{param or 'response_id'}' must be a string")
-        if found is None or found.owner != decision.key_name:
-            raise _not_found(response_id, param)
-        return found
+        """The stored response ``found`` under ``response_id``, if the request's key owns it (else 404)."""
+        return owned_by(response_id, found, decision.key_name, param)
 
     def admit(self, decision: Decision) -> None:
         assert decision.pool is not None
@@ -396,19 +365,28 @@ class RequestPipeline:
 
     # -- whole requests --------------------------------------------------------------------------------------
 
-    def generation(
+    async def generation(
         self,
         endpoint: Endpoint,
         headers: Mapping[str, str],
-        raw: bytes,
+        body: bytes | BodyReader,
         decision: Decision,
         client: str | None = None,
-        previous: StoredConversation | None = None,
+        conversations: ConversationLookup | None = None,
     ) -> Decision:
-        """Every step for a generating request (chat, completions, responses); ``headers`` lowercase,
-        ``client`` the client's address, ``previous`` the conversation a follow-up continues."""
+        """Every step for a generating request (chat, completions, responses), from its bytes to a decision:
+        ``headers`` lowercase, ``body`` the bytes or what reads them given the limit (called only once the steps
+        before the body passed), ``client`` the client's address, ``conversations`` what finds the stored
+        conversation a follow-up continues, if the request's key owns it."""
         self.before_body(headers, decision, client)
-        return self.with_body(endpoint, headers, raw, decision, previous=previous)
+        raw = body if isinstance(body, bytes) else await body(self._body_limit)
+        # Parsing megabytes on the event loop would stall every stream it relays.
+        parsed = await asyncio.to_thread(self.parse_json, raw) if len(raw) > 1 << 20 else self.parse_json(raw)
+        previous = None
+        previous_id = parsed.get("previous_response_id") if isinstance(parsed, dict) else None
+        if endpoint == "responses" and previous_id is not None and conversations is not None:
+            previous = await conversations(previous_id, decision, "previous_response_id")
+        return self.with_body(endpoint, headers, raw, decision, parsed, previous)
 
     def before_body(self, headers: Mapping[str, str], decision: Decision, client: str | None = None) -> None:
         """The steps a request passes before its body is worth parsing."""
@@ -450,17 +428,3 @@ class RequestPipeline:
         and checks :meth:`owned`)."""
         self.authenticate(headers, decision, client)
         return decision
-
-
-def _not_found(response_id: str, param: str | None) -> Refusal:
-    return Refusal(
-        Reason.NOT_FOUND,
-        404,
-        f"Response '{response_id[:100]}' not found",
-        param=param,
-        code="response_not_found",
-    )
-
-
-def _invalid(param: str, message: str) -> Refusal:
-    return Refusal(Reason.INVALID, 400, message, param=param, code="invalid_value")

@@ -1,5 +1,6 @@
-"""Responses conversations as the ingress keeps them: a follow-up expanded into its whole input, the
-owner's view of a stored response, and its input items as OpenAI lists them.
+"""Responses conversations as the ingress keeps them: a request rewritten for the engine (a server-made id, a
+follow-up expanded into its whole input), the owner's view of a stored response, and its input items as OpenAI
+lists them.
 
 A follow-up's input is the previous response's input items, then its output items (reasoning, messages, tool
 calls), then the follow-up's own input: what OpenAI documents as managing conversation state by hand, and
@@ -11,8 +12,11 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
+from gptoss_vllm.refusal_reasons import Reason
+from gptoss_vllm.serve.ingress.refusal import Refusal
 from gptoss_vllm.serve.ingress.responses.store import StoredConversation
 
 MAX_LISTED_ITEMS = 100  # OpenAI's bound on ``limit``
@@ -34,6 +38,78 @@ def as_items(value: Any) -> list[Any]:
 def follow_up_input(previous: StoredConversation, value: Any) -> list[Any]:
     """The whole input of a follow-up to ``previous``."""
     return [*previous.input_items, *previous.output_items, *as_items(value)]
+
+
+@dataclass
+class ResponsesRequest:
+    """What a Responses request asks of the ingress: its server-made id, whether to store it and run it in the
+    background, its whole input (a follow-up expanded), and the fields the client's response objects show."""
+
+    response_id: str
+    store: bool
+    background: bool
+    input_items: list[Any]
+    response_fields: dict[str, Any]
+
+
+def responses_request(body: dict[str, Any], previous: StoredConversation | None) -> ResponsesRequest:
+    """Rewrite a Responses body for the engine and say what the ingress does with it: the server makes the id; a
+    follow-up of ``previous`` (looked up for its owner beforehand) carries its whole conversation; the engine
+    stores nothing (the ingress does) and never runs in the background (the ingress does that too)."""
+    if "request_id" in body:
+        raise _invalid("request_id", "'request_id' is not accepted: the server makes each response's id")
+    value = body.get("input")
+    if value is not None and not isinstance(value, (str, list)):
+        raise _invalid("input", "'input' must be a string or a list of input items")
+    store = body.get("store", True) is not False
+    background = body.get("background") is True
+    if background and not store:
+        raise _invalid("background", "A background response must be stored: leave out 'store: false'")
+    if background and body.get("stream"):
+        raise _invalid(
+            "stream", "Streaming a background response is not supported: poll GET /v1/responses/{id} instead"
+        )
+    previous_id = body.pop("previous_response_id", None)
+    if previous_id is not None:
+        if body.get("previous_input_messages"):
+            raise _invalid(
+                "previous_response_id", "Send 'previous_response_id' or 'previous_input_messages', not both"
+            )
+        if previous is None or previous.id != previous_id:
+            raise not_found(str(previous_id), "previous_response_id")
+        body["input"] = follow_up_input(previous, value)
+    response_id = body["request_id"] = new_response_id()
+    body["store"] = False
+    body.pop("background", None)
+    fields = {"store": store, "previous_response_id": previous_id, "background": background}
+    return ResponsesRequest(response_id, store, background, as_items(body.get("input")), fields)
+
+
+def owned_by(
+    response_id: Any, found: StoredConversation | None, key_name: str | None, param: str | None = None
+) -> StoredConversation:
+    """``found`` (stored under ``response_id``) if the key ``key_name`` owns it; to any other key it does not
+    exist (404, as for an unknown id). ``param`` names the field the id came in."""
+    if not isinstance(response_id, str):
+        name = param or "response_id"
+        raise _invalid(name, f"'{name}' must be a string")
+    if found is None or found.owner != key_name:
+        raise not_found(response_id, param)
+    return found
+
+
+def not_found(response_id: str, param: str | None) -> Refusal:
+    return Refusal(
+        Reason.NOT_FOUND,
+        404,
+        f"Response '{response_id[:100]}' not found",
+        param=param,
+        code="response_not_found",
+    )
+
+
+def _invalid(param: str, message: str) -> Refusal:
+    return Refusal(Reason.INVALID, 400, message, param=param, code="invalid_value")
 
 
 def queued_response(response_id: str, body: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:

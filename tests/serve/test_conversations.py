@@ -2,7 +2,7 @@
 (whose store is a real ``redis-server``): follow-ups run in the pool of their own effort with the whole
 conversation, a response exists only for the key that made it, ids are the server's, background work is
 admitted until it ends and cancels, a failing store answers 503, and conversations outlive an ingress restart.
-The replica kill that conversations survive is in ``test_serve_stack.py``'s killed-replica test."""
+The replica kill that conversations survive is in ``test_drain_and_recovery.py``'s killed-replica test."""
 
 from __future__ import annotations
 

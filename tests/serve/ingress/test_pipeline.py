@@ -3,6 +3,7 @@ what the pipeline decides for the requests it lets through."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -66,16 +67,24 @@ def _pipeline(tmp_path, running: dict[str, int] | None = None, **config) -> Requ
     )
 
 
-def _chat(pipeline: RequestPipeline, body, headers=AUTH, endpoint="chat") -> Decision:
+def _decide(pipeline: RequestPipeline, endpoint, headers, body, decision, client=None, conversations=None):
+    """The pipeline's one call, as the ingress deployment makes it (a body reader that is given the limit)."""
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return pipeline.generation(endpoint, headers, raw, Decision())
+
+    async def read(limit: int) -> bytes:
+        return raw
+
+    return asyncio.run(pipeline.generation(endpoint, headers, read, decision, client, conversations))
+
+
+def _chat(pipeline: RequestPipeline, body, headers=AUTH, endpoint="chat") -> Decision:
+    return _decide(pipeline, endpoint, headers, body, Decision())
 
 
 def _refusal(pipeline: RequestPipeline, body, headers=AUTH, endpoint="chat") -> tuple[Refusal, Decision]:
     decision = Decision()
-    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
     with pytest.raises(Refusal) as refused:
-        pipeline.generation(endpoint, headers, raw, decision)
+        _decide(pipeline, endpoint, headers, body, decision)
     return refused.value, decision
 
 
@@ -240,11 +249,15 @@ def test_responses_get_server_made_ids_and_the_engine_stores_nothing(tmp_path):
 
 def test_a_follow_up_carries_its_whole_conversation_and_runs_in_its_own_effort_pool(tmp_path):
     pipeline = _pipeline(tmp_path)
-    decision = Decision()
-    pipeline.before_body(AUTH, decision)
-    previous = pipeline.owned("resp_1", _stored(), decision, "previous_response_id")
+    looked_up = []
+
+    async def conversations(response_id, decision, param):
+        looked_up.append((response_id, decision.key_name, param))
+        return pipeline.owned(response_id, _stored(), decision, param)
+
     body = {"input": "More", "previous_response_id": "resp_1", "reasoning": {"effort": "low"}}
-    follow = pipeline.with_body("responses", AUTH, json.dumps(body).encode(), decision, previous=previous)
+    follow = _decide(pipeline, "responses", AUTH, body, Decision(), conversations=conversations)
+    assert looked_up == [("resp_1", "tenant", "previous_response_id")]
     assert (follow.pool, follow.effort.effort) == ("fast", "low")
     expected = [
         *_stored().input_items,
@@ -396,18 +409,15 @@ def test_failed_authentication_is_limited_per_address(tmp_path):
     wrong = {"authorization": "Bearer sk-guess"}
     for _ in range(3):
         with pytest.raises(Refusal) as failed:
-            pipeline.generation("chat", wrong, b"{}", Decision(), client="10.0.0.9")
+            _decide(pipeline, "chat", wrong, b"{}", Decision(), client="10.0.0.9")
         assert failed.value.status == 401
     # Now every request of that address is 429, a valid key included: no oracle for guesses.
     for headers in (wrong, AUTH):
         with pytest.raises(Refusal) as throttled:
-            pipeline.generation(
-                "chat", headers, json.dumps({"messages": USER}).encode(), Decision(), "10.0.0.9"
-            )
+            _decide(pipeline, "chat", headers, {"messages": USER}, Decision(), "10.0.0.9")
         assert (throttled.value.status, throttled.value.reason) == (429, Reason.AUTH_THROTTLED)
         assert int(throttled.value.headers["Retry-After"]) >= 1
-    raw = json.dumps({"messages": USER}).encode()
-    assert pipeline.generation("chat", AUTH, raw, Decision(), client="10.0.0.10").pool == "fast"
+    assert _decide(pipeline, "chat", AUTH, {"messages": USER}, Decision(), client="10.0.0.10").pool == "fast"
 
 
 def test_the_client_address_behind_a_load_balancer_is_the_entry_it_appended():

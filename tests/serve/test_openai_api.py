@@ -1,0 +1,119 @@
+"""The OpenAI API through the whole stack (the shared ``stack``: real Ray, two pools of real vLLM engines on the tiny
+MXFP4 model through the plugin's CPU kernel): the official ``openai`` client, raw HTTP streams relayed as produced,
+OpenAI's errors, and vLLM's own benchmark client."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.support.shared_stack import (
+    AUTH,
+    MAIN_KEY,
+    MODEL,
+    USER,
+    post,
+)
+
+
+def test_models_lists_the_served_name(client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_chat_stream_carries_headers(client):
+    with client.chat.completions.with_streaming_response.create(
+        model=MODEL,
+        messages=USER,
+        reasoning_effort="high",
+        max_tokens=48,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    ) as raw:
+        assert raw.headers["x-gptoss-pool"] == "deep"
+        assert raw.headers["x-gptoss-effort"] == "high"
+        assert raw.headers["content-type"].startswith("text/event-stream")
+        chunks = list(raw.parse())
+    assert chunks[-1].usage.completion_tokens == 48
+
+
+def test_stream_is_relayed_as_produced(stack):
+    # Raw completions have no reasoning parser holding text back: each engine step becomes an event.
+    body = {"prompt": "Hello", "max_tokens": 64, "ignore_eos": True, "stream": True}
+    arrivals = []
+    with httpx.stream(
+        "POST", f"{stack.url}/v1/completions", json=body, headers=AUTH, timeout=120
+    ) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                arrivals.append(time.monotonic())
+    assert len(arrivals) > 8
+    # Not buffered: the events came over the generation's lifetime, not in one burst at its end.
+    assert arrivals[len(arrivals) // 2] - arrivals[0] > 0.01
+
+
+def test_completions_stream_and_not(client):
+    raw = client.completions.with_raw_response.create(model=MODEL, prompt="Hello", max_tokens=5)
+    assert raw.parse().usage.completion_tokens == 5
+    assert raw.headers["x-gptoss-effort-source"] == "default"
+    assert raw.headers["x-gptoss-pool"] == "fast"
+    pieces = list(client.completions.create(model=MODEL, prompt="Hello", max_tokens=5, stream=True))
+    assert "".join(p.choices[0].text for p in pieces if p.choices)
+
+
+def test_responses_stream(client):
+    with client.responses.with_streaming_response.create(
+        model=MODEL,
+        input="Hi",
+        max_output_tokens=8,
+        stream=True,
+        extra_headers={"X-Reasoning-Effort": "high"},
+    ) as raw:
+        assert raw.headers["x-gptoss-pool"] == "deep"
+        kinds = [event.type for event in raw.parse()]
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+
+
+def test_bad_requests(stack, client):
+    malformed = post(stack, "/v1/chat/completions", b'{"messages": [')
+    assert malformed.status_code == 400 and malformed.json()["error"]["code"] == "invalid_json"
+    not_object = post(stack, "/v1/chat/completions", b"[1, 2]")
+    assert not_object.status_code == 400
+    with pytest.raises(openai.NotFoundError) as unknown:
+        client.chat.completions.create(model="gpt-5", messages=USER)
+    assert unknown.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as negative:
+        client.chat.completions.create(model=MODEL, messages=USER, max_tokens=-1)
+    assert negative.value.body["param"] == "max_tokens"
+    # What the ingress lets through but vLLM refuses comes back as vLLM's 400, not a 500.
+    vllm_refusal = post(stack, "/v1/chat/completions", {"messages": "not a list"})
+    assert vllm_refusal.status_code == 400 and "error" in vllm_refusal.json()
+    missing = httpx.get(f"{stack.url}/v1/nothing-here", headers=AUTH)
+    assert missing.status_code == 404 and missing.json()["error"]["message"]
+
+
+def test_vllm_bench_serve_has_no_failures(stack, tiny_checkpoint_dirs, tmp_path, monkeypatch):
+    from vllm.benchmarks.serve import add_cli_args, main
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser()
+    add_cli_args(parser)
+    args = parser.parse_args(
+        [
+            "--backend", "openai-chat", "--base-url", stack.url, "--endpoint", "/v1/chat/completions",
+            "--model", MODEL, "--tokenizer", str(tiny_checkpoint_dirs["mxfp4"]),
+            "--dataset-name", "random", "--random-input-len", "32", "--random-output-len", "16",
+            "--num-prompts", "12", "--max-concurrency", "4", "--seed", "0",
+            "--save-result", "--result-dir", str(tmp_path), "--result-filename", "bench.json",
+        ]
+    )  # fmt: skip
+    monkeypatch.setenv("OPENAI_API_KEY", MAIN_KEY)
+    result = main(args)
+    assert result["completed"] == 12
+    assert result.get("failed", 0) == 0
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["completed"] == 12
