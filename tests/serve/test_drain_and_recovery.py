@@ -118,7 +118,10 @@ def test_killed_replica_gives_a_clean_error_and_is_replaced(stack, client):
     _, alive = psutil.wait_procs(engine_processes, timeout=30)
     assert not alive, [p.pid for p in alive]
     assert not thread.is_alive()
-    assert error, "the stream ended as if complete although its replica was killed"
+    assert error, (
+        f"the stream ended as if complete although its replica was killed ({len(received)} events, the last "
+        f"{received[-1] if received else None})"
+    )
     assert isinstance(error[0], openai.APIError)
     # Until Ray Serve replaces it, deep answers at once (503 + Retry-After), then serves again.
     deadline = time.monotonic() + 300

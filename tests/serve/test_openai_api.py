@@ -43,7 +43,7 @@ def test_chat_stream_carries_headers(client):
 
 def test_stream_is_relayed_as_produced(stack):
     # Raw completions have no reasoning parser holding text back: each engine step becomes an event.
-    body = {"prompt": "Hello", "max_tokens": 64, "ignore_eos": True, "stream": True}
+    body = {"prompt": "Hello", "max_tokens": 128, "ignore_eos": True, "stream": True}
     arrivals = []
     with httpx.stream(
         "POST", f"{stack.url}/v1/completions", json=body, headers=AUTH, timeout=120
@@ -52,8 +52,9 @@ def test_stream_is_relayed_as_produced(stack):
             if line.startswith("data: {"):
                 arrivals.append(time.monotonic())
     assert len(arrivals) > 8
-    # Not buffered: the events came over the generation's lifetime, not in one burst at its end.
-    assert arrivals[len(arrivals) // 2] - arrivals[0] > 0.01
+    # Not buffered: the events came over the generation's lifetime, not in one burst at its end (the whole
+    # stream's spread: on a loaded machine this client may read a run of events at once).
+    assert arrivals[-1] - arrivals[0] > 0.01
 
 
 def test_completions_stream_and_not(client):

@@ -218,20 +218,24 @@ class PoolForwarder:
                         break
             finished = True
         except AnswerLost as exc:
+            message = f"Pool '{pool}' lost the replica serving this stream; retry"
             if answer.cancelled:
-                return  # the client hung up (499 below), not a replica failure
+                # Ray cancelled the call: its client hung up (499 below), not a replica failure. The stream still
+                # ends with the error: a client that is there after all must not take a cut stream for a whole one.
+                log.info("pool %s replica %s: stream cancelled mid-way: %s", pool, replica_id, exc)
+                yield sse_error_event(503, message, "replica_failed")
+                return
             log.warning("pool %s replica %s failed mid-stream: %s", pool, replica_id, exc)
             record.status, record.rejected = 503, Reason.REPLICA_FAILED.value
-            yield sse_error_event(
-                503, f"Pool '{pool}' lost the replica serving this stream; retry", "replica_failed"
-            )
+            yield sse_error_event(503, message, "replica_failed")
             finished = True
         finally:
-            self._pipeline.finished(decision, _tokens(record))
             if not finished:
                 answer.hang_up()  # the client went away: free the engine
                 record.status = 499  # nginx's "client closed request": not the server's failure
+            # Recorded before the request stops counting in flight: whoever sees it gone sees its record.
             record.finish()
+            self._pipeline.finished(decision, _tokens(record))
 
 
 class PoolCall:
