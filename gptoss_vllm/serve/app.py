@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 from ray import serve
@@ -19,6 +21,44 @@ from gptoss_vllm.serve.pool.deployment import PoolServer
 from gptoss_vllm.serve.pool.router import router_class_path
 
 APP_NAME = "gptoss"
+# What a pool replica is built from; a change to anything else of a pool (its scaling, bounds, efforts) is
+# applied without restarting its replicas.
+POOL_REPLICA_FIELDS = {"model", "engine_args", "env", "ray_actor_options"}
+INGRESS_POOL_FIELDS = {
+    "efforts",
+    "spillover",
+    "max_ongoing_requests",
+    "max_queued_requests",
+    "cold_start_timeout_s",
+}
+
+
+def ingress_view(config: ServeConfig) -> dict[str, Any]:
+    """The settings the ingress reads: all but the pools', of which only what admission, routing by effort and
+    cold starts need (a pool's model, engine or scaling policy changes without restarting the ingress)."""
+    pools = {
+        name: {
+            **pool.model_dump(include=INGRESS_POOL_FIELDS),
+            "min_replicas": pool.min_replicas,
+        }
+        for name, pool in config.pools.items()
+    }
+    # The body limit follows the pools' max_model_len (engine arguments).
+    return {**config.model_dump(exclude={"pools"}), "pools": pools, "body_limit": config.body_limit()}
+
+
+def deployment_version(*parts: Any) -> str:
+    """A deployment's version from what its replicas are built from: Ray Serve restarts a deployment's replicas
+    when its version changes, and only then (``serve.run`` would give every deploy a new random one, so a
+    redeploy that changes one pool would restart every pool and the ingress)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        code = version("gptoss-vllm")
+    except PackageNotFoundError:  # pragma: no cover - run from a source tree that was never installed
+        code = "source"
+    encoded = json.dumps([code, *parts], sort_keys=True, default=str).encode()
+    return hashlib.sha256(encoded).hexdigest()[:16]
 
 
 def pool_deployment_options(name: str, pool: PoolConfig) -> dict[str, Any]:
@@ -40,7 +80,7 @@ def pool_deployment_options(name: str, pool: PoolConfig) -> dict[str, Any]:
         "health_check_timeout_s": 30.0,
     }
     if pool.autoscaling is not None:
-        options["autoscaling_config"] = pool.autoscaling
+        options["autoscaling_config"] = pool.autoscaling.ray_config()
     else:
         options["num_replicas"] = pool.replicas or 1
     return options
@@ -51,7 +91,13 @@ def build_application(config: ServeConfig, pool_class: type = PoolServer) -> ser
     stand-in that speaks the same protocol; never anything but :class:`PoolServer` in a serving config)."""
     pools = {
         name: serve.deployment(pool_class)
-        .options(**pool_deployment_options(name, pool))
+        .options(
+            **pool_deployment_options(name, pool),
+            version=deployment_version(
+                pool_class.__qualname__, config.model_name, pool.model_dump(include=POOL_REPLICA_FIELDS)
+            ),
+            _internal=True,  # Ray keeps explicit versions to itself; without one, each deploy restarts all
+        )
         .bind(name, pool.model_dump(), config.model_name)
         for name, pool in config.pools.items()
     }
@@ -69,6 +115,8 @@ def build_application(config: ServeConfig, pool_class: type = PoolServer) -> ser
         ray_actor_options={"num_cpus": 0, "resources": {HEAD_NODE_RESOURCE_NAME: 0.001}},
         graceful_shutdown_timeout_s=longest_drain,
         graceful_shutdown_wait_loop_s=1.0,
+        version=deployment_version("ingress", ingress_view(config)),
+        _internal=True,
     )
     return ingress.bind(config.model_dump(), pools)
 

@@ -41,6 +41,82 @@ class Spillover(_Strict):
     queue_above: int = Field(ge=0)
 
 
+ScalingPolicy = Literal["ongoing", "queue", "kv_cache", "ttft"]
+# What each engine-signal policy aims for when the pool names no target: waiting requests per replica, the KV
+# cache's use per replica (0..1), and seconds of time to first token.
+DEFAULT_SCALING_TARGETS = {"queue": 2.0, "kv_cache": 0.7, "ttft": 2.0}
+SCALING_POLICY_FUNCTION = "gptoss_vllm.serve.pool.scaling_policy:EngineSignalPolicy"
+
+
+class PoolAutoscaling(BaseModel):
+    """A pool's autoscaling: Ray Serve's ``autoscaling_config`` fields (``min_replicas``, ``max_replicas``,
+    ``upscale_delay_s``, ...; checked by Ray's own schema) and the signal it scales on."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    policy: ScalingPolicy = Field(
+        default="ongoing",
+        description="What the pool scales on: ongoing (Ray Serve's ongoing requests per replica), queue (the "
+        "engines' waiting requests per replica), kv_cache (KV-cache use per replica), ttft (time to first "
+        "token at ttft_percentile over ttft_window_s, against target seconds)",
+    )
+    target: float | None = Field(
+        default=None,
+        gt=0,
+        description="The policy's target: ongoing requests, waiting requests or KV-cache use (0..1) per "
+        "replica, or TTFT seconds (defaults: Ray's 2 ongoing, 2 waiting, 0.7, 2 s)",
+    )
+    hysteresis: float = Field(
+        default=0.2,
+        ge=0,
+        lt=1,
+        description="Scale down only when one replica fewer stays under target x (1 - hysteresis)",
+    )
+    ttft_percentile: float = Field(default=95.0, gt=0, lt=100, description="ttft: the percentile scaled on")
+    ttft_window_s: float = Field(
+        default=30.0, gt=0, description="ttft: the window the percentile is taken over"
+    )
+
+    @model_validator(mode="after")
+    def _ray_fields(self) -> PoolAutoscaling:
+        from ray.serve.config import AutoscalingConfig
+
+        extra = dict(self.model_extra or {})
+        if self.policy != "ongoing" and "target_ongoing_requests" in extra:
+            raise ValueError(
+                f"target_ongoing_requests is policy ongoing's; policy {self.policy} scales on target"
+            )
+        if self.policy == "ongoing" and self.target is not None and "target_ongoing_requests" in extra:
+            raise ValueError("set target or target_ongoing_requests, not both")
+        if self.policy == "kv_cache" and self.target is not None and self.target > 1:
+            raise ValueError(f"target: KV-cache use is 0..1, got {self.target}")
+        AutoscalingConfig(**self.ray_config())  # Ray's own schema; its ValidationError names the bad field
+        return self
+
+    @property
+    def min_replicas(self) -> int:
+        """The floor the pool never goes below (Ray's default is 1)."""
+        return int((self.model_extra or {}).get("min_replicas", 1))
+
+    @property
+    def max_replicas(self) -> int:
+        return int((self.model_extra or {}).get("max_replicas", 1))
+
+    def ray_config(self) -> dict[str, Any]:
+        """Ray Serve's ``autoscaling_config`` of the pool: an engine-signal policy is Ray's custom policy."""
+        config = dict(self.model_extra or {})
+        if self.policy == "ongoing":
+            if self.target is not None:
+                config["target_ongoing_requests"] = self.target
+            return config
+        kwargs = {
+            "signal": self.policy,
+            "target": self.target or DEFAULT_SCALING_TARGETS[self.policy],
+            "hysteresis": self.hysteresis,
+        }
+        return {**config, "policy": {"policy_function": SCALING_POLICY_FUNCTION, "policy_kwargs": kwargs}}
+
+
 class PoolConfig(_Strict):
     """One replica pool: a deployment of identical engines serving some efforts."""
 
@@ -49,7 +125,9 @@ class PoolConfig(_Strict):
     engine_args: dict[str, Any] = Field(default_factory=dict, description="vLLM engine/server arguments")
     env: dict[str, str] = Field(default_factory=dict, description="Environment of each replica's process")
     replicas: int | None = Field(default=None, ge=1)
-    autoscaling: dict[str, Any] | None = Field(default=None, description="Ray Serve autoscaling_config")
+    autoscaling: PoolAutoscaling | None = Field(
+        default=None, description="Ray Serve's autoscaling_config, and the signal the pool scales on"
+    )
     max_ongoing_requests: int = Field(default=16, ge=1, description="Concurrent requests per replica")
     max_queued_requests: int = Field(
         default=32, ge=0, description="Queue bound of the whole service; beyond: 429"
@@ -74,15 +152,6 @@ class PoolConfig(_Strict):
             raise ValueError(f"lists an effort twice: {value}")
         return value
 
-    @field_validator("autoscaling")
-    @classmethod
-    def _ray_autoscaling(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None:
-            from ray.serve.config import AutoscalingConfig
-
-            AutoscalingConfig(**value)  # Ray's own schema; its ValidationError names the bad field
-        return value
-
     @model_validator(mode="after")
     def _replicas_or_autoscaling(self) -> PoolConfig:
         if self.replicas is not None and self.autoscaling is not None:
@@ -93,7 +162,7 @@ class PoolConfig(_Strict):
     def min_replicas(self) -> int:
         """The floor the pool never goes below (Ray's autoscaling default is 1)."""
         if self.autoscaling is not None:
-            return int(self.autoscaling.get("min_replicas", 1))
+            return self.autoscaling.min_replicas
         return self.replicas or 1
 
     @property

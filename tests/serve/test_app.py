@@ -40,6 +40,31 @@ def test_pool_deployment_options():
     )
 
 
+def test_a_pool_on_an_engine_signal_gets_rays_custom_policy_and_the_others_rays_own():
+    from ray.serve.config import AutoscalingConfig
+
+    from gptoss_vllm.serve.app import pool_deployment_options
+
+    config = parse_config(
+        serving_config(
+            pools__fast__autoscaling={"min_replicas": 1, "max_replicas": 4, "policy": "queue", "target": 3},
+            pools__deep__autoscaling={"min_replicas": 0, "max_replicas": 2, "target": 5},
+        )
+    )
+    fast = AutoscalingConfig(**pool_deployment_options("fast", config.pools["fast"])["autoscaling_config"])
+    assert fast.policy.policy_function.endswith("scaling_policy:EngineSignalPolicy")
+    assert fast.policy.policy_kwargs == {"signal": "queue", "target": 3.0, "hysteresis": 0.2}
+    assert (fast.min_replicas, fast.max_replicas) == (1, 4)
+    # Ray pickles the policy's module by value into its controller: it stands alone and comes back callable.
+    policy = fast.policy.get_policy()(**fast.policy.policy_kwargs)
+    assert policy.signal == "queue" and policy.target == 3.0
+    deep = AutoscalingConfig(**pool_deployment_options("deep", config.pools["deep"])["autoscaling_config"])
+    assert deep.policy.is_default_policy_function() and deep.target_ongoing_requests == 5
+    assert config.pools["deep"].scales_from_zero and not config.pools["fast"].scales_from_zero
+    # The chart and the replicas get the pool back as it was written.
+    assert parse_config(config.model_dump()).pools["fast"].autoscaling == config.pools["fast"].autoscaling
+
+
 def test_build_app_takes_the_config_inline_as_the_helm_chart_writes_it():
     from ray.serve import Application
 
@@ -61,3 +86,32 @@ def test_the_ingress_queue_is_bounded_and_answers_503_with_retry_after():
     assert ingress.backpressure_config.status_code == 503 and ingress.backpressure_config.retry_after_s == 3
     # Ray's default (-1) would hold every connection of a flood.
     assert build_application(parse_config(serving_config()))._bound_deployment.max_queued_requests == 1000
+
+
+def test_a_redeploy_restarts_only_what_its_change_touches():
+    from gptoss_vllm.serve.app import build_application
+
+    def versions(**changes) -> dict[str, str]:
+        ingress = build_application(parse_config(serving_config(**changes)))._bound_deployment
+        pools = ingress.init_args[1]
+        return {"ingress": ingress._version} | {
+            name: pool._bound_deployment._version for name, pool in pools.items()
+        }
+
+    base = versions()
+    assert versions() == base  # stable: the same config, the same versions
+    engine = versions(pools__deep__engine_args={"max_num_seqs": 4})
+    assert engine["deep"] != base["deep"] and (engine["fast"], engine["ingress"]) == (
+        base["fast"],
+        base["ingress"],
+    )
+    scaling = versions(pools__deep__autoscaling={"min_replicas": 1, "max_replicas": 3, "policy": "queue"})
+    assert scaling == base  # applied in place by Ray: no replica restarts
+    bounds = versions(pools__fast__max_queued_requests=7)
+    assert bounds["ingress"] != base["ingress"] and (bounds["fast"], bounds["deep"]) == (
+        base["fast"],
+        base["deep"],
+    )
+    short = {"max_model_len": 4096}
+    longer = versions(pools__deep__engine_args=short, pools__fast__engine_args=short)
+    assert longer["ingress"] != base["ingress"]  # the body limit follows max_model_len

@@ -65,6 +65,14 @@ def test_gpu_examples_load(path):
             "either replicas or autoscaling",
         ),
         ({"pools__fast__autoscaling": {"max_replicas": "many"}}, "pools.fast.autoscaling"),
+        ({"pools__fast__autoscaling": {"policy": "vibes"}}, "pools.fast.autoscaling.policy"),
+        ({"pools__fast__autoscaling": {"policy": "queue", "target": 0}}, "pools.fast.autoscaling.target"),
+        ({"pools__fast__autoscaling": {"policy": "kv_cache", "target": 70}}, "target: KV-cache use is 0..1"),
+        ({"pools__fast__autoscaling": {"hysteresis": 1}}, "pools.fast.autoscaling.hysteresis"),
+        (
+            {"pools__fast__autoscaling": {"policy": "queue", "target_ongoing_requests": 4}},
+            "target_ongoing_requests is policy ongoing's",
+        ),
         (
             {"pools__fast__engine_args": {"max_model_lenght": 4096}},
             "pools.fast.engine_args: max_model_lenght: vLLM has no such argument",

@@ -34,6 +34,7 @@ from gptoss_vllm.serve.pool.answer_channel import (
 )
 from gptoss_vllm.serve.pool.asgi_stream import ResponseStart, stream_asgi
 from gptoss_vllm.serve.pool.engine_args import parse_server_args, server_argv
+from gptoss_vllm.serve.pool.engine_signals import EngineSignals
 from gptoss_vllm.serve.pool.stream_observer import StreamObserver
 
 log = logging.getLogger("ray.serve")
@@ -133,6 +134,10 @@ class PoolServer:
         }
         self._metrics_endpoint = MetricsEndpoint(labels)
         self._channel = await AnswerChannel.open(ray.util.get_node_ip_address())
+        scaling = config.autoscaling
+        self._signals = EngineSignals(
+            scaling.ttft_percentile if scaling else 95.0, scaling.ttft_window_s if scaling else 30.0
+        )
         log.info("pool %s replica %s ready (model %s)", pool_name, self._replica_id, config.model)
 
     async def handle_request(self, request: PoolRequest) -> AsyncIterator[AnswerTicket]:
@@ -185,6 +190,10 @@ class PoolServer:
                     yield FinishedResponse(observer.finished_response)
                 yield content
         yield PoolAnswerEnd(observer.seen)
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """What the engine feels, for the pool's autoscaling policy (Ray Serve calls it on every metrics push)."""
+        return self._signals.read()
 
     async def check_health(self) -> None:
         # A dead engine core fails this; Ray Serve then replaces the replica.
