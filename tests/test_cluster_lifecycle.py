@@ -36,6 +36,9 @@ TEST_VALUES = {
             "deep": {
                 "replicas": None,
                 "autoscaling": {
+                    # An engine-signal policy: Ray's controller loads it from the declarative config, runs it.
+                    "policy": "queue",
+                    "target": 1,
                     "min_replicas": 0,
                     "initial_replicas": 0,
                     "max_replicas": 1,
