@@ -18,7 +18,7 @@ import openai
 import psutil
 import pytest
 
-from tests.support.admission import HeldRequest, target_samples, wait_for_in_flight
+from tests.support.admission import HeldRequest, engine_running, wait_for_in_flight
 from tests.support.shared_stack import (
     AUTH,
     MAIN_KEY,
@@ -49,7 +49,7 @@ def test_the_prestop_hook_waits_for_a_long_stream_to_finish(stack):
     try:
         wait_for_in_flight(stack.url, {"deep": 1})
         deadline = time.monotonic() + 60
-        while _engine_running(stack, "deep") < 1:
+        while engine_running(stack.url, "deep") < 1:
             assert time.monotonic() < deadline, "the held stream never ran in deep's engine"
             time.sleep(0.25)
         # Deep's engine processes stop where they are: the stream stays in flight (the ingress counts it, the
@@ -76,11 +76,6 @@ def test_the_prestop_hook_waits_for_a_long_stream_to_finish(stack):
     counts = [int(line.split()[1]) for line in output.splitlines() if line.startswith("drain: ")]
     # The stream was seen (the ingress's in-flight count and the engine's running request), then nothing.
     assert counts[0] >= 2 and counts[-2:] == [0, 0], output
-
-
-def _engine_running(stack, pool: str) -> float:
-    samples = target_samples(stack.url, "pool", pool=pool)
-    return sum(value for (name, _), value in samples.items() if name == "vllm:num_requests_running")
 
 
 @pytest.mark.stops_stack

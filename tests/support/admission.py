@@ -62,6 +62,12 @@ def target_samples(
     return summed
 
 
+def engine_running(url: str, pool: str) -> float:
+    """The requests the pool's engines run now (vLLM's ``vllm:num_requests_running``, from the replicas)."""
+    samples = target_samples(url, "pool", pool=pool)
+    return sum(value for (name, _), value in samples.items() if name == "vllm:num_requests_running")
+
+
 def samples_by_replica(url: str, component: str) -> dict[str, Samples]:
     """Each announced target of ``component``'s exposition, by its replica label."""
     targets = httpx.get(f"{url}/metrics/targets", headers=monitoring_headers(), timeout=30).json()
