@@ -8,8 +8,9 @@ The folders are the processes the code runs in; data flows one way, proxy -> ing
   request pipeline and its steps (keys, rate limits, quotas, effort, budget, admission), the peer-count
   exchange between ingress replicas, and ``responses/`` (the store, conversation expansion, background runs).
 - ``pool/``: in the pool replicas: the deployment (an ``AsyncLLM`` behind vLLM's own OpenAI serving layer),
-  its engine arguments, the stream observer and the answer channel back to the ingress; and the request
-  routers Ray Serve runs for each pool in the calling (ingress) process.
+  its engine arguments, the engine's signals for autoscaling, the stream observer and the answer channel back
+  to the ingress; and what Ray Serve runs for each pool elsewhere: the request routers (in the calling ingress
+  process) and the autoscaling policy (in the Serve controller).
 - here, in the driver (``gptoss-vllm serve``, or the RayService's import path): ``config`` (the one YAML
   schema), ``app`` (builds the Ray Serve application), ``launcher`` (starts Ray and Serve, waits until ready);
   and the leaves that proxy, ingress and pool share: ``openai_errors`` (OpenAI's error shape), ``body_bounds``
