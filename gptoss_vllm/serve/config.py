@@ -98,10 +98,6 @@ class PoolAutoscaling(BaseModel):
         """The floor the pool never goes below (Ray's default is 1)."""
         return int((self.model_extra or {}).get("min_replicas", 1))
 
-    @property
-    def max_replicas(self) -> int:
-        return int((self.model_extra or {}).get("max_replicas", 1))
-
     def ray_config(self) -> dict[str, Any]:
         """Ray Serve's ``autoscaling_config`` of the pool: an engine-signal policy is Ray's custom policy."""
         config = dict(self.model_extra or {})
