@@ -1,6 +1,6 @@
 """Shared fixtures: tiny gpt-oss checkpoints and the engine runners; the stacks live where their tests are (the
-shared ``stack`` in ``tests/serve/conftest.py``, the observed stack in ``tests/observed/conftest.py``). Every stack of the session
-gets ``MONITORING_TOKEN`` for its service discovery route. The markers of the fast and slow tiers follow from
+shared ``stack`` in ``tests/serve/conftest.py``). Every stack of the session gets ``MONITORING_TOKEN`` for its
+service discovery route. The markers of the fast and slow tiers follow from
 the fixtures each test uses."""
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ MONITORING_TOKEN = os.environ.setdefault("GPTOSS_MONITORING_TOKEN", secrets.toke
 # does it through one of these fixtures, never in its body, so that its markers follow from what it uses.
 HEAVY_FIXTURES: dict[str, tuple[str, ...]] = {
     "stack": ("slow",),  # the shared stack, or a module's own (two ingresses)
-    "observed_stack": ("slow",),
     "plugin_server": ("slow",),
     "plugin_runs": ("slow",),
     "stock_runs": ("slow",),

@@ -25,7 +25,7 @@ def test_argument_errors_name_the_argument(tmp_path):
 def test_a_short_soak_loses_and_leaks_nothing(bench_cli, tmp_path):
     out = tmp_path / "soak.json"
     answer = bench_cli(
-        "soak", "--duration", "30s", "--users", "4", "--sample-every", "6s", "--json", str(out),
+        "soak", "--duration", "12s", "--users", "4", "--sample-every", "2s", "--json", str(out),
         "--keep", str(tmp_path / "keep"), timeout=1200,
     )  # fmt: skip
     assert answer.returncode == 0, answer.stdout[-3000:] + answer.stderr[-3000:]

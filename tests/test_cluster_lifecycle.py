@@ -133,6 +133,9 @@ def test_the_chart_deploys_as_kuberay_does_and_each_pool_runs_on_its_own_group(c
     answer = _chat(cluster, "low")
     assert answer.status_code == 200, answer.text
     assert answer.headers["x-gptoss-pool"] == "fast"
+    assert (
+        "x-gptoss-replica" not in answer.headers
+    )  # the chart's serve section keeps replica ids from clients
     # Ray token authentication is on (the chart's default): the dashboard refuses a caller without the token.
     assert cluster.spec.auth_token
     refused = httpx.get(f"{cluster.dashboard_url}/api/serve/applications/", timeout=30)

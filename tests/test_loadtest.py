@@ -1,6 +1,6 @@
 """Load tests without a stack: profiles and SLO files (validation, arrival shapes, the SLO check), the
 figures, the CLI's argument errors, and the routing benchmark's arms. The bounded runs against a running stack
-are in ``observed/test_observability_stack.py``, which has one."""
+are in ``serve/test_observability.py``, which has one."""
 
 from __future__ import annotations
 

@@ -9,18 +9,14 @@ import pytest
 from transformers import AutoTokenizer
 
 from tests.support.admission import HOLD_TOKENS
-from tests.support.shared_stack import (
-    MODEL,
-    USER,
-    post,
-)
+from tests.support.shared_stack import LOW_BUDGET, MODEL, USER, post
 
 POOL_OF = {"low": "fast", "medium": "fast", "high": "deep"}
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tiny_checkpoint_dirs):
-    return AutoTokenizer.from_pretrained(tiny_checkpoint_dirs["mxfp4"])
+def tokenizer(stack):
+    return AutoTokenizer.from_pretrained(stack.checkpoint)
 
 
 def _rendered_effort(tokenizer, response: httpx.Response) -> str:
@@ -33,7 +29,7 @@ def _rendered_effort(tokenizer, response: httpx.Response) -> str:
 @pytest.mark.parametrize("effort", ["low", "medium", "high"])
 def test_chat_lands_in_the_pool_of_its_effort(client, effort):
     raw = client.chat.completions.with_raw_response.create(
-        model=MODEL, messages=USER, reasoning_effort=effort, max_tokens=8
+        model=MODEL, messages=USER, reasoning_effort=effort, max_tokens=8, extra_body={"ignore_eos": True}
     )
     completion = raw.parse()
     assert raw.headers["x-gptoss-effort"] == effort
@@ -113,11 +109,11 @@ def test_budgets_clamp_or_reject(stack):
     )
     assert clamped.status_code == 200
     assert clamped.headers["x-gptoss-budget-clamped-from"] == "1000"
-    assert clamped.json()["usage"]["completion_tokens"] == 64
+    assert clamped.json()["usage"]["completion_tokens"] == LOW_BUDGET
     unlimited = post(
         stack, "/v1/chat/completions", {"messages": USER, "reasoning_effort": "low", "ignore_eos": True}
     )
-    assert unlimited.json()["usage"]["completion_tokens"] == 64
+    assert unlimited.json()["usage"]["completion_tokens"] == LOW_BUDGET
     rejected = post(
         stack,
         "/v1/chat/completions",

@@ -106,7 +106,7 @@ def test_bad_requests(stack, client):
     assert missing.status_code == 404 and missing.json()["error"]["message"]
 
 
-def test_vllm_bench_serve_has_no_failures(stack, tiny_checkpoint_dirs, tmp_path, monkeypatch):
+def test_vllm_bench_serve_has_no_failures(stack, tmp_path, monkeypatch):
     from vllm.benchmarks.serve import add_cli_args, main
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
@@ -115,7 +115,7 @@ def test_vllm_bench_serve_has_no_failures(stack, tiny_checkpoint_dirs, tmp_path,
     args = parser.parse_args(
         [
             "--backend", "openai-chat", "--base-url", stack.url, "--endpoint", "/v1/chat/completions",
-            "--model", MODEL, "--tokenizer", str(tiny_checkpoint_dirs["mxfp4"]),
+            "--model", MODEL, "--tokenizer", str(stack.checkpoint),
             "--dataset-name", "random", "--random-input-len", "32", "--random-output-len", "16",
             "--num-prompts", "12", "--max-concurrency", "4", "--seed", "0",
             "--save-result", "--result-dir", str(tmp_path), "--result-filename", "bench.json",

@@ -1,9 +1,11 @@
-"""The session's shared stack: two pools of the tiny MXFP4 model with tight bounds, API keys, per-key limits,
-and its conversations in a real ``redis-server`` with a password (``stack.redis``; the embedded store is the
-default's, which the nano stack runs).
+"""The shared stack of ``tests/serve/``: the embedded default (nano in two pools, built from the committed asset
+into an empty cache: ``stack.cache``) with tight bounds (a few requests spill over and get refused), API keys
+and per-key limits, its conversations in a real ``redis-server`` with a password (``stack.redis``),
+``--prometheus`` (``stack.prometheus_url``) and OTLP tracing into the test's receiver.
 
 One stack serves every test module of ``tests/serve/`` that asks for the ``stack`` fixture
-(``tests/serve/conftest.py``); tests that stop or break it are marked ``stops_stack`` and run last there. ``keys_path`` is its API keys file (tests rotate it).
+(``tests/serve/conftest.py``); tests that stop or break it are marked ``stops_stack`` and run last there.
+``keys_path`` is its API keys file (tests rotate it).
 """
 
 from __future__ import annotations
@@ -11,20 +13,23 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import time
 from pathlib import Path
 
 import httpx
 import yaml
 
+from gptoss_vllm.serve.config import load_config
 from tests.support.admission import HOLD_ENV, HOLD_MAX_MODEL_LEN, HOLD_TOKENS
 from tests.support.redis_server import RunningRedis, start_redis
-from tests.support.stack import RunningStack, start_stack
+from tests.support.stack import RunningStack, free_port, fresh_cache, start_stack
 
-MODEL = "gpt-oss-test"
+MODEL = "gpt-oss-nano"  # the embedded default's
 MAIN_KEY = "sk-test-main"
 LIMITED_KEY = "sk-test-limited"
 CAPPED_KEY = "sk-test-capped"  # one sequence in flight, few tokens per minute
 TPM_KEY = "sk-test-tpm"
+LOW_BUDGET = 256  # the embedded default's
 CAPPED_TOKENS_PER_MINUTE = 120
 KEYS_RECHECK_S = 1.0  # the rotation tests wait for it
 BODY_TIMEOUT_S = 3  # short, so that a stalled upload's 408 comes soon
@@ -58,68 +63,60 @@ def keys_file_text() -> str:
     return f"# tenants\nmain:{MAIN_KEY}\nlimited:{LIMITED_KEY}\ncapped:{CAPPED_KEY}\ntpm:{TPM_KEY}\n"
 
 
-def start_shared_stack(checkpoint: Path, root: Path) -> RunningStack:
+def serve_config(keys: Path) -> dict:
+    """The embedded default with this stack's bounds, keys, limits and budgets (the store comes later)."""
+    config = load_config(None).model_dump(exclude_none=True)
+    pools = config["pools"]
+    # One request at a time, so that two overlapping ones already make fast spill over.
+    pools["fast"] |= {"max_ongoing_requests": 1, "max_queued_requests": 2, "drain_timeout_s": 60}
+    pools["fast"]["spillover"] = {"to": "deep", "queue_above": 0}
+    pools["deep"] |= {"max_ongoing_requests": 2, "max_queued_requests": 1, "drain_timeout_s": 60}
+    for pool in pools.values():
+        # Held slots need long outputs; the plugin's own CPU kernel on every CPU (auto picks vLLM's on AMX).
+        pool["engine_args"]["max_model_len"] = HOLD_MAX_MODEL_LEN
+        pool["env"] |= {"GPTOSS_VLLM_MOE_BACKEND": "cpu", **HOLD_ENV}
+    config["budgets"]["low"] = {"max_tokens": LOW_BUDGET}
+    config["budgets"]["medium"] = {"max_tokens": HOLD_TOKENS}
+    config["budgets"]["high"] = {"max_tokens": HOLD_TOKENS, "over_budget": "reject"}
+    config["auth"] = {
+        "api_keys_file": str(keys),
+        "api_keys_recheck_s": KEYS_RECHECK_S,
+        "key_rate_limits": {
+            "limited": {"requests_per_minute": 6, "burst": 2},
+            "capped": {"concurrent_requests": 1},
+            "tpm": {"tokens_per_minute": CAPPED_TOKENS_PER_MINUTE},
+        },
+    }
+    # Pinning and kill tests compare replicas; the default keeps replica ids from clients.
+    config["ingress"] = {"expose_replica_ids": True, "body_timeout_s": BODY_TIMEOUT_S}
+    return config
+
+
+def start_shared_stack(root: Path, otlp_endpoint: str) -> RunningStack:
     keys = root / "keys"
     keys.write_text(keys_file_text())
-    engine = {"max_model_len": HOLD_MAX_MODEL_LEN, "enforce_eager": True}  # held slots need long outputs
-    env = {
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        "GPTOSS_VLLM_MOE_BACKEND": "cpu",
-        **HOLD_ENV,
-    }
-    model = str(checkpoint)
-    config = {
-        "model_name": MODEL,
-        "pools": {
-            "fast": {
-                "model": model,
-                "efforts": ["low", "medium"],
-                # One request at a time, so that two overlapping ones already make fast spill over.
-                "max_ongoing_requests": 1,
-                "max_queued_requests": 2,
-                "spillover": {"to": "deep", "queue_above": 0},
-                "engine_args": engine,
-                "env": env,
-                "drain_timeout_s": 60,
-            },
-            "deep": {
-                "model": model,
-                "efforts": ["high"],
-                "max_ongoing_requests": 2,
-                "max_queued_requests": 1,
-                "engine_args": engine,
-                "env": env,
-                "drain_timeout_s": 60,
-            },
-        },
-        "budgets": {
-            "low": {"max_tokens": 64},
-            "medium": {"max_tokens": HOLD_TOKENS},
-            "high": {"max_tokens": HOLD_TOKENS, "over_budget": "reject"},
-        },
-        "auth": {
-            "api_keys_file": str(keys),
-            "api_keys_recheck_s": KEYS_RECHECK_S,
-            "key_rate_limits": {
-                "limited": {"requests_per_minute": 6, "burst": 2},
-                "capped": {"concurrent_requests": 1},
-                "tpm": {"tokens_per_minute": CAPPED_TOKENS_PER_MINUTE},
-            },
-        },
-        # Pinning and kill tests compare replicas; the default keeps replica ids from clients.
-        "ingress": {"expose_replica_ids": True, "body_timeout_s": BODY_TIMEOUT_S},
-    }
+    config = serve_config(keys)
     # Metrics on fixed ports, as the chart runs them: the preStop hook scans this range.
     metrics_port = free_port_range(METRICS_PORT_COUNT)
+    prometheus_port = free_port()
     redis = start_redis(root, password=STORE_PASSWORD)
     config["response_store"] = {"backend": "redis", "url": redis.url, "timeout_s": 1.0}
     config_path = root / "serve.yaml"
     config_path.write_text(yaml.safe_dump(config))
+    env = {
+        "GPTOSS_VLLM_CACHE": str(fresh_cache(root / "cache")),
+        "GPTOSS_RESPONSE_STORE_PASSWORD": STORE_PASSWORD,
+        "GPTOSS_METRICS_PORT": str(metrics_port),
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": otlp_endpoint,
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
+        "OTEL_BSP_SCHEDULE_DELAY": "200",
+    }
     try:
         running = start_stack(
             config_path,
             root / "serve.log",
-            env={"GPTOSS_RESPONSE_STORE_PASSWORD": STORE_PASSWORD, "GPTOSS_METRICS_PORT": str(metrics_port)},
+            env=env,
+            args=["--prometheus", "--prometheus-port", str(prometheus_port)],
         )
     except BaseException:
         redis.stop()
@@ -127,7 +124,29 @@ def start_shared_stack(checkpoint: Path, root: Path) -> RunningStack:
     running.keys_path = keys
     running.redis = redis
     running.metrics_port = metrics_port
+    running.cache = root / "cache"
+    running.checkpoint = root / "cache" / "models" / "nano"
+    running.api_key = MAIN_KEY
+    running.prometheus_url = f"http://127.0.0.1:{prometheus_port}"
+    try:
+        _wait_for_prometheus(running.prometheus_url)
+    except BaseException:
+        running.stop()
+        redis.stop()
+        raise
     return running
+
+
+def _wait_for_prometheus(url: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/-/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"the stack's Prometheus at {url} was not ready after {timeout_s} s")
 
 
 def free_port_range(count: int) -> int:

@@ -1,5 +1,5 @@
-"""Ray Serve request routers for pools: power-of-two choices or prefix-aware, each telling the ingress how many
-replicas it routes to.
+"""Ray Serve request routers for pools: power-of-two choices here, prefix-aware in ``prefix_router``; each tells
+the ingress how many replicas it routes to.
 
 The routers live in the calling process (the ingress) and hear of every replica change from Ray Serve's long
 poll, so the ingress's admission reads :func:`routable_replicas` and needs no polling of the Serve controller.
@@ -8,17 +8,14 @@ Any replica of a pool serves any request of it: conversations live in the ingres
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
 
-try:  # Ray Serve LLM's prefix-cache router; its module needs pyarrow (the [serve] extra installs it).
-    from ray.serve.llm.request_router import PrefixCacheAffinityRouter
-except ImportError as exc:  # pragma: no cover - only without pyarrow
-    PrefixCacheAffinityRouter = None
-    PREFIX_AWARE_IMPORT_ERROR: str | None = str(exc)
-else:
-    PREFIX_AWARE_IMPORT_ERROR = None
+# Ray Serve LLM's package imports vLLM and torch (seconds, and hundreds of MB): only a process that routes a
+# prefix-aware pool loads it, through this module's path.
+PREFIX_ROUTER_MODULE = "gptoss_vllm.serve.pool.prefix_router"
 
 
 # (app, deployment) -> replicas the router in this process can route to; written from Ray Serve's router loop.
@@ -30,7 +27,7 @@ def routable_replicas(app: str, deployment: str) -> int | None:
     return _ROUTABLE.get((app, deployment))
 
 
-class _Counting:
+class Counting:
     """Publishes the number of routable replicas whenever the router's set changes; routes by its base."""
 
     def update_replicas(self, replicas):  # type: ignore[no-untyped-def]
@@ -52,20 +49,17 @@ class _Counting:
         module._ROUTABLE[(deployment.app_name, deployment.name)] = len(self.curr_replicas)  # type: ignore[attr-defined]
 
 
-class CountingPowerOfTwoRouter(_Counting, PowerOfTwoChoicesRequestRouter):
+class CountingPowerOfTwoRouter(Counting, PowerOfTwoChoicesRequestRouter):
     """Power-of-two choices on queue length (Ray Serve's default)."""
 
 
-if PrefixCacheAffinityRouter is not None:
-
-    class CountingPrefixAwareRouter(_Counting, PrefixCacheAffinityRouter):
-        """Prefix-cache affinity (Ray Serve LLM's router)."""
-
-
 def router_class_path(router: str) -> str:
-    """The import path Ray Serve loads for a pool's ``router`` setting."""
+    """The import path Ray Serve loads for a pool's ``router`` setting; the prefix-aware one is imported here
+    first, so that a router this machine cannot load fails the config, not the first request."""
     if router == "prefix_aware":
-        if PREFIX_AWARE_IMPORT_ERROR is not None:
-            raise ImportError(f"the prefix_aware router cannot be loaded here: {PREFIX_AWARE_IMPORT_ERROR}")
-        return f"{__name__}:CountingPrefixAwareRouter"
+        try:
+            importlib.import_module(PREFIX_ROUTER_MODULE)
+        except ImportError as exc:
+            raise ImportError(f"the prefix_aware router cannot be loaded here: {exc}") from None
+        return f"{PREFIX_ROUTER_MODULE}:CountingPrefixAwareRouter"
     return f"{__name__}:CountingPowerOfTwoRouter"

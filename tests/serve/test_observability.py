@@ -30,11 +30,6 @@ HIGH_HOLD = {"messages": USER, "reasoning_effort": "high", "max_tokens": HOLD_TO
 
 
 @pytest.fixture(scope="module")
-def stack(observed_stack):
-    return observed_stack
-
-
-@pytest.fixture(scope="module")
 def receiver(otlp_receiver):
     return otlp_receiver
 
@@ -75,11 +70,16 @@ def _stream_events(response: httpx.Response) -> list[dict]:
     ]  # fmt: skip
 
 
-def test_targets_cover_the_ingress_and_every_pool_replica(stack):
+def test_targets_cover_the_ingress_the_proxy_and_every_pool_replica(stack):
     labels = sorted((t["labels"]["component"], t["labels"].get("pool", "")) for t in _targets(stack))
-    assert labels == [("ingress", ""), ("pool", "deep"), ("pool", "fast")]
+    # The proxy's gate is announced too: the stack's metrics ports are fixed, as the chart runs them.
+    assert labels == [("ingress", ""), ("pool", "deep"), ("pool", "fast"), ("proxy", "")]
     for target in _targets(stack):
-        assert target["labels"]["replica"] and target["labels"]["app"] == "gptoss"
+        labels = target["labels"]
+        assert labels["replica"]
+        assert labels.get("app") == (
+            "gptoss" if labels["component"] != "proxy" else None
+        )  # proxies serve all apps
         assert httpx.get(f"http://{target['targets'][0]}/metrics", timeout=10).status_code == 200
 
 

@@ -1,7 +1,7 @@
-"""Nano through the whole stack: the real CLI runs the embedded default (what ``make serve`` runs) with the
-observed stack's settings (``tests/observed/conftest.py``: tight bounds, an API key, Prometheus and tracing; the stack is
-shared with the observability tests), which builds nano from the committed asset into an empty cache and serves
-it in two pools; the official ``openai`` client asks held-out tasks at every effort.
+"""Nano through the whole stack: the real CLI runs the embedded default (what ``make serve`` runs) with the shared
+stack's settings (``tests/support/shared_stack.py``: tight bounds, API keys, Prometheus and tracing), which builds
+nano from the committed asset into an empty cache and serves it in two pools; the official ``openai`` client asks
+held-out tasks at every effort.
 
 Checks: completions come back as harmony (vLLM splits reasoning from content), reasoning grows with effort,
 answers at high effort are right (>= 90%, and more often than at low effort), and the lookup family calls its
@@ -25,12 +25,10 @@ PER_FAMILY = 8
 
 
 @pytest.fixture(scope="module")
-def client(observed_stack):
-    assert (observed_stack.cache / "models" / "nano" / "config.json").exists()
-    # The observed stack's bounds are tight: a request refused 429 is asked again after its Retry-After.
-    return openai.OpenAI(
-        base_url=f"{observed_stack.url}/v1", api_key=observed_stack.api_key, max_retries=10, timeout=120
-    )
+def client(stack):
+    assert (stack.cache / "models" / "nano" / "config.json").exists()
+    # The stack's bounds are tight: a request refused 429 is asked again after its Retry-After.
+    return openai.OpenAI(base_url=f"{stack.url}/v1", api_key=stack.api_key, max_retries=10, timeout=120)
 
 
 def _ask(client: openai.OpenAI, task: Task, effort: str, after_tool: bool) -> Turn:
@@ -92,8 +90,7 @@ def test_tool_call_then_answer_from_the_result(client):
         reasoning_effort="low",
         temperature=0,
     )
-    # The embedded default keeps replica ids from clients (ingress.expose_replica_ids).
-    assert raw.headers["x-gptoss-pool"] == "fast" and "x-gptoss-replica" not in raw.headers
+    assert raw.headers["x-gptoss-pool"] == "fast"
     first = raw.parse()
     (call,) = first.choices[0].message.tool_calls
     assert first.choices[0].finish_reason == "tool_calls"
@@ -123,7 +120,7 @@ def test_a_tool_call_round_trip_continues_through_the_conversation_store(client)
     first = client.responses.create(input=task.user, **asked)
     (call,) = [item for item in first.output if item.type == "function_call"]
     assert call.name == "lookup" and json.loads(call.arguments) == {"key": task.key}
-    # Only the tool's result goes back: the call it answers comes from the store (the embedded default).
+    # Only the tool's result goes back: the call it answers comes from the store.
     result = {"type": "function_call_output", "call_id": call.call_id, "output": task.tool_result}
     follow = client.responses.create(previous_response_id=first.id, input=[result], **asked)
     assert follow.output_text == task.answer  # "The code for <key> is <the tool's code>."
