@@ -223,6 +223,7 @@ def chart_schema() -> dict[str, Any]:
                         "exclusiveMinimum": 0,
                         "description": "GPTOSS_BODY_TIMEOUT_S",
                     },
+                    "bodyShape": body_shape_schema(),
                 }
             ),
             "httpRoute": _obj(
@@ -293,6 +294,33 @@ def chart_schema() -> dict[str, Any]:
             ),
         },
     }
+
+
+# ingress.bodyShape's keys and the serving config's (serve.ingress.body_shape), which the chart writes from them.
+BODY_SHAPE_KEYS = {
+    "maxDepth": "max_depth",
+    "maxObjectMembers": "max_object_members",
+    "maxArrayItems": "max_array_items",
+    "maxStringBytes": "max_string_bytes",
+    "maxWordBytes": "max_word_bytes",
+}
+
+
+def body_shape_schema() -> dict[str, Any]:
+    """ingress.bodyShape: the serving config's bounds (gptoss_vllm.serve.config.BodyShape) under the chart's names."""
+    from gptoss_vllm.serve.config import BodyShape
+    from gptoss_vllm.serve.proxy.settings import SHAPE_ENV
+
+    fields = BodyShape.model_json_schema()["properties"]
+    properties = {}
+    for chart_key, field in BODY_SHAPE_KEYS.items():
+        found = fields[field]
+        properties[chart_key] = {
+            "type": "integer",
+            **{k: found[k] for k in ("minimum", "maximum") if k in found},
+            "description": f"{SHAPE_ENV[field]}: {found['description']}",
+        }
+    return _obj(properties)
 
 
 def serve_defs() -> dict[str, Any]:

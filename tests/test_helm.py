@@ -22,7 +22,9 @@ import pytest
 import yaml
 
 from gptoss_vllm.observability import rules as rules_module
-from gptoss_vllm.serve.config import EFFORTS, parse_config
+from gptoss_vllm.serve.body_shape import ShapeLimits
+from gptoss_vllm.serve.config import EFFORTS, BodyShape, parse_config
+from gptoss_vllm.serve.proxy.settings import shape_limits
 from helm import values_schema
 from tests.support.chart import CHART, EXAMPLES, NAMESPACE, ROOT, by_kind, chart, example, merge, render
 
@@ -156,7 +158,18 @@ TOGGLES = {
         }
     },
     "proxy-limits": {
-        "ingress": {"maxBodyBytes": 8388608, "maxHeaderBytes": 16384, "bodyTimeoutSeconds": 12.5}
+        "ingress": {
+            "maxBodyBytes": 8388608,
+            "maxHeaderBytes": 16384,
+            "bodyTimeoutSeconds": 12.5,
+            "bodyShape": {
+                "maxDepth": 32,
+                "maxObjectMembers": 500,
+                "maxArrayItems": 70000,
+                "maxStringBytes": 4096,
+                "maxWordBytes": 1000,
+            },
+        }
     },
     "autoscaling-fixed": {
         "serve": {"pools": {"fast": {"autoscaling": None, "replicas": 2}}},
@@ -578,8 +591,21 @@ def test_proxy_gate_env_and_serving_config():
         assert env["GPTOSS_BODY_TIMEOUT_S"] == "30"
         # Empty: the server computes the body limit from the largest pool's max_model_len.
         assert "GPTOSS_MAX_BODY_BYTES" not in env
+        # The body shape bounds: the serving config's defaults, on every proxy.
+        names = ("DEPTH", "OBJECT_MEMBERS", "ARRAY_ITEMS", "STRING_BYTES", "WORD_BYTES")
+        assert [env[f"GPTOSS_MAX_JSON_{name}"] for name in names] == [
+            "64", "10000", "262144", "1048576", "32768"
+        ]  # fmt: skip
     ingress = serve_app(objects)["args"]["serve"]["ingress"]
-    assert ingress == {"max_header_bytes": 32768, "body_timeout_s": 30}
+    shape = {
+        "max_depth": 64,
+        "max_object_members": 10000,
+        "max_array_items": 262144,
+        "max_string_bytes": 1048576,
+        "max_word_bytes": 32768,
+    }
+    assert shape == BodyShape().model_dump()
+    assert ingress == {"max_header_bytes": 32768, "body_timeout_s": 30, "body_shape": shape}
     assert "GPTOSS_MAX_BODY_BYTES" not in env_of(pods(render(TOGGLES["pvc"]))["download"]["containers"][0])
 
     objects = render(TOGGLES["proxy-limits"])
@@ -590,6 +616,9 @@ def test_proxy_gate_env_and_serving_config():
     config = parse_config(serve_app(objects)["args"]["serve"], source="serveConfigV2")
     assert (config.ingress.max_body_bytes, config.ingress.max_header_bytes) == (8388608, 16384)
     assert config.ingress.body_timeout_s == 12.5
+    assert config.ingress.body_shape.limits() == ShapeLimits(32, 500, 70000, 4096, 1000)
+    for container in ray_containers(objects):
+        assert shape_limits(env_of(container)) == ShapeLimits(32, 500, 70000, 4096, 1000)
     # Behind an Ingress, the failed-authentication limit counts the client the balancer names, not the balancer.
     public = serve_app(render(TOGGLES["ingress"]))["args"]["serve"]["ingress"]
     assert public["client_address_header"] == "x-forwarded-for"
@@ -680,6 +709,10 @@ BAD = {
         {"serve": {"ingress": {"max_header_bytes": 65536}}},
         ["serve.ingress.max_header_bytes", "ingress.maxHeaderBytes"],
     ),
+    "serve ingress body shape besides the chart's": (
+        {"serve": {"ingress": {"body_shape": {"max_depth": 32}}}},
+        ["serve.ingress.body_shape", "ingress.bodyShape"],
+    ),
     "serve ingress body limit without the chart's": (
         {"serve": {"ingress": {"max_body_bytes": 65536}}},
         ["serve.ingress.max_body_bytes", "ingress.maxBodyBytes"],
@@ -705,6 +738,8 @@ BAD = {
         ["serve.response_store", "responseStore"],
     ),
     "unknown store backend": ({"responseStore": {"backend": "memcached"}}, ["backend"]),
+    "body shape depth beyond what parses": ({"ingress": {"bodyShape": {"maxDepth": 1000}}}, ["maxDepth"]),
+    "unknown body shape key": ({"ingress": {"bodyShape": {"maxKeys": 10}}}, ["maxKeys"]),
 }
 
 

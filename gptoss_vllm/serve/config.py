@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gptoss_vllm.cache import cache_root
+from gptoss_vllm.serve.body_shape import ShapeLimits
 
 EFFORTS: tuple[str, ...] = ("low", "medium", "high")
 Effort = Literal["low", "medium", "high"]
@@ -266,6 +267,35 @@ class ResponseStoreConfig(_Strict):
         return Path(self.path) if self.path else cache_root() / "responses.sqlite3"
 
 
+class BodyShape(_Strict):
+    """Bounds on the shape of a JSON request body, checked on its bytes before anything parses it (400 naming the
+    bound and the JSON path). The defaults leave room for large tool schemas, long conversations and token-id
+    prompts of a whole context."""
+
+    max_depth: int = Field(
+        default=ShapeLimits.max_depth,
+        ge=8,
+        le=256,
+        description="Nesting depth of objects and arrays; deeper bodies fail Python's own recursion limits",
+    )
+    max_object_members: int = Field(
+        default=ShapeLimits.max_object_members, ge=16, description="Members per object"
+    )
+    max_array_items: int = Field(default=ShapeLimits.max_array_items, ge=16, description="Items per array")
+    max_string_bytes: int = Field(
+        default=ShapeLimits.max_string_bytes, ge=1024, description="Length of one string, in bytes as sent"
+    )
+    max_word_bytes: int = Field(
+        default=ShapeLimits.max_word_bytes,
+        ge=256,
+        description="One run of letters, punctuation or spaces in a string, in bytes as sent (tokenizing one "
+        "costs the square of its length)",
+    )
+
+    def limits(self) -> ShapeLimits:
+        return ShapeLimits(**self.model_dump())
+
+
 class IngressConfig(_Strict):
     replicas: int = Field(default=1, ge=1)
     max_ongoing_requests: int = Field(default=1000, ge=1)
@@ -280,6 +310,7 @@ class IngressConfig(_Strict):
     )
     max_header_bytes: int = Field(default=32768, ge=1024, description="Request header limit (431)")
     body_timeout_s: float = Field(default=30.0, gt=0, description="Deadline to receive a whole body (408)")
+    body_shape: BodyShape = Field(default_factory=BodyShape)
     expose_replica_ids: bool = Field(default=False, description="Send x-gptoss-replica to clients")
     client_address_header: str | None = Field(
         default=None,

@@ -143,7 +143,9 @@ def proxy_environment(config: ServeConfig) -> dict[str, str]:
     from gptoss_vllm.serve.proxy.settings import gate_env
 
     ingress = config.ingress
-    env = gate_env(config.body_limit(), ingress.max_header_bytes, ingress.body_timeout_s)
+    env = gate_env(
+        config.body_limit(), ingress.max_header_bytes, ingress.body_timeout_s, ingress.body_shape.limits()
+    )
     env[ingress.monitoring_token_env] = os.environ.get(ingress.monitoring_token_env) or secrets.token_urlsafe(
         24
     )

@@ -45,6 +45,11 @@ def test_gpu_examples_load(path):
         ({"pools__fast__replicas": 0}, "pools.fast.replicas: Input should be greater than or equal to 1"),
         ({"pools__fast__colour": "red"}, "pools.fast.colour: Extra inputs are not permitted"),
         (
+            {"ingress__body_shape__max_depth": 1000},
+            "ingress.body_shape.max_depth: Input should be less than or equal to 256",
+        ),
+        ({"ingress__body_shape__max_keys": 5}, "ingress.body_shape.max_keys: Extra inputs are not permitted"),
+        (
             {"pools__deep__efforts": ["high", "ultra"]},
             "pools.deep.efforts.1: Input should be 'low', 'medium' or 'high'",
         ),

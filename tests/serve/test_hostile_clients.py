@@ -155,10 +155,9 @@ def test_headers_over_the_bound_are_431(stack):
 
 
 def test_malformed_input_is_a_4xx_in_openais_shape(stack):
-    assert (
-        _error(_post(stack, b'{"messages": ' + b"[" * 50000 + b"]" * 50000 + b"}"), 400)["code"]
-        == "invalid_json"
-    )
+    deep = _error(_post(stack, b'{"messages": ' + b"[" * 50000 + b"]" * 50000 + b"}"), 400)
+    assert deep["code"] == "body_shape" and deep["param"].startswith("$.messages[0]")  # refused in the gate
+    assert _error(_post(stack, b'{"messages": [}'), 400)["code"] == "invalid_json"
     lone = b'{"messages": [{"role": "user", "content": "x\\ud800y"}], "max_tokens": 2}'
     assert _error(_post(stack, lone), 400)["code"] == "invalid_encoding"
     unknown = _error(_post(stack, b'{"model": "\\udc00", "messages": []}'), 404)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gptoss_vllm.refusal_reasons import Reason
+from gptoss_vllm.serve.body_shape import shape_error
 from gptoss_vllm.serve.config import ServeConfig
 from gptoss_vllm.serve.ingress.admission import Admission
 from gptoss_vllm.serve.ingress.budget import BudgetError, apply_budget
@@ -103,6 +104,7 @@ class RequestPipeline:
         self.tenants = TenantUsage(auth.rate_limit, dict(auth.key_rate_limits)) if auth else None
         self._failures = RateLimiter(auth.failed_auth_per_address) if auth else None
         self._body_limit = config.body_limit()
+        self._body_shape = config.ingress.body_shape.limits()
 
     # -- the steps -------------------------------------------------------------------------------------------
 
@@ -163,7 +165,7 @@ class RequestPipeline:
         return body
 
     def parse_json(self, raw: bytes) -> Any:
-        """Size and syntax only (no shared state: a thread may run it for a large body)."""
+        """Size, shape and syntax only (no shared state: a thread may run it for a large body)."""
         if len(raw) > self._body_limit:
             raise Refusal(
                 Reason.INVALID,
@@ -171,6 +173,9 @@ class RequestPipeline:
                 f"Request body is {len(raw)} bytes; the limit is {self._body_limit}",
                 code="body_too_large",
             )
+        # The gate checked it already; paths that bypass the gate (a direct ingress) are held to the same shape.
+        if (shaped := shape_error(raw, self._body_shape)) is not None:
+            raise Refusal(Reason.INVALID, 400, str(shaped), code="body_shape", param=shaped.path)
         try:
             body = json.loads(raw)
         except ValueError as exc:

@@ -66,6 +66,11 @@ class PoolRequest:
     def prompt(self) -> Any:
         return self.payload.get("prompt") or ""
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The parsed payload is for the router, in the ingress; the replica reads ``body``. Bytes cross Ray
+        # whatever their content, where a client's object would be pickled as deep as it was sent.
+        return {**self.__dict__, "payload": {}}
+
 
 def _builtin_source(preset: str) -> str:
     """What a builtin checkpoint is built from; a cached build from anything else is rebuilt."""

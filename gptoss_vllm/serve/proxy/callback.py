@@ -17,10 +17,17 @@ def middlewares() -> list[Any]:
 
     gate = Middleware(ProxyGate, count=proxy_counter())
     probe = ProxyGate(lambda *_: None)  # settings errors surface in the proxy's log at start, by name
+    shape = probe.shape
     log.info(
-        "gptoss proxy gate: bodies up to %d bytes within %g s, headers up to %d bytes",
+        "gptoss proxy gate: bodies up to %d bytes within %g s, headers up to %d bytes; JSON up to %d deep, "
+        "%d members per object, %d items per array, strings up to %d bytes, words up to %d bytes",
         probe.max_body_bytes,
         probe.body_timeout_s,
         probe.max_header_bytes,
+        shape.max_depth,
+        shape.max_object_members,
+        shape.max_array_items,
+        shape.max_string_bytes,
+        shape.max_word_bytes,
     )
     return [gate]

@@ -9,6 +9,9 @@ Ray Serve's proxy loads ASGI middlewares from ``RAY_SERVE_HTTP_PROXY_CALLBACK_IM
   when ``Content-Length`` says so, when the limit is passed otherwise), 408 to a body that is not whole within
   ``GPTOSS_BODY_TIMEOUT_S``; the body is read here, asynchronously, and handed on whole, so a stalled or trickling
   upload never holds an ingress slot;
+- answers 400 to a body over its shape bounds (nesting depth, members per object, items per array, string
+  length: :mod:`gptoss_vllm.serve.body_shape`, ``GPTOSS_MAX_JSON_*``), naming the bound and the JSON path, before
+  anything parses it;
 - has the answers Ray's proxy makes itself (:mod:`.ray_errors`) (its ``text/plain`` 503 at the ingress's queue bound, 408, 500)
   rewritten into OpenAI's error shape.
 
@@ -25,6 +28,7 @@ from collections.abc import Callable
 
 from gptoss_vllm.serve.asgi import ASGIApp, Receive, Scope, Send, whole_body
 from gptoss_vllm.serve.body_bounds import too_large, too_slow
+from gptoss_vllm.serve.body_shape import ShapeLimits, shape_error
 from gptoss_vllm.serve.openai_errors import error_body
 from gptoss_vllm.serve.proxy.ray_errors import OpenAIErrors
 from gptoss_vllm.serve.proxy.settings import (
@@ -36,6 +40,7 @@ from gptoss_vllm.serve.proxy.settings import (
     MAX_HEADER_ENV,
     control_headers,
     env_number,
+    shape_limits,
 )
 
 log = logging.getLogger("ray.serve")
@@ -51,11 +56,13 @@ class ProxyGate:
         max_header_bytes: int | None = None,
         body_timeout_s: float | None = None,
         count: Callable[[int], None] | None = None,
+        shape: ShapeLimits | None = None,
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes or env_number(MAX_BODY_ENV, DEFAULT_MAX_BODY_BYTES, int)
         self.max_header_bytes = max_header_bytes or env_number(MAX_HEADER_ENV, DEFAULT_MAX_HEADER_BYTES, int)
         self.body_timeout_s = body_timeout_s or env_number(BODY_TIMEOUT_ENV, DEFAULT_BODY_TIMEOUT_S, float)
+        self.shape = shape or shape_limits()
         self._control = control_headers()
         self._count = count
 
@@ -85,6 +92,9 @@ class ProxyGate:
                 return
         body = await self._read_body(receive, send)
         if body is None:
+            return
+        if (error := shape_error(body, self.shape)) is not None:
+            await self._refuse(send, 400, str(error), code="body_shape", param=error.path)
             return
         # After the body, the client's own receive: its disconnect is what Ray's proxy watches for.
         await self.app(scope, whole_body(body, receive), OpenAIErrors(send))
@@ -117,14 +127,18 @@ class ProxyGate:
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
-    async def _refuse(self, send: Send, status: int, message: str) -> None:
-        code = {
+    async def _refuse(
+        self, send: Send, status: int, message: str, code: str | None = None, param: str | None = None
+    ) -> None:
+        codes = {
             400: "invalid_request",
             408: "request_timeout",
             413: "body_too_large",
             431: "headers_too_large",
         }
-        payload = json.dumps(error_body(status, message, code=code.get(status))).encode()
+        payload = json.dumps(
+            error_body(status, message, param=param, code=code or codes.get(status))
+        ).encode()
         await send(
             {
                 "type": "http.response.start",

@@ -4,13 +4,24 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
+
+from gptoss_vllm.serve.body_shape import ShapeLimits
 
 CALLBACK = "gptoss_vllm.serve.proxy.callback:middlewares"
 CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 MAX_BODY_ENV = "GPTOSS_MAX_BODY_BYTES"
 MAX_HEADER_ENV = "GPTOSS_MAX_HEADER_BYTES"
 BODY_TIMEOUT_ENV = "GPTOSS_BODY_TIMEOUT_S"
+# The shape of a JSON body (gptoss_vllm.serve.body_shape), by ShapeLimits field.
+SHAPE_ENV = {
+    "max_depth": "GPTOSS_MAX_JSON_DEPTH",
+    "max_object_members": "GPTOSS_MAX_JSON_OBJECT_MEMBERS",
+    "max_array_items": "GPTOSS_MAX_JSON_ARRAY_ITEMS",
+    "max_string_bytes": "GPTOSS_MAX_JSON_STRING_BYTES",
+    "max_word_bytes": "GPTOSS_MAX_JSON_WORD_BYTES",
+}
 DEFAULT_MAX_BODY_BYTES = (1 << 20) + 32 * 131072  # the serving config's default for a 128k-token context
 DEFAULT_MAX_HEADER_BYTES = 32768
 DEFAULT_BODY_TIMEOUT_S = 30.0
@@ -23,8 +34,8 @@ class GateError(ValueError):
     """A proxy gate setting that cannot be used; the message names the environment variable."""
 
 
-def env_number(name: str, default: float, kind: type) -> Any:
-    raw = os.environ.get(name, "").strip()
+def env_number(name: str, default: float, kind: type, environ: Mapping[str, str] | None = None) -> Any:
+    raw = (os.environ if environ is None else environ).get(name, "").strip()
     if not raw:
         return kind(default)
     try:
@@ -36,16 +47,31 @@ def env_number(name: str, default: float, kind: type) -> Any:
     return value
 
 
+def shape_limits(environ: Mapping[str, str] | None = None) -> ShapeLimits:
+    """The body shape bounds from the environment (ShapeLimits' defaults where unset)."""
+    defaults = ShapeLimits()
+    return ShapeLimits(
+        **{
+            field: env_number(name, getattr(defaults, field), int, environ)
+            for field, name in SHAPE_ENV.items()
+        }
+    )
+
+
 def control_headers() -> frozenset[bytes]:
     session = os.environ.get(SESSION_HEADER_ENV, "x-session-id").lower()
     return CONTROL_HEADERS | {session.encode(), session.replace("-", "_").encode()}
 
 
-def gate_env(max_body_bytes: int, max_header_bytes: int, body_timeout_s: float) -> dict[str, str]:
+def gate_env(
+    max_body_bytes: int, max_header_bytes: int, body_timeout_s: float, shape: ShapeLimits | None = None
+) -> dict[str, str]:
     """The environment every Ray node's proxy needs for the gate with these bounds."""
+    shape = shape or ShapeLimits()
     return {
         CALLBACK_ENV: CALLBACK,
         MAX_BODY_ENV: str(max_body_bytes),
         MAX_HEADER_ENV: str(max_header_bytes),
         BODY_TIMEOUT_ENV: f"{body_timeout_s:g}",
+        **{name: str(getattr(shape, field)) for field, name in SHAPE_ENV.items()},
     }

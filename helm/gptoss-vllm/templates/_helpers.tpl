@@ -150,6 +150,9 @@ Cross-field checks the values schema cannot express; each message names the valu
 {{- fail (printf "serve.ingress.%s (%v) differs from ingress.%s (%v): set ingress.%s only, the chart writes it into both the proxies' env and the serving config" $serveKey (get $ingress $serveKey) $chartKey $chartValue $chartKey) -}}
 {{- end -}}
 {{- end -}}
+{{- if hasKey $ingress "body_shape" -}}
+{{- fail "serve.ingress.body_shape is set: set ingress.bodyShape instead, so that every Ray node's HTTP proxy gets the same bounds as the ingress" -}}
+{{- end -}}
 {{- if and (hasKey $ingress "max_body_bytes") (eq (toString $v.ingress.maxBodyBytes) "") -}}
 {{- fail (printf "serve.ingress.max_body_bytes is set (%v) but ingress.maxBodyBytes is empty: set ingress.maxBodyBytes instead, so that every Ray node's HTTP proxy gets the same limit" (get $ingress "max_body_bytes")) -}}
 {{- end -}}
@@ -226,6 +229,11 @@ proxies get as env, so that both enforce the same limits.
 {{- end -}}
 {{- $_ := set $ingress "max_header_bytes" (int64 $v.ingress.maxHeaderBytes) -}}
 {{- $_ = set $ingress "body_timeout_s" (float64 $v.ingress.bodyTimeoutSeconds) -}}
+{{- $shape := dict -}}
+{{- range $chartKey, $serveKey := dict "maxDepth" "max_depth" "maxObjectMembers" "max_object_members" "maxArrayItems" "max_array_items" "maxStringBytes" "max_string_bytes" "maxWordBytes" "max_word_bytes" -}}
+{{- $_ := set $shape $serveKey (int64 (get $v.ingress.bodyShape $chartKey)) -}}
+{{- end -}}
+{{- $_ = set $ingress "body_shape" $shape -}}
 {{- /* Behind an Ingress or a Gateway, the connection's peer is the balancer: the client is the last
      x-forwarded-for entry it appends (the failed-authentication limit is per client address). */ -}}
 {{- if and (or $v.ingress.enabled $v.httpRoute.enabled) (not (hasKey $ingress "client_address_header")) -}}
@@ -331,6 +339,16 @@ token is a file, on workers only and only while they download (model.source hf).
   value: {{ int64 $v.ingress.maxHeaderBytes | quote }}
 - name: GPTOSS_BODY_TIMEOUT_S
   value: {{ float64 $v.ingress.bodyTimeoutSeconds | toString | quote }}
+- name: GPTOSS_MAX_JSON_DEPTH
+  value: {{ int64 $v.ingress.bodyShape.maxDepth | quote }}
+- name: GPTOSS_MAX_JSON_OBJECT_MEMBERS
+  value: {{ int64 $v.ingress.bodyShape.maxObjectMembers | quote }}
+- name: GPTOSS_MAX_JSON_ARRAY_ITEMS
+  value: {{ int64 $v.ingress.bodyShape.maxArrayItems | quote }}
+- name: GPTOSS_MAX_JSON_STRING_BYTES
+  value: {{ int64 $v.ingress.bodyShape.maxStringBytes | quote }}
+- name: GPTOSS_MAX_JSON_WORD_BYTES
+  value: {{ int64 $v.ingress.bodyShape.maxWordBytes | quote }}
 {{- /* The ingress's own secrets (it runs on the head only): the monitoring token, the store's password. */}}
 {{- if and (not .worker) (include "gptoss.monitoringToken" .root) }}
 - name: {{ dig "ingress" "monitoring_token_env" "GPTOSS_MONITORING_TOKEN" $v.serve }}

@@ -316,7 +316,11 @@ def test_deep_nesting_and_lone_surrogates_are_400_and_echo_safely(tmp_path):
     pipeline = _pipeline(tmp_path)
     deep = b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     refusal, _ = _refusal(pipeline, deep)
-    assert (refusal.status, refusal.code) == (400, "invalid_json")
+    assert (refusal.status, refusal.code) == (400, "body_shape")
+    assert (
+        refusal.param == "$.messages" + "[0]" * 5 + "...(52 more)..." + "[0]" * 6
+    )  # 64 levels, middle elided
+    assert "nesting depth bound (64)" in refusal.message
     lone = b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}'
     refusal, _ = _refusal(pipeline, lone)
     assert (refusal.status, refusal.code) == (400, "invalid_encoding")
@@ -327,6 +331,23 @@ def test_deep_nesting_and_lone_surrogates_are_400_and_echo_safely(tmp_path):
     assert refusal.status == 404
     rendered = error_response(refusal.status, refusal.message, code=refusal.code)
     assert json.loads(rendered.body)["error"]["code"] == "model_not_found"
+
+
+def test_the_body_shape_is_the_configured_one_and_named_where_it_was_passed(tmp_path):
+    pipeline = _pipeline(tmp_path, ingress={"body_shape": {"max_depth": 8, "max_string_bytes": 2048}})
+    schema: dict = {"type": "string"}
+    for _ in range(4):
+        schema = {"type": "object", "properties": {"a": schema}}
+    body = {
+        "messages": USER,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
+    }
+    refusal, _ = _refusal(pipeline, body)
+    assert (refusal.status, refusal.reason, refusal.code) == (400, Reason.INVALID, "body_shape")
+    assert refusal.param == "$.response_format.json_schema.schema.properties.a.properties.a.properties"
+    refusal, _ = _refusal(pipeline, {"messages": [{"role": "user", "content": "x" * 2049}]})
+    assert (refusal.code, refusal.param) == ("body_shape", "$.messages[0].content")
+    assert _chat(pipeline, {"messages": [{"role": "user", "content": "x" * 2048}]}).pool == "fast"
 
 
 def test_n_is_capped_and_counts_as_sequences(tmp_path):

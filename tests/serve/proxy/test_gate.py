@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from gptoss_vllm.serve.body_shape import ShapeLimits
 from gptoss_vllm.serve.proxy.gate import ProxyGate
 from gptoss_vllm.serve.proxy.settings import CALLBACK, GateError, gate_env
 
@@ -115,6 +116,23 @@ def test_a_stalled_or_trickling_body_is_408_after_the_deadline():
     assert status == 408 and counted == [408, 408]
 
 
+def test_a_body_over_its_shape_is_400_naming_the_bound_and_path_before_the_ingress_sees_it():
+    app, counted = _App(), []
+    gate = _gate(
+        app,
+        counted,
+        shape=ShapeLimits(max_depth=3, max_object_members=4, max_array_items=4, max_string_bytes=16),
+    )
+    deep = json.dumps({"tools": [{"parameters": {"a": {}}}]}).encode()
+    status, _, body = asyncio.run(_call(gate, [], [deep[:10], deep[10:]]))
+    error = _error(body)
+    assert status == 400 and error["code"] == "body_shape" and error["type"] == "invalid_request_error"
+    assert error["param"] == "$.tools[0].parameters" and "nesting depth bound (3)" in error["message"]
+    assert app.scope is None and counted == [400]
+    status, _, _ = asyncio.run(_call(gate, [], [json.dumps({"tools": [{"parameters": 1}]}).encode()]))
+    assert status == 200  # at the bound
+
+
 def test_headers_over_the_bound_are_431():
     status, _, body = asyncio.run(_call(_gate(), [(b"x-big", b"v" * 3000)], [b""]))
     assert status == 431 and _error(body)["code"] == "headers_too_large"
@@ -158,6 +176,14 @@ def test_settings_come_from_the_environment_and_bad_ones_name_the_variable(monke
         monkeypatch.setenv(name, value)
     gate = ProxyGate(_App())
     assert (gate.max_body_bytes, gate.max_header_bytes, gate.body_timeout_s) == (4096, 8192, 2.5)
+    assert gate.shape == ShapeLimits()  # the defaults, unless told otherwise
+    for name, value in gate_env(4096, 8192, 2.5, ShapeLimits(10, 20, 30, 4000, 300)).items():
+        monkeypatch.setenv(name, value)
+    assert ProxyGate(_App()).shape == ShapeLimits(10, 20, 30, 4000, 300)
+    monkeypatch.setenv("GPTOSS_MAX_JSON_DEPTH", "0")
+    with pytest.raises(GateError, match="GPTOSS_MAX_JSON_DEPTH='0' must be positive"):
+        ProxyGate(_App())
+    monkeypatch.setenv("GPTOSS_MAX_JSON_DEPTH", "10")
     monkeypatch.setenv("GPTOSS_MAX_BODY_BYTES", "lots")
     with pytest.raises(GateError, match="GPTOSS_MAX_BODY_BYTES='lots'"):
         ProxyGate(_App())
