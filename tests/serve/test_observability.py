@@ -172,7 +172,15 @@ def test_refusals_spills_and_clamps_are_counted_by_reason(stack):
         refused = _post(stack, CHAT, {"messages": USER, "reasoning_effort": "high", "max_tokens": 8})
     assert refused.status_code == 429, refused.text
     assert refused.json()["error"]["code"] == "queue_full" and int(refused.headers["Retry-After"]) >= 1
-    after = _ingress_metrics(stack)
+    # A held request that was still queued is counted once its handler has unwound, just after its slot is
+    # free: wait for the held requests' counts (a deadline, not a pace).
+    deadline = time.monotonic() + 30
+    while True:
+        after = _ingress_metrics(stack)
+        held = _delta(before, after, "gptoss_requests_total", effort="high", pool="deep", status="499")
+        if held >= 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.25)
 
     assert _delta(before, after, "gptoss_spillovers_total", from_pool="fast", to_pool="deep") == 1
     assert _delta(before, after, "gptoss_rejections_total", reason="auth") == 1
