@@ -64,7 +64,8 @@ class SyntheticPool:
             yield ticket
 
     async def _answer(self, request: PoolRequest) -> AsyncIterator[AnswerItem]:
-        tokens = int(request.payload.get("max_tokens") or 16)
+        # The body's bytes, as a real pool reads them (the parsed payload stays in the ingress).
+        tokens = int(json.loads(request.body or b"{}").get("max_tokens") or 16)
         yield PoolAnswerStart(200, [("content-type", "text/event-stream")], self._replica_id)
         started = time.monotonic()
         for _ in range(tokens):
