@@ -163,7 +163,7 @@ class PoolForwarder:
                     elif isinstance(item, PoolAnswerEnd) and item.seen is not None:
                         record.take(item.seen, started_at)
             except AnswerLost as exc:
-                if answer.cancelled:
+                if await answer.was_cancelled():
                     record.finish(499)
                     raise asyncio.CancelledError from exc
                 log.warning("pool %s failed while answering: %s", pool, exc)
@@ -219,7 +219,7 @@ class PoolForwarder:
             finished = True
         except AnswerLost as exc:
             message = f"Pool '{pool}' lost the replica serving this stream; retry"
-            if answer.cancelled:
+            if await answer.was_cancelled():
                 # Ray cancelled the call: its client hung up (499 below), not a replica failure. The stream still
                 # ends with the error: a client that is there after all must not take a cut stream for a whole one.
                 log.info("pool %s replica %s: stream cancelled mid-way: %s", pool, replica_id, exc)
@@ -275,6 +275,14 @@ class PoolCall:
         except RayError as exc:
             if self.reader is not None:
                 self.reader.lose(AnswerLost(f"the pool call failed: {exc}"))
+
+    async def was_cancelled(self, settle_s: float = 2.0) -> bool:
+        """Whether Ray cancelled the call (its client hung up) rather than the replica failing. A cancelled call's
+        answer channel can close before Ray's cancellation reaches :meth:`_watch`: wait (at most ``settle_s``)
+        for the call's own outcome before a lost answer is taken for a replica failure."""
+        if not self.cancelled and self._watcher is not None and not self._watcher.done():
+            await asyncio.wait({self._watcher}, timeout=settle_s)
+        return self.cancelled
 
     def hang_up(self) -> None:
         """Stop the answer: the replica cancels it (and vLLM aborts the request) when its connection closes."""
