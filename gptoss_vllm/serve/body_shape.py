@@ -72,10 +72,11 @@ def shape_error(body: bytes, limits: ShapeLimits) -> ShapeError | None:
                 frame.expecting_key = False
                 if frame.count > limits.max_object_members:
                     return ShapeError("members per object", limits.max_object_members, _path(stack))
-            if len(token) - 2 > limits.max_string_bytes:
+            length = len(token) - 2
+            if length > limits.max_string_bytes:
                 return ShapeError("string length in bytes", limits.max_string_bytes, _path(stack))
-            if len(token) - 2 > limits.max_word_bytes and _long_word(limits.max_word_bytes).search(
-                token, 1, len(token) - 1
+            if length > limits.max_word_bytes and _long_word(limits.max_word_bytes).search(
+                token, 1, length + 1
             ):
                 return ShapeError("word length in bytes", limits.max_word_bytes, _path(stack))
         elif first == 0x2C:  # ','
@@ -100,8 +101,8 @@ def shape_error(body: bytes, limits: ShapeLimits) -> ShapeError | None:
 def _long_word(limit: int) -> re.Pattern[bytes]:
     """A run longer than ``limit`` of letters (UTF-8 bytes of other scripts count as letters), of ASCII
     punctuation, or of spaces and escaped line breaks, as they appear inside a JSON string."""
-    n = limit + 1
-    return re.compile(rb"[A-Za-z\x80-\xff]{%d,}|[!-/:-@\[-`{-~]{%d,}|(?: |\\[nrt])%s" % (n, n, b"{%d,}" % n))
+    run = b"{%d,}" % (limit + 1)
+    return re.compile(rb"[A-Za-z\x80-\xff]" + run + rb"|[!-/:-@\[-`{-~]" + run + rb"|(?: |\\[nrt])" + run)
 
 
 def _key(token: bytes) -> str:
