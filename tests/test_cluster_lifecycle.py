@@ -16,6 +16,7 @@ import httpx
 import pytest
 import yaml
 
+from tests.support import http
 from tests.support.admission import target_samples
 from tests.support.chart import EXAMPLES, example, merge, render
 from tests.support.kuberay import Cluster, rayservice_spec, start_cluster
@@ -76,7 +77,7 @@ def cluster(tmp_path_factory):
 
 def _ready(cluster: Cluster) -> httpx.Response | None:
     try:
-        return httpx.get(f"{cluster.serve_url}/ready", timeout=10)
+        return http.get(f"{cluster.serve_url}/ready", timeout=10)
     except httpx.HTTPError:
         return None
 
@@ -111,7 +112,7 @@ def _chat(cluster: Cluster, effort: str, content: str = "What is 47 + 8?", **ext
         "max_tokens": 64,
         **extra,
     }
-    return httpx.post(f"{cluster.serve_url}/v1/chat/completions", json=body, timeout=600)
+    return http.post(f"{cluster.serve_url}/v1/chat/completions", json=body, timeout=600)
 
 
 def _running_replica(cluster: Cluster, deployment: str) -> dict:
@@ -138,7 +139,7 @@ def test_the_chart_deploys_as_kuberay_does_and_each_pool_runs_on_its_own_group(c
     )  # the chart's serve section keeps replica ids from clients
     # Ray token authentication is on (the chart's default): the dashboard refuses a caller without the token.
     assert cluster.spec.auth_token
-    refused = httpx.get(f"{cluster.dashboard_url}/api/serve/applications/", timeout=30)
+    refused = http.get(f"{cluster.dashboard_url}/api/serve/applications/", timeout=30)
     assert refused.status_code in (401, 403), refused.status_code
 
 
@@ -187,7 +188,7 @@ def test_node_loss_ends_its_streams_cleanly_and_the_pool_comes_back_on_the_group
             "ignore_eos": True,
             "stream": True,
         }
-        with httpx.stream(
+        with http.stream(
             "POST", f"{cluster.serve_url}/v1/chat/completions", json=body, timeout=300
         ) as answer:
             assert answer.status_code == 200
@@ -263,9 +264,9 @@ def test_serve_address_deploys_onto_the_same_cluster(cluster, tmp_path):
     )
     try:
         _timed("serve --address: redeploy to ready", time.monotonic() - started)
-        models = httpx.get(f"{cluster.serve_url}/v1/models", timeout=30).json()
+        models = http.get(f"{cluster.serve_url}/v1/models", timeout=30).json()
         assert [m["id"] for m in models["data"]] == ["gpt-oss-nano-by-address"]
-        answer = httpx.post(
+        answer = http.post(
             f"{cluster.serve_url}/v1/chat/completions",
             json={
                 "model": "gpt-oss-nano-by-address",

@@ -183,10 +183,13 @@ def run_relay_bench(
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_application(config, pool_class=SyntheticPool), name=APP_NAME, route_prefix="/")
         deadline = time.monotonic() + 60  # the ingress learns of the pool's replica
-        while httpx.get(f"{url}/ready", timeout=5).status_code != 200:
-            if time.monotonic() > deadline:
-                raise RuntimeError("bench overhead --relay: the ingress never saw the synthetic pool running")
-            time.sleep(0.5)
+        with httpx.Client(timeout=5) as client:
+            while client.get(f"{url}/ready").status_code != 200:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        "bench overhead --relay: the ingress never saw the synthetic pool running"
+                    )
+                time.sleep(0.5)
         procs: dict[str, list] = {role: [] for role in ROLES}
         for proc in psutil.process_iter():
             try:

@@ -80,15 +80,16 @@ class LocalPrometheus:
 
     def wait_ready(self, timeout_s: float = 30.0) -> None:
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise PrometheusError(
-                    f"prometheus exited with code {self._process.returncode}; its log: {self._log.name}"
-                )
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/-/ready", timeout=2).status_code == 200:
-                    return
-            time.sleep(0.3)
+        with httpx.Client(timeout=2) as client:  # one TLS context for all polls, not one per call
+            while time.monotonic() < deadline:
+                if self._process.poll() is not None:
+                    raise PrometheusError(
+                        f"prometheus exited with code {self._process.returncode}; its log: {self._log.name}"
+                    )
+                with contextlib.suppress(httpx.HTTPError):
+                    if client.get(f"{self.url}/-/ready").status_code == 200:
+                        return
+                time.sleep(0.3)
         raise PrometheusError(f"prometheus not ready after {timeout_s:.0f} s; its log: {self._log.name}")
 
     def stop(self) -> None:

@@ -110,14 +110,17 @@ def wait_until_ready(
     an app this one replaces (``--address``, same app name) answers ``/ready`` until it is gone."""
     deadline = time.monotonic() + timeout_s
     states_due = 0.0
-    with tqdm(total=len(config.pools), desc="pools ready", unit="pool", file=sys.stderr) as bar:
+    with (
+        tqdm(total=len(config.pools), desc="pools ready", unit="pool", file=sys.stderr) as bar,
+        httpx.Client(timeout=5) as client,  # one TLS context for every poll: a new one is seconds under load
+    ):
         while True:
             if stop:
                 raise LaunchError("interrupted before the app was ready")
             if failed:
                 raise LaunchError(f"deploying the app failed: {failed[0]}\n{_failure_detail(app_name)}")
             try:
-                answer = httpx.get(f"{listen.url}/ready", timeout=5)
+                answer = client.get(f"{listen.url}/ready")
                 pools = (
                     answer.json().get("pools", {})
                     if answer.headers.get("content-type") == "application/json"

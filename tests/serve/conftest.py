@@ -8,6 +8,7 @@ import httpx
 import openai
 import pytest
 
+from tests.support import http
 from tests.support.otlp_receiver import OtlpReceiver
 from tests.support.shared_stack import MAIN_KEY, start_shared_stack
 
@@ -26,7 +27,7 @@ def stack(tmp_path_factory, otlp_receiver):
     running.stop()
     running.redis.stop()
     with pytest.raises(httpx.HTTPError):  # Ctrl-C stopped Prometheus too
-        httpx.get(f"{running.prometheus_url}/-/ready", timeout=2)
+        http.get(f"{running.prometheus_url}/-/ready", timeout=2)
 
 
 @pytest.fixture(scope="module")

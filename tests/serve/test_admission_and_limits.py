@@ -7,6 +7,7 @@ import httpx
 import openai
 import pytest
 
+from tests.support import http
 from tests.support.admission import holding
 from tests.support.shared_stack import (
     AUTH,
@@ -20,26 +21,26 @@ from tests.support.shared_stack import (
 
 def test_api_keys(stack):
     for headers in ({}, {"Authorization": "Bearer sk-wrong"}, {"Authorization": f"Basic {MAIN_KEY}"}):
-        response = httpx.post(f"{stack.url}/v1/chat/completions", json={"messages": USER}, headers=headers)
+        response = http.post(f"{stack.url}/v1/chat/completions", json={"messages": USER}, headers=headers)
         assert response.status_code == 401
         assert response.json()["error"]["code"] == "invalid_api_key"
-    assert httpx.get(f"{stack.url}/v1/models").status_code == 401
+    assert http.get(f"{stack.url}/v1/models").status_code == 401
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{stack.url}/v1", api_key="sk-nope", max_retries=0).models.list()
     # Probes need no key.
-    assert httpx.get(f"{stack.url}/health").status_code == 200
-    assert httpx.get(f"{stack.url}/ready").status_code == 200
+    assert http.get(f"{stack.url}/health").status_code == 200
+    assert http.get(f"{stack.url}/ready").status_code == 200
     assert MAIN_KEY not in stack.log_tail(10**7) and LIMITED_KEY not in stack.log_tail(10**7)
 
 
 def test_per_key_rate_limit(stack):
     headers = {"Authorization": f"Bearer {LIMITED_KEY}"}
-    codes = [httpx.get(f"{stack.url}/v1/models", headers=headers).status_code for _ in range(4)]
+    codes = [http.get(f"{stack.url}/v1/models", headers=headers).status_code for _ in range(4)]
     assert codes[:2] == [200, 200] and codes[2:] == [429, 429]
-    limited = httpx.get(f"{stack.url}/v1/models", headers=headers)
+    limited = http.get(f"{stack.url}/v1/models", headers=headers)
     assert int(limited.headers["Retry-After"]) >= 1
     assert limited.json()["error"]["code"] == "rate_limit_exceeded"
-    assert httpx.get(f"{stack.url}/v1/models", headers=AUTH).status_code == 200  # other keys unaffected
+    assert http.get(f"{stack.url}/v1/models", headers=AUTH).status_code == 200  # other keys unaffected
 
 
 def _long_request(stack, effort: str, tokens: int = 256) -> httpx.Response:

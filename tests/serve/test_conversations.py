@@ -12,6 +12,7 @@ import httpx
 import openai
 import pytest
 
+from tests.support import http
 from tests.support.admission import HOLD_TOKENS, in_flight, ingress_samples
 from tests.support.shared_stack import MAIN_KEY, MODEL, TPM_KEY, restart_redis
 from tests.support.stack import replica_processes, wait_ready
@@ -102,12 +103,12 @@ def test_a_response_exists_only_for_the_key_that_made_it(stack, client, stranger
         stranger.responses.retrieve("resp_" + "0" * 32)
     assert unknown.value.body["message"].replace("0" * 32, mine.id[5:]) == missing.value.body["message"]
     assert client.responses.retrieve(mine.id).id == mine.id  # the stranger's DELETE did nothing
-    anonymous = httpx.get(f"{stack.url}/v1/responses/{mine.id}")
+    anonymous = http.get(f"{stack.url}/v1/responses/{mine.id}")
     assert anonymous.status_code == 401
 
 
 def test_ids_are_made_by_the_server_and_delete_removes_a_response(stack, client):
-    refused = httpx.post(
+    refused = http.post(
         f"{stack.url}/v1/responses",
         json={"input": "Hi", "request_id": "resp_chosen", "max_output_tokens": 4},
         headers=_headers(),
@@ -127,7 +128,7 @@ def test_ids_are_made_by_the_server_and_delete_removes_a_response(stack, client)
         client.responses.retrieve(one.id)
     with pytest.raises(openai.NotFoundError):
         client.responses.create(model=MODEL, input="More", previous_response_id=one.id, max_output_tokens=4)
-    bad = httpx.get(f"{stack.url}/v1/responses/{two.id}/input_items?limit=0", headers=_headers(), timeout=30)
+    bad = http.get(f"{stack.url}/v1/responses/{two.id}/input_items?limit=0", headers=_headers(), timeout=30)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "limit"
     samples = _store_samples(stack)
     assert samples[("gptoss_response_store_lookups_total", "hit")] > 0
@@ -179,7 +180,7 @@ def test_background_responses_run_counted_in_admission_and_cancel(stack, client)
 def test_a_store_that_fails_answers_503_and_chat_goes_on(stack, client, tmp_path):
     stack.redis.stop()
     try:
-        down = httpx.post(
+        down = http.post(
             f"{stack.url}/v1/responses",
             json={"input": "Hi", "max_output_tokens": 4},
             headers=_headers(),

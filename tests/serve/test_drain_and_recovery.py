@@ -13,11 +13,11 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import openai
 import psutil
 import pytest
 
+from tests.support import http
 from tests.support.admission import HeldRequest, engine_running, wait_for_in_flight
 from tests.support.shared_stack import (
     AUTH,
@@ -161,7 +161,7 @@ def test_ctrl_c_drains_in_flight_streams_then_exits(stack):
             "stream": True,
             "reasoning_effort": "high",
         }
-        with httpx.stream(
+        with http.stream(
             "POST", f"{stack.url}/v1/chat/completions", json=body, headers=AUTH, timeout=120
         ) as response:
             for line in response.iter_lines():

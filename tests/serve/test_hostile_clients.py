@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from tests.support import http
 from tests.support.admission import (
     HeldRequest,
     ingress_samples,
@@ -39,7 +40,7 @@ def _post(stack, body, headers=None, path=CHAT, **kw) -> httpx.Response:
     content = body if isinstance(body, (bytes, str)) else json.dumps(body)
     merged = {"Content-Type": "application/json", **AUTH, **(headers or {})}
     kw.setdefault("timeout", 120)
-    return httpx.post(f"{stack.url}{path}", content=content, headers=merged, **kw)
+    return http.post(f"{stack.url}{path}", content=content, headers=merged, **kw)
 
 
 def _error(response: httpx.Response, status: int) -> dict:
@@ -52,7 +53,7 @@ def _error(response: httpx.Response, status: int) -> dict:
 
 
 def _still_serves(stack) -> None:
-    assert httpx.get(f"{stack.url}/health", timeout=30).status_code == 200
+    assert http.get(f"{stack.url}/health", timeout=30).status_code == 200
     answer = _post(stack, {"messages": USER, "max_tokens": 2, "reasoning_effort": "low"})
     assert answer.status_code == 200, answer.text
 
@@ -129,7 +130,7 @@ def test_stalled_uploads_get_408_and_never_hold_the_ingress(stack):
     stalled = [_raw(stack, head, b'{"messages": [') for _ in range(200)]
     started = time.monotonic()
     # The gate holds them in the proxy, so the ingress answers its probes and real requests meanwhile.
-    assert httpx.get(f"{stack.url}/health", timeout=5).status_code == 200
+    assert http.get(f"{stack.url}/health", timeout=5).status_code == 200
     assert time.monotonic() - started < BODY_TIMEOUT_S
     statuses = [_read_answer(sock)[0] for sock in stalled]
     assert statuses == [408] * len(stalled)
@@ -170,7 +171,7 @@ def test_malformed_input_is_a_4xx_in_openais_shape(stack):
         error = _error(_post(stack, {"messages": USER}, {"Content-Type": content_type}), 415)
         assert error["code"] == "unsupported_media_type"
     for path in ("/v1/chat/completions/x", "/v1/%ff%fe", "/../etc/passwd"):
-        _error(httpx.get(f"{stack.url}{path}", headers=AUTH, timeout=30), 404)
+        _error(http.get(f"{stack.url}{path}", headers=AUTH, timeout=30), 404)
     _error(httpx.delete(f"{stack.url}/v1/chat/completions", headers=AUTH, timeout=30), 405)
     _still_serves(stack)
 
@@ -354,11 +355,11 @@ def test_key_rotation_reload_failure_and_an_emptied_file(stack):
 
 def test_internal_addresses_and_paths_are_not_served_to_clients(stack):
     for headers in ({}, AUTH, {"Authorization": "Bearer wrong-token"}):
-        _error(httpx.get(f"{stack.url}/metrics/targets", headers=headers, timeout=30), 404)
-    listing = httpx.get(f"{stack.url}/metrics/targets", headers=monitoring_headers(), timeout=30).json()
+        _error(http.get(f"{stack.url}/metrics/targets", headers=headers, timeout=30), 404)
+    listing = http.get(f"{stack.url}/metrics/targets", headers=monitoring_headers(), timeout=30).json()
     assert {t["labels"]["component"] for t in listing} >= {"ingress", "pool"}
     assert not any(name.startswith("__") for t in listing for name in t["labels"])
-    models = httpx.get(f"{stack.url}/v1/models", headers=AUTH, timeout=30).json()["data"]
+    models = http.get(f"{stack.url}/v1/models", headers=AUTH, timeout=30).json()["data"]
     assert [m["id"] for m in models] == [MODEL]
     assert "/" not in json.dumps(models)  # vLLM's root is the checkpoint's path on the server
 

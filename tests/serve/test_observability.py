@@ -18,6 +18,7 @@ import yaml
 
 from dashboards.queries import panel_queries
 from gptoss_vllm.observability.local_prometheus import RULES
+from tests.support import http
 from tests.support.admission import HOLD_TOKENS, Samples, holding, ingress_samples, monitoring_headers
 from tests.support.cli import run_cli
 
@@ -35,7 +36,7 @@ def receiver(otlp_receiver):
 
 
 def _post(stack, path: str, body: dict, headers: dict | None = None) -> httpx.Response:
-    return httpx.post(
+    return http.post(
         f"{stack.url}{path}",
         json=body,
         headers={"Authorization": f"Bearer {stack.api_key}", **(headers or {})},
@@ -45,11 +46,11 @@ def _post(stack, path: str, body: dict, headers: dict | None = None) -> httpx.Re
 
 def _post_raw(stack, body: bytes) -> httpx.Response:
     headers = {"Authorization": f"Bearer {stack.api_key}", "Content-Type": "application/json"}
-    return httpx.post(f"{stack.url}{CHAT}", content=body, headers=headers, timeout=60)
+    return http.post(f"{stack.url}{CHAT}", content=body, headers=headers, timeout=60)
 
 
 def _targets(stack) -> list[dict]:
-    return httpx.get(f"{stack.url}/metrics/targets", headers=monitoring_headers(), timeout=10).json()
+    return http.get(f"{stack.url}/metrics/targets", headers=monitoring_headers(), timeout=10).json()
 
 
 def _ingress_metrics(stack) -> Samples:
@@ -92,7 +93,7 @@ def test_targets_cover_the_ingress_the_proxy_and_every_pool_replica(stack):
         assert labels.get("app") == (
             "gptoss" if labels["component"] != "proxy" else None
         )  # proxies serve all apps
-        assert httpx.get(f"http://{target['targets'][0]}/metrics", timeout=10).status_code == 200
+        assert http.get(f"http://{target['targets'][0]}/metrics", timeout=10).status_code == 200
 
 
 def test_request_counts_and_tokens_agree_with_the_answers(stack):
@@ -170,7 +171,7 @@ def _spill_one(stack) -> httpx.Response:
 
 def test_refusals_spills_and_clamps_are_counted_by_reason(stack):
     before = _ingress_metrics(stack)
-    assert httpx.post(f"{stack.url}{CHAT}", json={"messages": USER}, timeout=30).status_code == 401
+    assert http.post(f"{stack.url}{CHAT}", json={"messages": USER}, timeout=30).status_code == 401
     assert _post(stack, CHAT, {"messages": USER, "reasoning_effort": "huge"}).status_code == 400
     clamped = _post(stack, CHAT, {"messages": USER, "reasoning_effort": "low", "max_tokens": 500})
     assert clamped.headers["x-gptoss-budget-clamped-from"] == "500"
@@ -220,7 +221,7 @@ def test_refusals_spills_and_clamps_are_counted_by_reason(stack):
 
 
 def _query(stack, expr: str) -> list[dict[str, Any]]:
-    answer = httpx.get(f"{stack.prometheus_url}/api/v1/query", params={"query": expr}, timeout=30).json()
+    answer = http.get(f"{stack.prometheus_url}/api/v1/query", params={"query": expr}, timeout=30).json()
     assert answer["status"] == "success", (expr, answer)
     return answer["data"]["result"]
 
@@ -336,7 +337,7 @@ def test_every_dashboard_and_recording_rule_expression_returns_data(stack):
         _post(stack, CHAT, {"messages": USER, "reasoning_effort": "low", "max_tokens": 500}).status_code
         == 200
     )
-    assert httpx.post(f"{stack.url}{CHAT}", json={"messages": USER}, timeout=30).status_code == 401
+    assert http.post(f"{stack.url}{CHAT}", json={"messages": USER}, timeout=30).status_code == 401
     assert _spill_one(stack).headers["x-gptoss-spilled-from"] == "fast"
     # A rate is only non-zero over two samples that differ: the second round comes after a scrape of the first.
     _wait_for_a_scrape_after(stack, time.time())
@@ -355,14 +356,14 @@ def test_every_dashboard_and_recording_rule_expression_returns_data(stack):
 
 
 def test_every_rule_is_loaded_and_evaluates_without_error(stack):
-    groups = httpx.get(f"{stack.prometheus_url}/api/v1/rules", timeout=10).json()["data"]["groups"]
+    groups = http.get(f"{stack.prometheus_url}/api/v1/rules", timeout=10).json()["data"]["groups"]
     rules = [rule for group in groups for rule in group["rules"]]
     expected = yaml.safe_load(RULES.read_text())["groups"]
     assert len(rules) == sum(len(group["rules"]) for group in expected)
     broken = [(rule["name"], rule.get("lastError")) for rule in rules if rule["health"] != "ok"]
     assert not broken, broken
     # Nothing here takes a pool down: the page for a pool without replicas must stay silent.
-    alerts = httpx.get(f"{stack.prometheus_url}/api/v1/alerts", timeout=10).json()["data"]["alerts"]
+    alerts = http.get(f"{stack.prometheus_url}/api/v1/alerts", timeout=10).json()["data"]["alerts"]
     assert not [a for a in alerts if a["labels"]["alertname"] == "GptossPoolNoReadyReplica"], alerts
 
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 import time
 
-import httpx
 import openai
 import pytest
 
+from tests.support import http
 from tests.support.admission import HOLD_TOKENS, engine_running, wait_for_in_flight
 from tests.support.shared_stack import (
     AUTH,
@@ -51,7 +51,7 @@ def test_stream_is_relayed_as_produced(stack):
     body = {"prompt": "Hello", "max_tokens": HOLD_TOKENS, "ignore_eos": True, "stream": True}
     headers = {**AUTH, "X-Reasoning-Effort": "high"}
     events = 0
-    with httpx.stream(
+    with http.stream(
         "POST", f"{stack.url}/v1/completions", json=body, headers=headers, timeout=120
     ) as response:
         assert response.status_code == 200 and response.headers["x-gptoss-pool"] == "deep"
@@ -102,7 +102,7 @@ def test_bad_requests(stack, client):
     # What the ingress lets through but vLLM refuses comes back as vLLM's 400, not a 500.
     vllm_refusal = post(stack, "/v1/chat/completions", {"messages": "not a list"})
     assert vllm_refusal.status_code == 400 and "error" in vllm_refusal.json()
-    missing = httpx.get(f"{stack.url}/v1/nothing-here", headers=AUTH)
+    missing = http.get(f"{stack.url}/v1/nothing-here", headers=AUTH)
     assert missing.status_code == 404 and missing.json()["error"]["message"]
 
 

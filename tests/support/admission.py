@@ -17,8 +17,9 @@ import time
 from collections.abc import Iterator
 from urllib.parse import urlsplit
 
-import httpx
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support import http
 
 Samples = dict[tuple[str, frozenset], float]
 
@@ -38,7 +39,7 @@ def monitoring_headers(token: str | None = None) -> dict[str, str]:
 
 
 def _exposition(address: str) -> Samples:
-    text = httpx.get(f"http://{address}/metrics", timeout=60).text
+    text = http.get(f"http://{address}/metrics", timeout=60).text
     return {
         (sample.name, frozenset(sample.labels.items())): sample.value
         for family in text_string_to_metric_families(text)
@@ -51,7 +52,7 @@ def target_samples(
 ) -> Samples:
     """The expositions of every announced target of ``component`` (and ``labels``), summed by sample."""
     headers = monitoring_headers(monitoring_token)
-    targets = httpx.get(f"{url}/metrics/targets", headers=headers, timeout=30).json()
+    targets = http.get(f"{url}/metrics/targets", headers=headers, timeout=30).json()
     summed: Samples = {}
     for target in targets:
         found = target["labels"]
@@ -70,7 +71,7 @@ def engine_running(url: str, pool: str) -> float:
 
 def samples_by_replica(url: str, component: str) -> dict[str, Samples]:
     """Each announced target of ``component``'s exposition, by its replica label."""
-    targets = httpx.get(f"{url}/metrics/targets", headers=monitoring_headers(), timeout=30).json()
+    targets = http.get(f"{url}/metrics/targets", headers=monitoring_headers(), timeout=30).json()
     return {
         target["labels"]["replica"]: _exposition(target["targets"][0])
         for target in targets
@@ -80,7 +81,7 @@ def samples_by_replica(url: str, component: str) -> dict[str, Samples]:
 
 @functools.cache
 def _ingress_target(url: str) -> str:
-    targets = httpx.get(f"{url}/metrics/targets", headers=monitoring_headers(), timeout=30).json()
+    targets = http.get(f"{url}/metrics/targets", headers=monitoring_headers(), timeout=30).json()
     (ingress,) = [t for t in targets if t["labels"]["component"] == "ingress"]
     return ingress["targets"][0]
 

@@ -37,6 +37,8 @@ import httpx
 import psutil
 import yaml
 
+from gptoss_vllm.bench.process import yield_cpu_to_caller
+from tests.support import http
 from tests.support.stack import free_port
 
 NODE_IP = "127.0.0.1"
@@ -238,7 +240,7 @@ class Cluster:
         assert answer.status_code == 200, f"{answer.status_code}: {answer.text}"
 
     def applications(self) -> dict[str, Any]:
-        answer = httpx.get(
+        answer = http.get(
             f"{self.dashboard_url}/api/serve/applications/", headers=self.auth_headers(), timeout=30
         )
         assert answer.status_code == 200, f"{answer.status_code}: {answer.text}"
@@ -278,6 +280,7 @@ def _start_node(name: str, pod: PodSpec, params: dict[str, str], root: Path) -> 
         env=env,
         start_new_session=True,
     )
+    yield_cpu_to_caller(proc)  # as the stacks do: the pods' engines must not starve the test
     return RayNode(name, pod.group, params, proc, log_path)
 
 
@@ -297,7 +300,7 @@ def _wait_for_nodes(cluster: Cluster, count: int, timeout_s: float) -> None:
         for node in cluster.nodes():
             assert node.proc.poll() is None, f"{node.name} exited:\n{node.log_tail()}"
         try:
-            answer = httpx.get(
+            answer = http.get(
                 f"{cluster.dashboard_url}/nodes?view=summary", headers=cluster.auth_headers(), timeout=10
             )
             if answer.status_code == 200:

@@ -20,6 +20,7 @@ import httpx
 import yaml
 
 from gptoss_vllm.serve.config import load_config
+from tests.support import http
 from tests.support.admission import HOLD_ENV, HOLD_MAX_MODEL_LEN, HOLD_TOKENS
 from tests.support.redis_server import RunningRedis, start_redis
 from tests.support.stack import RunningStack, free_port, fresh_cache, start_stack
@@ -44,7 +45,7 @@ USER = [{"role": "user", "content": "What is 2 + 2?"}]
 def post(stack: RunningStack, path: str, body, headers=None, **kw) -> httpx.Response:
     """POST ``body`` (JSON unless bytes or text) with the main key, and ``headers`` on top."""
     content = body if isinstance(body, (bytes, str)) else json.dumps(body)
-    return httpx.post(
+    return http.post(
         f"{stack.url}{path}", content=content, headers={**AUTH, **(headers or {})}, timeout=120, **kw
     )
 
@@ -141,7 +142,7 @@ def _wait_for_prometheus(url: str, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"{url}/-/ready", timeout=2).status_code == 200:
+            if http.get(f"{url}/-/ready", timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass

@@ -3,11 +3,11 @@
 import time
 from pathlib import Path
 
-import httpx
 import psutil
 
 from gptoss_vllm.bench.process import RunningStack, free_port, start_stack
 from gptoss_vllm.kernels.build import cache_dir as kernel_cache_dir
+from tests.support import http
 
 __all__ = ["RunningStack", "free_port", "fresh_cache", "replica_processes", "start_stack", "wait_ready"]
 
@@ -27,7 +27,7 @@ def fresh_cache(path: Path) -> Path:
 def wait_ready(stack: RunningStack, timeout_s: float = 300) -> None:
     """Until ``/ready`` is 200 (after a test replaced a replica)."""
     deadline = time.monotonic() + timeout_s
-    while httpx.get(f"{stack.url}/ready").status_code != 200:
+    while http.get(f"{stack.url}/ready").status_code != 200:
         assert time.monotonic() < deadline, stack.log_tail()
         time.sleep(1)
 
