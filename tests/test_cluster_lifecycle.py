@@ -1,5 +1,5 @@
 """The cluster lifecycle on a real multi-node Ray cluster built from the rendered chart, as KubeRay builds it
-(``tests/support/kuberay.py``): the CPU demo's values, with the deep pool scaling from zero and the fast group
+(``gptoss_vllm/bench/kuberay.py``): the CPU demo's values, with the deep pool scaling from zero and the fast group
 on two nodes. The tests run in order on one cluster: deploy and route, cold start, node loss (a fast node is
 gone from then on), then ``serve --address`` onto the same cluster (last: its Ctrl-C deletes the app)."""
 
@@ -16,10 +16,10 @@ import httpx
 import pytest
 import yaml
 
+from gptoss_vllm.bench.kuberay import Cluster, rayservice_spec, start_cluster
 from tests.support import http
 from tests.support.admission import target_samples
 from tests.support.chart import EXAMPLES, example, merge, render
-from tests.support.kuberay import Cluster, rayservice_spec, start_cluster
 from tests.support.stack import start_stack
 
 CPU_DEMO = next(path for path in EXAMPLES if path.name == "values-cpu-demo.yaml")

@@ -1,35 +1,19 @@
-"""The Helm chart rendered by Helm's own engine (helm-python-sdk embeds Helm's Go library), as objects."""
+"""The chart as the tests read it: its example values files and objects by kind, on top of the package's
+rendering (:mod:`gptoss_vllm.bench.chart`)."""
 
 from __future__ import annotations
 
-import copy
-import functools
 from pathlib import Path
 from typing import Any
 
-import helm_python as helm
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-CHART = ROOT / "helm" / "gptoss-vllm"
+from gptoss_vllm.bench.chart import CHART, NAMESPACE, chart, merge, render
+
+ROOT = CHART.parents[1]
 EXAMPLES = sorted((ROOT / "deploy" / "helm").glob("values-*.yaml"))
-NAMESPACE = "gptoss"
 
-
-@functools.cache
-def chart() -> helm.Chart:
-    return helm.Chart.load(CHART)
-
-
-def render(values: dict[str, Any] | None = None, release: str = "demo") -> list[dict[str, Any]]:
-    """Every object of ``helm install`` with ``values`` (NOTES.txt left out)."""
-    manifests = chart().render(values=values or {}, name=release, namespace=NAMESPACE, is_install=True)
-    objects = []
-    for path, text in sorted(manifests.items()):
-        if path.endswith("NOTES.txt"):
-            continue
-        objects.extend(doc for doc in yaml.safe_load_all(text) if doc)
-    return objects
+__all__ = ["CHART", "EXAMPLES", "NAMESPACE", "ROOT", "by_kind", "chart", "example", "merge", "render"]
 
 
 def example(path: Path) -> dict[str, Any]:
@@ -38,15 +22,3 @@ def example(path: Path) -> dict[str, Any]:
 
 def by_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [o for o in objects if o["kind"] == kind]
-
-
-def merge(base: dict[str, Any], *overlays: dict[str, Any]) -> dict[str, Any]:
-    """Values files merged as ``-f a -f b`` does: maps key by key, anything else (lists too) replaced."""
-    out = copy.deepcopy(base)
-    for overlay in overlays:
-        for key, value in overlay.items():
-            if isinstance(value, dict) and isinstance(out.get(key), dict):
-                out[key] = merge(out[key], value)
-            else:
-                out[key] = copy.deepcopy(value)
-    return out

@@ -1,4 +1,5 @@
-"""What the KubeRay operator does with the chart's RayService, done on this machine's real Ray.
+"""What the KubeRay operator does with the chart's RayService, done on this machine's real Ray (the cluster
+tests and ``bench lifecycle``).
 
 No Kubernetes API server, kubelet or container runtime runs here, so the operator's two jobs are done from the
 rendered objects directly: each pod becomes a ``ray start --block`` process with the pod's rayStartParams (as
@@ -37,14 +38,17 @@ import httpx
 import psutil
 import yaml
 
-from gptoss_vllm.bench.process import yield_cpu_to_caller
-from tests.support import http
-from tests.support.stack import free_port
+from gptoss_vllm.bench.process import free_port, yield_cpu_to_caller
 
 NODE_IP = "127.0.0.1"
+_HTTP = httpx.Client(limits=httpx.Limits(max_keepalive_connections=0))  # one TLS context for every poll
 CONTAINER_PATH_ENV = ("HOME", "HF_HOME", "HF_TOKEN_PATH")
 OBJECT_STORE_BYTES = 256 << 20
 GIB = 1 << 30
+
+
+class ClusterError(RuntimeError):
+    """The emulated cluster could not be built or asked (the message says what, with the nodes' logs)."""
 
 
 @dataclass(frozen=True)
@@ -95,13 +99,14 @@ def _container_env(container: dict[str, Any], secrets: dict[str, dict[str, str]]
             continue
         source = item["valueFrom"]
         if "fieldRef" in source:
-            assert source["fieldRef"]["fieldPath"] == "status.podIP", source
+            if source["fieldRef"]["fieldPath"] != "status.podIP":
+                raise ClusterError(f"env {name}: only status.podIP fieldRefs can be emulated, not {source}")
             env[name] = NODE_IP
         elif "secretKeyRef" in source:
             ref = source["secretKeyRef"]
             env[name] = secrets[ref["name"]][ref["key"]]
         else:
-            raise AssertionError(f"env {name}: no source this harness knows: {source}")
+            raise ClusterError(f"env {name}: no source this harness knows: {source}")
     return env
 
 
@@ -237,13 +242,15 @@ class Cluster:
             headers=self.auth_headers(),
             timeout=60,
         )
-        assert answer.status_code == 200, f"{answer.status_code}: {answer.text}"
+        if answer.status_code != 200:
+            raise ClusterError(f"PUT of the Serve config refused: {answer.status_code}: {answer.text}")
 
     def applications(self) -> dict[str, Any]:
-        answer = http.get(
+        answer = _HTTP.get(
             f"{self.dashboard_url}/api/serve/applications/", headers=self.auth_headers(), timeout=30
         )
-        assert answer.status_code == 200, f"{answer.status_code}: {answer.text}"
+        if answer.status_code != 200:
+            raise ClusterError(f"Serve's applications unreadable: {answer.status_code}: {answer.text}")
         return answer.json()
 
     def replicas(self, deployment: str, app: str = "gptoss") -> list[dict[str, Any]]:
@@ -258,7 +265,8 @@ class Cluster:
 
     def node_of(self, pid: int) -> RayNode:
         node = self.owner(pid)
-        assert node is not None, f"pid {pid} runs on no live node of the cluster"
+        if node is None:
+            raise ClusterError(f"pid {pid} runs on no live node of the cluster")
         return node
 
     def log_tail(self) -> str:
@@ -280,7 +288,7 @@ def _start_node(name: str, pod: PodSpec, params: dict[str, str], root: Path) -> 
         env=env,
         start_new_session=True,
     )
-    yield_cpu_to_caller(proc)  # as the stacks do: the pods' engines must not starve the test
+    yield_cpu_to_caller(proc)  # as the stacks do: the pods' engines must not starve the caller
     return RayNode(name, pod.group, params, proc, log_path)
 
 
@@ -298,9 +306,10 @@ def _wait_for_nodes(cluster: Cluster, count: int, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for node in cluster.nodes():
-            assert node.proc.poll() is None, f"{node.name} exited:\n{node.log_tail()}"
+            if node.proc.poll() is not None:
+                raise ClusterError(f"{node.name} exited:\n{node.log_tail()}")
         try:
-            answer = http.get(
+            answer = _HTTP.get(
                 f"{cluster.dashboard_url}/nodes?view=summary", headers=cluster.auth_headers(), timeout=10
             )
             if answer.status_code == 200:
@@ -311,7 +320,7 @@ def _wait_for_nodes(cluster: Cluster, count: int, timeout_s: float) -> None:
         except (httpx.HTTPError, json.JSONDecodeError):
             pass
         time.sleep(1)
-    raise AssertionError(f"{count} nodes not alive after {timeout_s} s:\n{cluster.log_tail()}")
+    raise ClusterError(f"{count} nodes not alive after {timeout_s} s:\n{cluster.log_tail()}")
 
 
 def start_cluster(spec: RayServiceSpec, root: Path, timeout_s: float = 180) -> Cluster:
