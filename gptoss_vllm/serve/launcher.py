@@ -169,6 +169,7 @@ def run(
 
     from gptoss_vllm.observability.local_prometheus import LocalPrometheus, PrometheusError
     from gptoss_vllm.serve.app import APP_NAME, build_application
+    from gptoss_vllm.serve.core_split import split_cores
     from gptoss_vllm.serve.pool.deployment import ensure_builtin_model
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # the readiness polls are not news
@@ -181,6 +182,8 @@ def run(
         ray.init(
             address="local", include_dashboard=False, object_store_memory=1 << 30, namespace="gptoss-vllm"
         )
+        if not ray.cluster_resources().get("GPU"):  # every pool's engine runs on this machine's CPUs
+            config = split_cores(config, sorted(os.sched_getaffinity(0)))
     else:
         try:
             ray.init(address=address, namespace="gptoss-vllm")
