@@ -22,7 +22,10 @@ from tqdm import tqdm
 
 from gptoss_vllm.serve.config import ServeConfig
 
+log = logging.getLogger(__name__)
+
 READY_POLL_S = 0.5
+DEPLOY_ATTEMPTS = 3
 STATES_POLL_S = 2.0  # how often the progress bar asks Serve for the deployments' states
 READY_LINE = "gptoss-vllm is ready at"  # printed once the app answers; process.start_stack waits for it
 
@@ -206,7 +209,18 @@ def run(
     def deploy() -> None:
         try:
             serve.start(http_options={"host": listen.host, "port": listen.port})
-            serve.run(build_application(config), name=APP_NAME, route_prefix="/")
+            for attempt in range(DEPLOY_ATTEMPTS):
+                try:
+                    serve.run(build_application(config), name=APP_NAME, route_prefix="/")
+                    break
+                except Exception as exc:
+                    # Ray Serve registers a module for pickling by value around each serialization, for the
+                    # whole process and without a lock: the progress bar's serve.status() in the main thread
+                    # can unregister it under serve.run, which then fails with "... is not registered for
+                    # pickle by value" (a clean-clone run of serve --address did). The deploy is declarative.
+                    if "registered for pickle by value" not in str(exc) or attempt == DEPLOY_ATTEMPTS - 1:
+                        raise
+                    log.warning("deploying again: Ray Serve's serialization raced the status poll (%s)", exc)
             deployed.append(True)
         except BaseException as exc:  # reported by the waiting thread
             failed.append(exc)
