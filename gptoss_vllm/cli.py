@@ -182,6 +182,35 @@ def _bench_soak(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     return 0 if report["lost_requests"] == 0 and report["leaked_slots"] == 0 else 1
 
 
+def _policies(text: str) -> tuple[str, ...]:
+    from gptoss_vllm.bench.lifecycle import POLICIES
+
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in POLICIES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"{text!r}: a comma-separated list of {', '.join(POLICIES)}")
+    return names
+
+
+def _bench_lifecycle(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from gptoss_vllm.bench.lifecycle import Settings, format_table, run_lifecycle
+
+    _check_writable(parser, args.json)
+    if args.keep and Path(args.keep).exists() and not Path(args.keep).is_dir():
+        parser.error(f"--keep: {args.keep} exists and is not a directory")
+    settings = Settings(
+        policies=args.policies,
+        step_users=args.users,
+        step_seconds=args.step,
+        output_tokens=args.output_tokens,
+    )
+    report = run_lifecycle(settings, args.json, Path(args.keep) if args.keep else None)
+    print(format_table(report))
+    if args.json:
+        print(f"wrote {args.json}")
+    return 1 if report["misses"] else 0
+
+
 def _loadtest(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import os
 
@@ -476,6 +505,28 @@ def build_parser() -> argparse.ArgumentParser:
     soak.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the traffic mix")
     soak.add_argument("--keep", metavar="DIR", help="keep the serve log and config here")
     soak.set_defaults(handler=_bench_soak, subparser=soak)
+    lifecycle = bench_sub.add_parser(
+        "lifecycle",
+        help="on a multi-node Ray cluster built from the rendered chart (nano): deploy time, cold start, "
+        "scale-up under a load step per autoscaling policy, scale-down, a redeploy and a node loss under "
+        "streams; failed requests and cut streams in each",
+    )
+    lifecycle.add_argument("--json", metavar="FILE", help="also write the figures as JSON to FILE")
+    lifecycle.add_argument(
+        "--policies", type=_policies, default=("ongoing", "queue"),
+        help="the fast pool's autoscaling policies to compare, in order (default ongoing,queue)",
+    )  # fmt: skip
+    lifecycle.add_argument(
+        "--users", type=_positive_int, default=4, help="streams in the load step (default 4)"
+    )
+    lifecycle.add_argument(
+        "--step", type=_duration, default=180.0, metavar="D", help="the load step's length (default 180s)"
+    )
+    lifecycle.add_argument(
+        "--output-tokens", type=_positive_int, default=256, help="tokens per stream in the step (default 256)"
+    )
+    lifecycle.add_argument("--keep", metavar="DIR", help="keep the nodes' logs here")
+    lifecycle.set_defaults(handler=_bench_lifecycle, subparser=lifecycle)
     return parser
 
 
@@ -486,6 +537,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:
+        # A line per HTTP call would drown the commands' own progress (benches poll every half second).
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     return args.handler(args, args.subparser)
 
 

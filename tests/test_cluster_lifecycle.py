@@ -1,10 +1,14 @@
 """The cluster lifecycle on a real multi-node Ray cluster built from the rendered chart, as KubeRay builds it
-(``gptoss_vllm/bench/kuberay.py``): the CPU demo's values, with the deep pool scaling from zero and the fast group
-on two nodes. The tests run in order on one cluster: deploy and route, cold start, node loss (a fast node is
-gone from then on), then ``serve --address`` onto the same cluster (last: its Ctrl-C deletes the app)."""
+(``gptoss_vllm/bench/kuberay.py``), through the phases of ``bench lifecycle`` (``gptoss_vllm/bench/lifecycle.py``)
+on its smallest settings: the CPU demo's values, with the deep pool scaling from zero and the fast pool scaling
+1..2 over two nodes. The tests run in order on one cluster: deploy and route, cold start, a redeploy that changes
+the fast pool's policy and a load step on it, node loss (a fast node is gone from then on), then
+``serve --address`` onto the same cluster (its Ctrl-C deletes the app), and last the bench's report from the
+phases' figures."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -16,42 +20,16 @@ import httpx
 import pytest
 import yaml
 
-from gptoss_vllm.bench.kuberay import Cluster, rayservice_spec, start_cluster
+from gptoss_vllm.bench import lifecycle
+from gptoss_vllm.bench.kuberay import Cluster
 from tests.support import http
 from tests.support.admission import target_samples
-from tests.support.chart import EXAMPLES, example, merge, render
 from tests.support.stack import start_stack
 
-CPU_DEMO = next(path for path in EXAMPLES if path.name == "values-cpu-demo.yaml")
-HOLD_TOKENS = 30000
-TEST_VALUES = {
-    # Two fast pods: a lost node's replica comes back on the other.
-    "workerGroups": {"fast": {"minReplicas": 2, "maxReplicas": 2}},
-    "serve": {
-        "pools": {
-            "fast": {
-                # Long streams for the node-loss test (nano stops early unless told to ignore EOS).
-                "engine_args": {"max_model_len": 32768, "enforce_eager": True},
-                "env": {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"},
-            },
-            "deep": {
-                "replicas": None,
-                "autoscaling": {
-                    # An engine-signal policy: Ray's controller loads it from the declarative config, runs it.
-                    "policy": "queue",
-                    "target": 1,
-                    "min_replicas": 0,
-                    "initial_replicas": 0,
-                    "max_replicas": 1,
-                    "upscale_delay_s": 0,
-                    "downscale_delay_s": 3600,
-                },
-                "cold_start_timeout_s": 300,
-            },
-        },
-        "budgets": {"low": {"max_tokens": HOLD_TOKENS}},
-    },
-}
+# The smallest step that sees the autoscaler's decision; a second replica takes longer than this to run beside a
+# loaded one on two cores (the bench's default step, 180 s, sees it serve).
+SETTINGS = lifecycle.Settings(policies=("ongoing", "queue"), step_users=4, step_seconds=30, output_tokens=128)
+PHASES: dict[str, dict] = {}  # the bench's figures, phase by phase, for the last test
 DEPLOY_TIMEOUT_S = 600
 
 
@@ -62,14 +40,11 @@ def _timed(label: str, seconds: float) -> None:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    spec = rayservice_spec(render(merge(example(CPU_DEMO), TEST_VALUES)))
-    started = time.monotonic()
-    running = start_cluster(spec, tmp_path_factory.mktemp("cluster"))
+    running, figures = lifecycle.deploy(SETTINGS, tmp_path_factory.mktemp("cluster"))
     try:
-        _timed("nodes up (head + 3 workers)", time.monotonic() - started)
-        running.deploy()
-        _wait_ready(running, DEPLOY_TIMEOUT_S)
-        _timed("time to deploy (ray start to /ready 200)", time.monotonic() - started)
+        PHASES["deploy"] = figures
+        _timed("nodes up (head + 3 workers)", figures["nodes_up_s"])
+        _timed("time to deploy (ray start to /ready 200)", figures["ready_s"])
         yield running
     finally:
         running.stop()
@@ -147,22 +122,20 @@ def test_a_pool_at_zero_holds_its_first_requests_while_a_replica_starts_on_its_g
     samples = _ingress_samples(cluster)
     assert _sample(samples, "gptoss_pool_min_replicas", pool="deep") == 0
     assert _sample(samples, "gptoss_pool_cold_starts_total", pool="deep") == 0
-    answers: list[httpx.Response] = []
-    started = time.monotonic()
-    senders = [threading.Thread(target=lambda: answers.append(_chat(cluster, "high"))) for _ in range(3)]
-    for sender in senders:
-        sender.start()
+    figures: dict = {}
+    sender = threading.Thread(target=lambda: figures.update(lifecycle.cold_start(cluster)))
+    sender.start()
     # While they wait, the pool says so and the service stays ready.
     deadline = time.monotonic() + 60
     while (state := _ready(cluster)) is None or state.json()["pools"]["deep"]["state"] != "cold_start":
         assert time.monotonic() < deadline, "the held requests never showed as a cold start"
         time.sleep(0.5)
     assert state.status_code == 200
-    for sender in senders:
-        sender.join()
-    _timed("cold start (first request held until answered)", time.monotonic() - started)
-    assert [a.status_code for a in answers] == [200, 200, 200], [a.text for a in answers]
-    assert {a.headers["x-gptoss-pool"] for a in answers} == {"deep"}  # held, not spilled
+    sender.join()
+    PHASES["cold_start"] = figures
+    _timed("cold start (first request held until answered)", figures["held_until_answered_s"])
+    assert (figures["requests"], figures["failed"], figures["cut_streams"]) == (3, 0, 0), figures
+    assert figures["answered_by"] == ["deep"]  # held, not spilled
     deep = _running_replica(cluster, "deep")
     assert cluster.node_of(deep["pid"]).group == "deep"
     samples = _ingress_samples(cluster)
@@ -174,60 +147,47 @@ def test_a_pool_at_zero_holds_its_first_requests_while_a_replica_starts_on_its_g
     assert _wait_ready(cluster, 10)["pools"]["deep"]["state"] == "serving"
 
 
+def test_a_redeploy_changes_the_fast_pools_policy_and_it_scales_up_under_load_and_back_down(cluster):
+    figures = lifecycle.redeploy(cluster, "queue", SETTINGS)
+    PHASES["redeploy[queue]"] = figures
+    _timed("redeploy of the fast pool's policy, settled", figures["settled_s"])
+    assert "fast" in figures["restarted"], figures
+    assert sorted(figures["restarted"] + figures["kept"]) == ["deep", "fast", "ingress"]
+    assert figures["stream_on_deep"]["state"] in ("running", "cut"), figures
+    assert _wait_ready(cluster, 60)["pools"]["fast"]["running_replicas"] == 1
+    # Serve runs fast on the new policy: the engines' queue, through the pool's custom policy.
+    fast = cluster.applications()["applications"]["gptoss"]["deployments"]["fast"]
+    policy = fast["deployment_config"]["autoscaling_config"]["policy"]
+    assert policy["policy_function"].endswith("scaling_policy:EngineSignalPolicy"), policy
+    assert policy["policy_kwargs"]["signal"] == "queue", policy
+    # The step: fast's engines run two sequences each, so four streams leave two waiting, the queue policy's
+    # signal, and the autoscaler adds a replica; idle again, the pool goes back to one.
+    figures = lifecycle.scale(cluster, "queue", SETTINGS)
+    PHASES["scale[queue]"] = figures
+    _timed("scale decision under the load step (queue policy)", figures["scale_decision_s"] or -1)
+    assert figures["failed"] == 0 and figures["cut_streams"] == 0, figures
+    assert figures["requests"] >= SETTINGS.step_users, figures
+    assert figures["scale_decision_s"] is not None and figures["scale_decision_s"] < figures["step_s"], (
+        figures
+    )
+    assert figures["scale_down_s"] is not None, figures
+    # At least one replica throughout the step (sampled every 0.5 s), at most two.
+    assert 0.9 * figures["step_s"] <= figures["replica_seconds"] <= 2 * figures["step_s"] + 5, figures
+    assert figures["ttft_p95_ms"] >= figures["ttft_p50_ms"] > 0, figures
+    assert figures["stream_through_scale_down"]["state"] in ("running", "finished"), figures
+
+
 def test_node_loss_ends_its_streams_cleanly_and_the_pool_comes_back_on_the_groups_other_node(cluster):
-    fast = _running_replica(cluster, "fast")
-    lost = cluster.node_of(fast["pid"])
-    events: list[str] = []
-
-    def stream() -> None:
-        body = {
-            "model": "gpt-oss-nano",
-            "messages": [{"role": "user", "content": "Tell me a long story."}],
-            "reasoning_effort": "low",
-            "max_tokens": HOLD_TOKENS - 100,
-            "ignore_eos": True,
-            "stream": True,
-        }
-        with http.stream(
-            "POST", f"{cluster.serve_url}/v1/chat/completions", json=body, timeout=300
-        ) as answer:
-            assert answer.status_code == 200
-            events.extend(line for line in answer.iter_lines() if line.startswith("data: "))
-
-    streaming = threading.Thread(target=stream)
-    streaming.start()
-    deadline = time.monotonic() + 120
-    while len(events) < 20:
-        assert time.monotonic() < deadline and streaming.is_alive(), events[-3:]
-        time.sleep(0.2)
-    lost.lose()
-    lost_at = time.monotonic()
-    # The other pool never notices.
-    deep = _chat(cluster, "high")
-    assert deep.status_code == 200, deep.text
-    streaming.join(timeout=300)
-    assert not streaming.is_alive()
-    *_, last = events
-    error = json.loads(last[len("data: ") :])
-    assert error["error"]["code"] == "replica_failed", last
+    figures = lifecycle.node_loss(cluster, SETTINGS)
+    PHASES["node_loss"] = figures
+    _timed("node loss to the pool serving again", figures["recovery_s"])
+    # The stream on the lost node ends with an error event that says why; the other pool never notices.
+    assert figures["stream_on_lost_node"] == {"state": "cut", "error": "replica_failed", "status": 200}
+    assert figures["other_pool_status"] == 200
     # Back on the group's other node, serving.
-    deadline = time.monotonic() + DEPLOY_TIMEOUT_S
-    while True:
-        # Serve lists the lost replica as RUNNING until its health check fails; meanwhile low effort spills
-        # over to deep (fast's spillover): the pool is back when fast itself answers.
-        alive = [
-            r for r in cluster.replicas("fast") if r.get("state") == "RUNNING" and cluster.owner(r["pid"])
-        ]
-        if alive:
-            answer = _chat(cluster, "low")
-            if answer.status_code == 200 and answer.headers["x-gptoss-pool"] == "fast":
-                break
-        assert time.monotonic() < deadline, cluster.log_tail()
-        time.sleep(1)
-    _timed("node loss to the pool serving again", time.monotonic() - lost_at)
-    (replica,) = alive
-    survivor = cluster.node_of(replica["pid"])
-    assert survivor.group == "fast" and survivor is not lost
+    assert figures["group"] == "fast"
+    (survivor,) = figures["recovered_on"]
+    assert survivor != figures["node"] and survivor in {node.name for node in cluster.group("fast")}
 
 
 def test_serve_address_deploys_onto_the_same_cluster(cluster, tmp_path):
@@ -283,3 +243,26 @@ def test_serve_address_deploys_onto_the_same_cluster(cluster, tmp_path):
     # Ctrl-C deleted the app it deployed; the cluster stays.
     assert "gptoss" not in cluster.applications().get("applications", {})
     assert all(node.proc.poll() is None for node in [cluster.head, *cluster.group("deep")])
+
+
+def test_the_bench_report_from_these_phases_has_every_figure():
+    # The phases above are ``bench lifecycle``'s on its smallest settings; its report and table from them.
+    assert set(PHASES) == {"deploy", "cold_start", "redeploy[queue]", "scale[queue]", "node_loss"}, PHASES
+    report = {"machine": lifecycle.machine_info(), "settings": dataclasses.asdict(SETTINGS), "phases": PHASES}
+    report["misses"] = lifecycle.misses(report)
+    loaded = json.loads(json.dumps(report))
+    assert {"nodes_up_s", "ready_s"} <= set(loaded["phases"]["deploy"])
+    assert {"held_until_answered_s", "requests", "failed", "cut_streams"} <= set(
+        loaded["phases"]["cold_start"]
+    )
+    assert {"changed", "settled_s", "restarted", "kept", "stream_on_deep"} <= set(
+        loaded["phases"]["redeploy[queue]"]
+    )
+    scale = loaded["phases"]["scale[queue]"]
+    assert {"policy", "target", "scale_decision_s", "scale_up_s", "scale_down_s", "ttft_p95_ms"} <= set(scale)
+    assert {"replica_seconds", "requests", "failed", "cut_streams", "stream_through_scale_down"} <= set(scale)
+    assert {"recovery_s", "requests", "failed", "stream_on_lost_node"} <= set(loaded["phases"]["node_loss"])
+    # What missed a target is named, phase by phase (a redeploy on serveConfigV2 restarts every deployment).
+    assert all(miss.split(":")[0] in PHASES for miss in report["misses"])
+    table = lifecycle.format_table(report)
+    assert all(name in table for name in PHASES)

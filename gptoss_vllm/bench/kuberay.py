@@ -13,7 +13,11 @@ Where one machine differs from pods, and only there, the harness changes what it
   export) instead of the pods' fixed 6379/8265/52365/8080, and Serve runs one HTTP proxy (on the head, at a
   free port) instead of one per pod on port 8000;
 - environment values that name container paths (``HOME``, ``HF_HOME``) are left as this machine's;
-- the object store of each node is small (pods have their memory limit; Ray here would see the machine's).
+- the object store of each node is small (pods have their memory limit; Ray here would see the machine's);
+- each worker pod runs on cores of its own, as a pod does on its node (worker ``k`` on core ``k`` modulo the
+  cores this process may use; the head floats): vLLM binds its OpenMP threads to the cores it may use, and two
+  engines bound to the same cores stall each other (a second fast replica took minutes to start beside a
+  loaded one).
 GPUs are dropped (the CPU demo asks for none). Nodes are stopped by their process ids (each ``ray start`` is
 the leader of its own process group), never by name.
 """
@@ -278,11 +282,14 @@ class Cluster:
         stop_nodes([self.head])
 
 
-def _start_node(name: str, pod: PodSpec, params: dict[str, str], root: Path) -> RayNode:
+def _start_node(
+    name: str, pod: PodSpec, params: dict[str, str], root: Path, cores: list[int] | None = None
+) -> RayNode:
     log_path = root / f"{name}.log"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)} | pod.env
+    pinned = ["taskset", "--cpu-list", ",".join(map(str, cores))] if cores else []
     proc = subprocess.Popen(
-        start_command(params | {"block": "true"}),
+        [*pinned, *start_command(params | {"block": "true"})],
         stdout=log_path.open("w"),
         stderr=subprocess.STDOUT,
         env=env,
@@ -342,6 +349,7 @@ def start_cluster(spec: RayServiceSpec, root: Path, timeout_s: float = 180) -> C
     cluster = Cluster(
         spec, root, head, f"{NODE_IP}:{gcs_port}", f"http://{NODE_IP}:{dashboard_port}", free_port()
     )
+    cores = sorted(os.sched_getaffinity(0))
     try:
         _wait_for_nodes(cluster, 1, timeout_s)
         for group, (pod, replicas) in spec.workers.items():
@@ -355,7 +363,8 @@ def start_cluster(spec: RayServiceSpec, root: Path, timeout_s: float = 180) -> C
                     }
                 )
                 params.pop("num-gpus", None)
-                cluster.workers.append(_start_node(f"{group}-{index}", pod, params, root))
+                core = cores[len(cluster.workers) % len(cores)]
+                cluster.workers.append(_start_node(f"{group}-{index}", pod, params, root, [core]))
         _wait_for_nodes(cluster, 1 + len(cluster.workers), timeout_s)
     except BaseException:
         cluster.stop()
