@@ -1,4 +1,5 @@
-"""``gptoss-vllm bench lifecycle``: its argument errors (the run itself needs a cluster: WIP, see the issue)."""
+"""``gptoss-vllm bench lifecycle``: its argument errors and the arithmetic of its figures (its phases run on the
+cluster in ``tests/test_cluster_lifecycle.py``)."""
 
 from __future__ import annotations
 
