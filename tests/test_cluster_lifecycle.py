@@ -245,8 +245,9 @@ def test_serve_address_deploys_onto_the_same_cluster(cluster, tmp_path):
     assert all(node.proc.poll() is None for node in [cluster.head, *cluster.group("deep")])
 
 
-def test_the_bench_report_from_these_phases_has_every_figure():
-    # The phases above are ``bench lifecycle``'s on its smallest settings; its report and table from them.
+def test_the_bench_report_from_these_phases_has_every_figure(cluster):
+    # The phases above (on this cluster) are ``bench lifecycle``'s on its smallest settings; its report and
+    # table from them.
     assert set(PHASES) == {"deploy", "cold_start", "redeploy[queue]", "scale[queue]", "node_loss"}, PHASES
     report = {"machine": lifecycle.machine_info(), "settings": dataclasses.asdict(SETTINGS), "phases": PHASES}
     report["misses"] = lifecycle.misses(report)
