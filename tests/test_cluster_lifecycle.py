@@ -184,6 +184,7 @@ def test_node_loss_ends_its_streams_cleanly_and_the_pool_comes_back_on_the_group
     # The stream on the lost node ends with an error event that says why; the other pool never notices.
     assert figures["stream_on_lost_node"] == {"state": "cut", "error": "replica_failed", "status": 200}
     assert figures["other_pool_status"] == 200
+    assert figures["fast_replicas_at_loss"] == [f"RUNNING on {figures['node']}"], figures
     # Back on the group's other node, serving.
     assert figures["group"] == "fast"
     (survivor,) = figures["recovered_on"]

@@ -462,6 +462,11 @@ def node_loss(cluster: Cluster, settings: Settings) -> dict[str, Any]:
 
     long = LongStream(cluster.serve_url, "low")
     long.wait_generating(120)
+    # What fast had when the node went (a replica the autoscaler added meanwhile would take the traffic at once).
+    at_loss = sorted(
+        (str(r.get("state")), owner.name if (owner := cluster.owner(r.get("pid") or -1)) else "no live node")
+        for r in cluster.replicas("fast")
+    )
     lost.lose()
     # The other pool never notices.
     other = _HTTP.post(
@@ -495,6 +500,7 @@ def node_loss(cluster: Cluster, settings: Settings) -> dict[str, Any]:
     return {
         "node": lost.name,
         "group": lost.group,
+        "fast_replicas_at_loss": [f"{state} on {node}" for state, node in at_loss],
         "other_pool_status": other.status_code,
         "recovery_s": round(back, 1),
         "recovered_on": sorted(cluster.node_of(r["pid"]).name for r in survivors),
