@@ -290,9 +290,15 @@ def _replica_ids(cluster: Cluster, deployment: str) -> set[str]:
     return {r["replica_id"] for r in cluster.replicas(deployment) if r.get("state") == "RUNNING"}
 
 
-def _settled(cluster: Cluster) -> bool:
-    """Every replica of every deployment RUNNING: none starting, none draining."""
-    return all(r.get("state") == "RUNNING" for name in DEPLOYMENTS for r in cluster.replicas(name))
+def _settled(app: dict[str, Any]) -> bool:
+    """Every replica of every deployment of ``app`` (Serve's status of it) RUNNING: none starting, none
+    draining."""
+    deployments = app.get("deployments", {})
+    return all(
+        r.get("state") == "RUNNING"
+        for name in DEPLOYMENTS
+        for r in deployments.get(name, {}).get("replicas", [])
+    )
 
 
 def _one_replica(cluster: Cluster, deployment: str) -> bool:
@@ -432,7 +438,7 @@ def redeploy(cluster: Cluster, policy: str, settings: Settings) -> dict[str, Any
         return (
             app.get("last_deployed_time_s") != deployed_at
             and app.get("status") == "RUNNING"
-            and _settled(cluster)
+            and _settled(app)  # from the same status read: one dashboard call per poll
             and ready(cluster)
         )
 
