@@ -41,6 +41,7 @@ from tqdm import tqdm
 from gptoss_vllm.bench.chart import CHART, merge, render
 from gptoss_vllm.bench.kuberay import Cluster, ClusterError, RayNode, rayservice_spec, start_cluster
 from gptoss_vllm.bench.overhead import machine_info
+from gptoss_vllm.loadtest.samples import percentile
 
 MODEL = "gpt-oss-nano"
 CPU_DEMO = CHART.parents[1] / "deploy" / "helm" / "values-cpu-demo.yaml"
@@ -338,14 +339,6 @@ def ready(cluster: Cluster) -> bool:
         return False
 
 
-def _quantile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    if len(values) == 1:
-        return values[0]
-    return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1]
-
-
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
 
@@ -404,7 +397,7 @@ def scale(cluster: Cluster, policy: str, settings: Settings) -> dict[str, Any]:
         time.sleep(3)  # a stream cut by the scale-down has ended by now
         through_scale_down = long.hang_up()
     ttfts = [o.ttft_s for o in outcomes if o.ttft_s is not None]
-    p95 = _quantile(ttfts, 0.95)
+    p95 = percentile(ttfts, 95)
     return {
         "policy": policy,
         "target": TARGETS[policy],
