@@ -22,8 +22,9 @@ import pytest
 import yaml
 
 from gptoss_vllm.observability import rules as rules_module
+from gptoss_vllm.serve.app_names import APP_NAME, pool_app_name
 from gptoss_vllm.serve.body_shape import ShapeLimits
-from gptoss_vllm.serve.config import EFFORTS, BodyShape, parse_config
+from gptoss_vllm.serve.config import EFFORTS, BodyShape, ServeConfig, parse_view
 from gptoss_vllm.serve.proxy.settings import shape_limits
 from helm import values_schema
 from tests.support.chart import CHART, EXAMPLES, NAMESPACE, ROOT, by_kind, chart, example, merge, render
@@ -43,10 +44,36 @@ CRD_FILES = {
 UNCHECKED_KINDS = {("gateway.networking.k8s.io/v1", "HTTPRoute")}
 
 
-def serve_app(objects: list[dict[str, Any]]) -> dict[str, Any]:
+def serve_apps(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The Serve applications of the RayService's serveConfigV2, by name (checked by Ray's own schema)."""
+    from ray.serve.schema import ServeDeploySchema
+
     (rayservice,) = by_kind(objects, "RayService")
-    (app,) = yaml.safe_load(rayservice["spec"]["serveConfigV2"])["applications"]
-    return app
+    declared = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+    ServeDeploySchema(**declared)
+    return {app["name"]: app for app in declared["applications"]}
+
+
+def serve_app(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ingress's application."""
+    return serve_apps(objects)[APP_NAME]
+
+
+def declared_config(objects: list[dict[str, Any]]) -> ServeConfig:
+    """The whole serving config the chart deploys, gathered from its applications; the ingress's arguments
+    must be the view Python derives from it (the chart computes it in its templates)."""
+    from gptoss_vllm.serve.app import config_of
+
+    apps = serve_apps(objects)
+    ingress = apps[APP_NAME]
+    assert (ingress["route_prefix"], ingress["import_path"]) == ("/", "gptoss_vllm.serve.app:build_app")
+    config = config_of({"applications": list(apps.values())})
+    for name in config.pools:
+        app = apps[pool_app_name(name)]
+        assert app["route_prefix"] is None and app["import_path"] == "gptoss_vllm.serve.app:build_pool_app"
+        assert app["args"]["model_name"] == config.model_name
+    assert len(apps) == len(config.pools) + 1
+    return config
 
 
 @functools.cache
@@ -101,10 +128,7 @@ def validate(objects: list[dict[str, Any]]) -> None:
 
 
 def check_serve_config(objects: list[dict[str, Any]], values: dict[str, Any]) -> None:
-    app = serve_app(objects)
-    assert app["import_path"] == "gptoss_vllm.serve.app:build_app"
-    assert app["route_prefix"] == "/"
-    config = parse_config(app["args"]["serve"], source="serveConfigV2")
+    config = declared_config(objects)
     (rayservice,) = by_kind(objects, "RayService")
     groups = {g["groupName"]: g for g in rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
     assert set(groups) == set(config.pools)
@@ -122,6 +146,45 @@ def check_serve_config(objects: list[dict[str, Any]], values: dict[str, Any]) ->
             assert pool.model.startswith(merged["model"]["pvc"]["mountPath"] + "/")
     # Every effort has its pool, as the local `serve` requires.
     assert {config.pool_for(e) for e in EFFORTS} <= set(config.pools)
+
+
+def test_the_ingress_view_follows_each_pools_floor_and_context_and_nothing_else():
+    from gptoss_vllm.serve.app import serve_deploy_config
+
+    def rendered(fast: dict[str, Any], deep: dict[str, Any]) -> tuple[ServeConfig, dict[str, Any]]:
+        objects = render({"serve": {"pools": {"fast": fast, "deep": deep}}})
+        return declared_config(objects), serve_apps(objects)
+
+    # The floor: autoscaling's min_replicas (Ray's default 1 when absent; null drops the chart's default), or
+    # replicas; the context: max_model_len in either spelling vLLM takes.
+    fast = {
+        "autoscaling": {"min_replicas": None, "max_replicas": 3},
+        "engine_args": {"max_model_len": None, "max-model-len": 2048},
+    }
+    deep = {"autoscaling": {"min_replicas": 0, "max_replicas": 2}, "engine_args": {"max_model_len": 8192}}
+    config, apps = rendered(fast, deep)
+    view = apps[APP_NAME]["args"]["serve"]["pools"]
+    assert (view["fast"]["min_replicas"], view["fast"]["max_model_len"]) == (1, 2048)
+    assert (view["deep"]["min_replicas"], view["deep"]["max_model_len"]) == (0, 8192)
+    assert config.view().pools["deep"].scales_from_zero
+    assert (
+        rendered({"autoscaling": None, "replicas": 3}, deep)[1][APP_NAME]["args"]["serve"]["pools"]["fast"][
+            "min_replicas"
+        ]
+        == 3
+    )
+    # What the chart renders is what Python writes for the same config (defaults aside).
+    python = {a["name"]: a for a in serve_deploy_config(config)["applications"]}
+    assert set(python) == set(apps)
+    assert parse_view(python[APP_NAME]["args"]["serve"]) == parse_view(apps[APP_NAME]["args"]["serve"])
+    # A pool's scaling policy, engine or model is its application's alone: the ingress's arguments stay.
+    _, changed = rendered(
+        merge(fast, {"autoscaling": {"max_replicas": 5, "policy": "queue", "target": 2}}),
+        merge(deep, {"engine_args": {"max_num_seqs": 3}}),
+    )
+    assert changed[APP_NAME] == apps[APP_NAME]
+    assert changed[pool_app_name("fast")] != apps[pool_app_name("fast")]
+    assert changed[pool_app_name("deep")] != apps[pool_app_name("deep")]
 
 
 # -- values files and toggles -----------------------------------------------------------------------------------
@@ -613,7 +676,7 @@ def test_proxy_gate_env_and_serving_config():
         env = env_of(container)
         assert (env["GPTOSS_MAX_BODY_BYTES"], env["GPTOSS_MAX_HEADER_BYTES"]) == ("8388608", "16384")
         assert env["GPTOSS_BODY_TIMEOUT_S"] == "12.5"
-    config = parse_config(serve_app(objects)["args"]["serve"], source="serveConfigV2")
+    config = declared_config(objects)
     assert (config.ingress.max_body_bytes, config.ingress.max_header_bytes) == (8388608, 16384)
     assert config.ingress.body_timeout_s == 12.5
     assert config.ingress.body_shape.limits() == ShapeLimits(32, 500, 70000, 4096, 1000)
@@ -626,12 +689,12 @@ def test_proxy_gate_env_and_serving_config():
 
 
 def test_the_response_store_from_values_with_its_secrets():
-    config = parse_config(serve_app(render())["args"]["serve"], source="serveConfigV2")
+    config = declared_config(render())
     assert config.response_store.backend == "embedded" and config.response_store.ttl_s == 30 * 86400
     for container in ray_containers(render()):
         assert "GPTOSS_RESPONSE_STORE_PASSWORD" not in env_of(container)
     objects = render(TOGGLES["redis-store"])
-    config = parse_config(serve_app(objects)["args"]["serve"], source="serveConfigV2")
+    config = declared_config(objects)
     store = config.response_store
     assert (store.backend, store.url, store.ttl_s, store.max_responses) == (
         "redis", "rediss://redis.data:6380/0", 86400, 5000,

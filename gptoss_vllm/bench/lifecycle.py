@@ -11,7 +11,7 @@ Phases, in order, on one cluster (head, two ``fast`` nodes, one ``deep`` node):
   scale-down once idle, with a long stream running through it;
 - ``redeploy[<policy>]``, before each policy but the first: the fast pool's policy changes (a PUT of the new
   serveConfigV2, as KubeRay does on ``helm upgrade``) while a long stream runs on ``deep``: which deployments
-  restarted, and whether the stream was cut;
+  restarted (only ``fast``'s application changed), and whether the stream was cut;
 - ``node_loss``: the node of fast's replica loses its raylet mid-traffic: how long until ``fast`` answers again,
   and how the requests sent meanwhile fared.
 
@@ -42,6 +42,7 @@ from gptoss_vllm.bench.chart import CHART, merge, render
 from gptoss_vllm.bench.kuberay import Cluster, ClusterError, RayNode, rayservice_spec, start_cluster
 from gptoss_vllm.bench.overhead import machine_info
 from gptoss_vllm.loadtest.samples import percentile
+from gptoss_vllm.serve.app_names import APP_NAME, pool_app_name
 
 MODEL = "gpt-oss-nano"
 CPU_DEMO = CHART.parents[1] / "deploy" / "helm" / "values-cpu-demo.yaml"
@@ -52,7 +53,6 @@ TARGETS = {"ongoing": 2.0, "queue": 1.0, "kv_cache": 0.5, "ttft": 2.0}
 FAST_MAX_SEQS = 2
 LONG_TOKENS = 30000  # long streams outlast any phase; the bench hangs up on them
 DEPLOYMENTS = ("ingress", "fast", "deep")
-APP = "gptoss"
 _HTTP = httpx.Client(limits=httpx.Limits(max_keepalive_connections=0))
 
 
@@ -291,15 +291,19 @@ def _replica_ids(cluster: Cluster, deployment: str) -> set[str]:
     return {r["replica_id"] for r in cluster.replicas(deployment) if r.get("state") == "RUNNING"}
 
 
-def _settled(app: dict[str, Any]) -> bool:
-    """Every replica of every deployment of ``app`` (Serve's status of it) RUNNING: none starting, none
+def _app_of(deployment: str) -> str:
+    return APP_NAME if deployment == "ingress" else pool_app_name(deployment)
+
+
+def _settled(apps: dict[str, Any]) -> bool:
+    """Every application RUNNING and every replica of theirs (Serve's status of them) too: none starting, none
     draining."""
-    deployments = app.get("deployments", {})
-    return all(
-        r.get("state") == "RUNNING"
-        for name in DEPLOYMENTS
-        for r in deployments.get(name, {}).get("replicas", [])
-    )
+    for name in DEPLOYMENTS:
+        app = apps.get(_app_of(name), {})
+        replicas = app.get("deployments", {}).get(name, {}).get("replicas", [])
+        if app.get("status") != "RUNNING" or any(r.get("state") != "RUNNING" for r in replicas):
+            return False
+    return True
 
 
 def _one_replica(cluster: Cluster, deployment: str) -> bool:
@@ -307,8 +311,8 @@ def _one_replica(cluster: Cluster, deployment: str) -> bool:
     return [r.get("state") for r in cluster.replicas(deployment)] == ["RUNNING"]
 
 
-def _app(cluster: Cluster) -> dict[str, Any]:
-    return cluster.applications().get("applications", {}).get(APP, {})
+def _apps(cluster: Cluster) -> dict[str, Any]:
+    return cluster.applications().get("applications", {})
 
 
 def wait_for(
@@ -418,7 +422,8 @@ def redeploy(cluster: Cluster, policy: str, settings: Settings) -> dict[str, Any
     """The fast pool's autoscaling policy changes, as ``helm upgrade`` changes serveConfigV2, while a long
     stream runs on ``deep``: which deployments restarted (no replica kept), and what became of the stream."""
     before = {name: _replica_ids(cluster, name) for name in DEPLOYMENTS}
-    deployed_at = _app(cluster).get("last_deployed_time_s")
+    changed = _app_of("fast")
+    deployed_at = _apps(cluster)[changed].get("last_deployed_time_s")
     long = LongStream(cluster.serve_url, "high")
     long.wait_generating(120)
     started = time.monotonic()
@@ -427,11 +432,10 @@ def redeploy(cluster: Cluster, policy: str, settings: Settings) -> dict[str, Any
     def settled() -> bool:
         # Serve took the new config and runs it, and every replica a restart replaced is gone (a draining one
         # still carries its streams).
-        app = _app(cluster)
+        apps = _apps(cluster)
         return (
-            app.get("last_deployed_time_s") != deployed_at
-            and app.get("status") == "RUNNING"
-            and _settled(app)  # from the same status read: one dashboard call per poll
+            apps.get(changed, {}).get("last_deployed_time_s") != deployed_at
+            and _settled(apps)  # from the same status read: one dashboard call per poll
             and ready(cluster)
         )
 

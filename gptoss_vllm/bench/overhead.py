@@ -28,6 +28,7 @@ import psutil
 import yaml
 from tqdm import tqdm
 
+from gptoss_vllm.serve.app_names import APP_NAME, pool_app_name
 from gptoss_vllm.serve.config import PoolConfig, load_config
 from gptoss_vllm.serve.pool.engine_args import server_argv
 
@@ -37,8 +38,8 @@ PROMPT = [{"role": "user", "content": "What is 47 + 8?"}]
 # Process titles (Ray sets them) of the stack's processes outside the engine, by role.
 STACK_ROLES = {
     "proxy": "ray::ProxyActor",
-    "ingress": "ServeReplica:gptoss:ingress",
-    "pool_replica": "ServeReplica:gptoss:all",
+    "ingress": f"ServeReplica:{APP_NAME}:ingress",
+    "pool_replica": f"ServeReplica:{pool_app_name('all')}:all",
     "controller": "ray::ServeController",
     "ray_daemons": ("raylet", "gcs_server", "dashboard"),
 }

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from gptoss_vllm.bench.overhead import cpu_seconds, machine_info
 from gptoss_vllm.observability.request_record import Observation
+from gptoss_vllm.serve.app_names import APP_NAME, pool_app_name
 from gptoss_vllm.serve.pool.answer_channel import (
     AnswerChannel,
     AnswerItem,
@@ -35,8 +36,8 @@ POOL = "relay"
 MODEL_NAME = "gpt-oss-relay"
 ROLES = {
     "proxy": "ray::ProxyActor",
-    "ingress": "ServeReplica:gptoss:ingress",
-    "pool": f"ServeReplica:gptoss:{POOL}",
+    "ingress": f"ServeReplica:{APP_NAME}:ingress",
+    "pool": f"ServeReplica:{pool_app_name(POOL)}:{POOL}",
 }
 
 
@@ -157,7 +158,7 @@ def run_relay_bench(
     import ray
     from ray import serve
 
-    from gptoss_vllm.serve.app import APP_NAME, build_application
+    from gptoss_vllm.serve.app import run_targets
     from gptoss_vllm.serve.config import parse_config
 
     config = parse_config(
@@ -181,7 +182,7 @@ def run_relay_bench(
     )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_application(config, pool_class=SyntheticPool), name=APP_NAME, route_prefix="/")
+        serve.run_many(run_targets(config, pool_class=SyntheticPool))
         deadline = time.monotonic() + 60  # the ingress learns of the pool's replica
         with httpx.Client(timeout=5) as client:
             while client.get(f"{url}/ready").status_code != 200:

@@ -33,6 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
 from gptoss_vllm.bench.overhead import machine_info, process_title
+from gptoss_vllm.serve.app_names import APP_NAME, pool_app_name
 from gptoss_vllm.serve.config import load_config
 
 KEY = "sk-soak"
@@ -42,8 +43,11 @@ PROMPT = [{"role": "user", "content": "What is 47 + 8?"}]
 # Process titles (Ray sets them) by role; anything else of the stack's is not sampled.
 ROLES = {
     "proxy": ("ray::ProxyActor",),
-    "ingress": ("ServeReplica:gptoss:ingress",),
-    "pool_replica": ("ServeReplica:gptoss:fast", "ServeReplica:gptoss:deep"),
+    "ingress": (f"ServeReplica:{APP_NAME}:ingress",),
+    "pool_replica": (
+        f"ServeReplica:{pool_app_name('fast')}:fast",
+        f"ServeReplica:{pool_app_name('deep')}:deep",
+    ),
     "engine": ("VLLM::EngineCore",),
     "controller": ("ray::ServeController",),
 }

@@ -11,10 +11,11 @@ The folders are the processes the code runs in; data flows one way, proxy -> ing
   its engine arguments, the engine's signals for autoscaling, the stream observer and the answer channel back
   to the ingress; and what Ray Serve runs for each pool elsewhere: the request routers (in the calling ingress
   process) and the autoscaling policy (in the Serve controller).
-- here, in the driver (``gptoss-vllm serve``, or the RayService's import path): ``config`` (the one YAML
-  schema), ``app`` (builds the Ray Serve application), ``launcher`` (starts Ray and Serve, waits until ready);
-  and the leaves that proxy, ingress and pool share: ``openai_errors`` (OpenAI's error shape), ``body_bounds``
-  and ``asgi``.
+- here, in the driver (``gptoss-vllm serve``, or the RayService's import paths): ``config`` (the one YAML
+  schema, and the view of it the ingress is deployed with), ``app`` (builds the Ray Serve applications: one per
+  pool and the ingress's), ``launcher`` (starts Ray and Serve, waits until ready); and the leaves that proxy,
+  ingress and pool share: ``app_names`` (the applications' names), ``openai_errors`` (OpenAI's error shape),
+  ``body_bounds`` and ``asgi``.
 
 Helpers that only the benches and tests use (starting a stack or a vLLM server as a process) live in
 :mod:`gptoss_vllm.bench`.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -25,6 +25,9 @@ BUILTIN_PREFIX = "builtin:"
 DEFAULT_MAX_MODEL_LEN = 131072  # gpt-oss's context, when a pool does not set max_model_len
 BODY_BYTES_PER_TOKEN = 32  # a token's text as escaped JSON, with room for message structure
 _POOL_NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
+
+
+_S = TypeVar("_S", bound=BaseModel)
 
 
 class ConfigError(ValueError):
@@ -114,24 +117,15 @@ class PoolAutoscaling(BaseModel):
         return {**config, "policy": {"policy_function": SCALING_POLICY_FUNCTION, "policy_kwargs": kwargs}}
 
 
-class PoolConfig(_Strict):
-    """One replica pool: a deployment of identical engines serving some efforts."""
+class PoolRouting(_Strict):
+    """What the ingress routes a pool's requests by: its efforts, bounds, spillover and drain."""
 
-    model: str = Field(description="Local checkpoint path, HF id, or builtin:<preset> (built on first use)")
     efforts: list[Effort] = Field(min_length=1)
-    engine_args: dict[str, Any] = Field(default_factory=dict, description="vLLM engine/server arguments")
-    env: dict[str, str] = Field(default_factory=dict, description="Environment of each replica's process")
-    replicas: int | None = Field(default=None, ge=1)
-    autoscaling: PoolAutoscaling | None = Field(
-        default=None, description="Ray Serve's autoscaling_config, and the signal the pool scales on"
-    )
     max_ongoing_requests: int = Field(default=16, ge=1, description="Concurrent requests per replica")
     max_queued_requests: int = Field(
         default=32, ge=0, description="Queue bound of the whole service; beyond: 429"
     )
-    router: Literal["power_of_two", "prefix_aware"] = "power_of_two"
     spillover: Spillover | None = None
-    ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 1})
     drain_timeout_s: float = Field(
         default=600.0, gt=0, description="How long a stopping replica finishes streams"
     )
@@ -149,6 +143,25 @@ class PoolConfig(_Strict):
             raise ValueError(f"lists an effort twice: {value}")
         return value
 
+    @property
+    def scales_from_zero(self) -> bool:
+        """Whether the pool may have no replica while idle and start one for a request."""
+        return self.min_replicas == 0  # type: ignore[attr-defined]  # each subclass has its floor
+
+
+class PoolConfig(PoolRouting):
+    """One replica pool: a deployment of identical engines serving some efforts."""
+
+    model: str = Field(description="Local checkpoint path, HF id, or builtin:<preset> (built on first use)")
+    engine_args: dict[str, Any] = Field(default_factory=dict, description="vLLM engine/server arguments")
+    env: dict[str, str] = Field(default_factory=dict, description="Environment of each replica's process")
+    replicas: int | None = Field(default=None, ge=1)
+    autoscaling: PoolAutoscaling | None = Field(
+        default=None, description="Ray Serve's autoscaling_config, and the signal the pool scales on"
+    )
+    router: Literal["power_of_two", "prefix_aware"] = "power_of_two"
+    ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 1})
+
     @model_validator(mode="after")
     def _replicas_or_autoscaling(self) -> PoolConfig:
         if self.replicas is not None and self.autoscaling is not None:
@@ -163,9 +176,15 @@ class PoolConfig(_Strict):
         return self.replicas or 1
 
     @property
-    def scales_from_zero(self) -> bool:
-        """Whether the pool may have no replica while idle and start one for a request."""
-        return self.min_replicas == 0
+    def max_model_len(self) -> int:
+        """The engine's context length: ``engine_args.max_model_len`` or gpt-oss's own."""
+        length = self.engine_args.get("max_model_len") or self.engine_args.get("max-model-len")
+        return int(length or DEFAULT_MAX_MODEL_LEN)
+
+    def view(self) -> PoolView:
+        """What the ingress needs of this pool, and nothing whose change should restart the ingress."""
+        routing = self.model_dump(include=set(PoolRouting.model_fields))
+        return PoolView(**routing, min_replicas=self.min_replicas, max_model_len=self.max_model_len)
 
     def resolved_model(self) -> str:
         """The checkpoint path (``~`` expanded, builtin presets in the user cache) or the HF id."""
@@ -174,6 +193,14 @@ class PoolConfig(_Strict):
         if self.model.startswith(("~", "/", "./", "../")):
             return os.path.expanduser(self.model)
         return self.model
+
+
+class PoolView(PoolRouting):
+    """A pool as the ingress sees it: its routing, its floor of replicas (a floor of 0 is a cold start) and its
+    context length (the body limit follows it). The pool's model, engine and scaling are its own application's."""
+
+    min_replicas: int = Field(default=1, ge=0)
+    max_model_len: int = Field(default=DEFAULT_MAX_MODEL_LEN, ge=1)
 
 
 class Budget(_Strict):
@@ -323,18 +350,19 @@ class IngressConfig(_Strict):
     )
 
 
-class ServeConfig(_Strict):
+class _Service(_Strict):
+    """The service's settings around its pools: a pool's type is its config's or its view's."""
+
     model_name: str = Field(min_length=1, description="The model name clients send and /v1/models lists")
     default_effort: Effort = "medium"
-    pools: dict[str, PoolConfig] = Field(min_length=1)
     budgets: dict[Effort, Budget] = Field(default_factory=dict)
     auth: Auth | None = None
     ingress: IngressConfig = Field(default_factory=IngressConfig)
     response_store: ResponseStoreConfig = Field(default_factory=ResponseStoreConfig)
 
-    @field_validator("pools")
+    @field_validator("pools", check_fields=False)
     @classmethod
-    def _pool_names(cls, value: dict[str, PoolConfig]) -> dict[str, PoolConfig]:
+    def _pool_names(cls, value: dict[str, PoolRouting]) -> dict[str, PoolRouting]:
         for name in value:
             if not _POOL_NAME.match(name):
                 raise ValueError(
@@ -343,15 +371,16 @@ class ServeConfig(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _routing_is_total(self) -> ServeConfig:
+    def _routing_is_total(self) -> _Service:
+        pools: dict[str, PoolRouting] = self.pools  # type: ignore[attr-defined]
         owner: dict[str, str] = {}
-        for name, pool in self.pools.items():
+        for name, pool in pools.items():
             for effort in pool.efforts:
                 if effort in owner:
                     raise ValueError(f"effort {effort!r} is served by two pools: {owner[effort]} and {name}")
                 owner[effort] = name
             if pool.spillover is not None:
-                if pool.spillover.to not in self.pools:
+                if pool.spillover.to not in pools:
                     raise ValueError(f"pools.{name}.spillover.to: no pool named {pool.spillover.to!r}")
                 if pool.spillover.to == name:
                     raise ValueError(f"pools.{name}.spillover.to: a pool cannot spill over to itself")
@@ -364,20 +393,34 @@ class ServeConfig(_Strict):
         """``ingress.max_body_bytes``, or room for the largest pool's context as JSON text plus 1 MiB."""
         if self.ingress.max_body_bytes is not None:
             return self.ingress.max_body_bytes
-        lengths = [
-            pool.engine_args.get("max_model_len")
-            or pool.engine_args.get("max-model-len")
-            or DEFAULT_MAX_MODEL_LEN
-            for pool in self.pools.values()
-        ]
-        longest = max(int(length) for length in lengths)
+        longest = max(pool.max_model_len for pool in self.pools.values())  # type: ignore[attr-defined]
         return longest * BODY_BYTES_PER_TOKEN + (1 << 20)
 
     def pool_for(self, effort: str) -> str:
-        for name, pool in self.pools.items():
+        for name, pool in self.pools.items():  # type: ignore[attr-defined]
             if effort in pool.efforts:
                 return name
         raise KeyError(effort)
+
+
+class ServeConfig(_Service):
+    """The whole serving configuration, as an operator writes it."""
+
+    pools: dict[str, PoolConfig] = Field(min_length=1)
+
+    def view(self) -> IngressView:
+        """The ingress's settings: all but the pools', of which only their views (a change to a pool's model,
+        engine or scaling then restarts that pool's application, not the ingress)."""
+        return IngressView(
+            **self.model_dump(exclude={"pools"}),
+            pools={name: pool.view() for name, pool in self.pools.items()},
+        )
+
+
+class IngressView(_Service):
+    """What the ingress application is deployed with: the service's settings and each pool's view."""
+
+    pools: dict[str, PoolView] = Field(min_length=1)
 
 
 def _format_errors(exc: ValidationError) -> str:
@@ -389,29 +432,60 @@ def _format_errors(exc: ValidationError) -> str:
     return "; ".join(lines)
 
 
-def parse_config(data: Any, source: str = "<config>") -> ServeConfig:
-    """Validate an already-parsed YAML/JSON document; errors name ``source`` and the key."""
+def _validate(schema: type[_S], data: Any, source: str) -> _S:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the configuration must be a mapping, got {type(data).__name__}")
     try:
-        config = ServeConfig.model_validate(data)
+        return schema.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"{source}: {_format_errors(exc)}") from None
+
+
+def parse_view(data: Any, source: str = "<ingress view>") -> IngressView:
+    """Validate the ingress application's settings (:meth:`ServeConfig.view`, as the chart renders it)."""
+    return _validate(IngressView, data, source)
+
+
+def _check_pool(name: str, pool: PoolConfig, model_name: str, source: str) -> None:
+    """What pydantic cannot see: the engine arguments as vLLM's parser takes them, and the router's import."""
     from gptoss_vllm.serve.pool.engine_args import EngineArgsError, server_argv
 
-    for name, pool in config.pools.items():
-        try:
-            server_argv(pool, config.model_name)
-        except EngineArgsError as exc:
-            raise ConfigError(f"{source}: pools.{name}.engine_args: {exc}") from None
-        if pool.router != "power_of_two":
-            from gptoss_vllm.serve.pool.router import router_class_path
+    try:
+        server_argv(pool, model_name)
+    except EngineArgsError as exc:
+        raise ConfigError(f"{source}: pools.{name}.engine_args: {exc}") from None
+    if pool.router != "power_of_two":
+        from gptoss_vllm.serve.pool.router import router_class_path
 
-            try:
-                router_class_path(pool.router)
-            except ImportError as exc:
-                raise ConfigError(f"{source}: pools.{name}.router: {exc}") from None
+        try:
+            router_class_path(pool.router)
+        except ImportError as exc:
+            raise ConfigError(f"{source}: pools.{name}.router: {exc}") from None
+
+
+def parse_config(data: Any, source: str = "<config>") -> ServeConfig:
+    """Validate an already-parsed YAML/JSON document; errors name ``source`` and the key."""
+    config = _validate(ServeConfig, data, source)
+    for name, pool in config.pools.items():
+        _check_pool(name, pool, config.model_name, source)
     return config
+
+
+def parse_pool(name: Any, data: Any, model_name: Any, source: str) -> PoolConfig:
+    """Validate one pool's section apart from its config (a pool application's arguments); errors name
+    ``source`` and the key as in the whole config (``pools.fast.replicas``)."""
+    if not isinstance(name, str) or not _POOL_NAME.match(name):
+        raise ConfigError(f"{source}: name {name!r} is no pool name (lowercase letters, digits and '-')")
+    if not isinstance(model_name, str) or not model_name:
+        raise ConfigError(f"{source}: model_name: the model name clients send is missing")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: pools.{name}: a mapping, got {type(data).__name__}")
+    try:
+        pool = PoolConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: pools.{name}.{_format_errors(exc)}") from None
+    _check_pool(name, pool, model_name, source)
+    return pool
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> ServeConfig:

@@ -69,39 +69,52 @@ def curl_example(config: ServeConfig, url: str) -> str:
     )
 
 
-def _pool_states(app_name: str) -> dict[str, str]:
+def _app_names(config: ServeConfig) -> list[str]:
+    from gptoss_vllm.serve.app_names import APP_NAME, pool_app_name
+
+    return [*(pool_app_name(name) for name in config.pools), APP_NAME]
+
+
+def _pool_states(config: ServeConfig) -> dict[str, str]:
     from ray import serve
 
+    from gptoss_vllm.serve.app_names import pool_app_name
+
     try:
-        app = serve.status().applications.get(app_name)
+        apps = serve.status().applications
     except Exception:
         return {}
-    if app is None:
-        return {}
-    return {
-        name: str(dep.status.value if hasattr(dep.status, "value") else dep.status)
-        for name, dep in app.deployments.items()
-    }
+    states = {}
+    for name in config.pools:
+        app = apps.get(pool_app_name(name))
+        deployment = app.deployments.get(name) if app is not None else None
+        if deployment is not None:
+            states[name] = str(getattr(deployment.status, "value", deployment.status))
+    return states
 
 
-def _failure_detail(app_name: str) -> str:
+def _failure_detail(config: ServeConfig) -> str:
     from ray import serve
 
     try:
-        app = serve.status().applications.get(app_name)
+        apps = serve.status().applications
     except Exception as exc:
         return f"(Serve status unavailable: {exc})"
-    if app is None:
-        return "(the application is gone)"
-    lines = [app.message] if app.message else []
-    lines += [f"{name}: {dep.message}" for name, dep in app.deployments.items() if dep.message]
+    lines = []
+    for app_name in _app_names(config):
+        app = apps.get(app_name)
+        if app is None:
+            lines.append(f"application {app_name}: gone")
+            continue
+        if app.message:
+            lines.append(f"application {app_name}: {app.message}")
+        lines += [f"{name}: {dep.message}" for name, dep in app.deployments.items() if dep.message]
     return "\n".join(lines)
 
 
 def wait_until_ready(
     config: ServeConfig,
     listen: Listen,
-    app_name: str,
     timeout_s: float,
     failed: list,
     stop: list,
@@ -121,7 +134,7 @@ def wait_until_ready(
             if stop:
                 raise LaunchError("interrupted before the app was ready")
             if failed:
-                raise LaunchError(f"deploying the app failed: {failed[0]}\n{_failure_detail(app_name)}")
+                raise LaunchError(f"deploying the app failed: {failed[0]}\n{_failure_detail(config)}")
             try:
                 answer = client.get(f"{listen.url}/ready")
                 pools = (
@@ -131,7 +144,7 @@ def wait_until_ready(
                 )
                 bar.n = sum(1 for pool in pools.values() if pool.get("state") != "no_replica")
                 if time.monotonic() >= states_due:  # Serve's status is a controller call: not every poll
-                    bar.set_postfix_str(", ".join(f"{k}={v}" for k, v in _pool_states(app_name).items()))
+                    bar.set_postfix_str(", ".join(f"{k}={v}" for k, v in _pool_states(config).items()))
                     states_due = time.monotonic() + STATES_POLL_S
                 bar.refresh()
                 if answer.status_code == 200 and deployed:
@@ -139,7 +152,7 @@ def wait_until_ready(
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                raise LaunchError(f"not ready after {timeout_s:.0f} s\n{_failure_detail(app_name)}")
+                raise LaunchError(f"not ready after {timeout_s:.0f} s\n{_failure_detail(config)}")
             time.sleep(READY_POLL_S)
 
 
@@ -171,7 +184,7 @@ def run(
     from ray import serve
 
     from gptoss_vllm.observability.local_prometheus import LocalPrometheus, PrometheusError
-    from gptoss_vllm.serve.app import APP_NAME, build_application
+    from gptoss_vllm.serve.app import run_targets
     from gptoss_vllm.serve.core_split import split_cores
     from gptoss_vllm.serve.pool.deployment import ensure_builtin_model
 
@@ -211,7 +224,7 @@ def run(
             serve.start(http_options={"host": listen.host, "port": listen.port})
             for attempt in range(DEPLOY_ATTEMPTS):
                 try:
-                    serve.run(build_application(config), name=APP_NAME, route_prefix="/")
+                    serve.run_many(run_targets(config))
                     break
                 except Exception as exc:
                     # Ray Serve registers a module for pickling by value around each serialization, for the
@@ -229,7 +242,7 @@ def run(
     code = 0
     prometheus: LocalPrometheus | None = None
     try:
-        wait_until_ready(config, listen, APP_NAME, ready_timeout_s, failed, stop, deployed)
+        wait_until_ready(config, listen, ready_timeout_s, failed, stop, deployed)
         print(f"\n{READY_LINE} {listen.url}  (model '{config.model_name}', pools: {', '.join(config.pools)})")
         if prometheus_port is not None:
             token = os.environ.get(config.ingress.monitoring_token_env)
@@ -252,7 +265,9 @@ def run(
         # A second Ctrl-C during the drain stops at once.
         signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
-            serve.delete(APP_NAME)
+            # The ingress first: it stops taking requests while the pools finish theirs.
+            for app_name in reversed(_app_names(config)):
+                serve.delete(app_name)
             if local:
                 serve.shutdown()
         except KeyboardInterrupt:

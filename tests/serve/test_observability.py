@@ -18,6 +18,7 @@ import yaml
 
 from dashboards.queries import panel_queries
 from gptoss_vllm.observability.local_prometheus import RULES
+from gptoss_vllm.serve.app_names import APP_NAME, pool_app_name
 from tests.support import http
 from tests.support.admission import HOLD_TOKENS, Samples, holding, ingress_samples, monitoring_headers
 from tests.support.cli import run_cli
@@ -90,9 +91,9 @@ def test_targets_cover_the_ingress_the_proxy_and_every_pool_replica(stack):
     for target in _targets(stack):
         labels = target["labels"]
         assert labels["replica"]
-        assert labels.get("app") == (
-            "gptoss" if labels["component"] != "proxy" else None
-        )  # proxies serve all apps
+        # Each replica's Ray Serve application: a pool's own, the ingress's; proxies serve all of them.
+        app = {"ingress": APP_NAME, "pool": pool_app_name(labels.get("pool", "")), "proxy": None}
+        assert labels.get("app") == app[labels["component"]]
         assert http.get(f"http://{target['targets'][0]}/metrics", timeout=10).status_code == 200
 
 

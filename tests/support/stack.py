@@ -7,6 +7,7 @@ import psutil
 
 from gptoss_vllm.bench.process import RunningStack, free_port, start_stack
 from gptoss_vllm.kernels.build import cache_dir as kernel_cache_dir
+from gptoss_vllm.serve.app_names import APP_NAME, pool_app_name
 from tests.support import http
 
 __all__ = ["RunningStack", "free_port", "fresh_cache", "replica_processes", "start_stack", "wait_ready"]
@@ -34,8 +35,9 @@ def wait_ready(stack: RunningStack, timeout_s: float = 300) -> None:
 
 def replica_processes(deployment: str) -> list[psutil.Process]:
     """The processes of a deployment's Ray Serve replicas (a pool's name, or ``ingress``)."""
+    app = APP_NAME if deployment == "ingress" else pool_app_name(deployment)
     found = []
     for proc in psutil.process_iter(["cmdline"]):
-        if f"ServeReplica:gptoss:{deployment}" in " ".join(proc.info["cmdline"] or []):
+        if f"ServeReplica:{app}:{deployment}" in " ".join(proc.info["cmdline"] or []):
             found.append(proc)
     return found

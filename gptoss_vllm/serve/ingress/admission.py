@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gptoss_vllm.refusal_reasons import Reason
-from gptoss_vllm.serve.config import ServeConfig
+from gptoss_vllm.serve.config import IngressView
 from gptoss_vllm.serve.ingress.refusal import Refusal
 
 
@@ -31,7 +31,7 @@ class Admitted:
 
 
 class Admission:
-    def __init__(self, config: ServeConfig) -> None:
+    def __init__(self, config: IngressView) -> None:
         self._config = config
         self.in_flight = {name: 0 for name in config.pools}  # this replica's
         self.peer_in_flight = {name: 0 for name in config.pools}  # the other ingress replicas' (peer_counts)

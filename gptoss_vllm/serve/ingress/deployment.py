@@ -22,7 +22,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from gptoss_vllm.observability.request_record import RequestRecord
 from gptoss_vllm.observability.targets import targets_actor
 from gptoss_vllm.refusal_reasons import Reason
-from gptoss_vllm.serve.config import ServeConfig
+from gptoss_vllm.serve.app_names import pool_app_name
+from gptoss_vllm.serve.config import IngressView
 from gptoss_vllm.serve.ingress.admission import Admission
 from gptoss_vllm.serve.ingress.body import body_reader
 from gptoss_vllm.serve.ingress.effort import Endpoint
@@ -75,14 +76,21 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 
 class Ingress:
-    """The Ray Serve ingress replica; ``pools`` are the pool deployments' handles."""
+    """The Ray Serve ingress replica, deployed with the config's view (:meth:`ServeConfig.view`); it reaches
+    each pool in the pool's own application."""
 
-    async def __init__(self, config: dict[str, Any], pools: dict[str, Any]) -> None:
+    async def __init__(self, config: dict[str, Any]) -> None:
         from ray import serve
 
-        self._config = config_ = ServeConfig.model_validate(config)
+        self._config = config_ = IngressView.model_validate(config)
         context = serve.get_replica_context()
         replica, app_name = context.replica_id.unique_id, context.app_name
+        # Not checked against the controller: a declarative deploy starts the pools' applications beside this
+        # one, and a pool not there yet is held as a cold start is.
+        pools = {
+            name: serve.get_deployment_handle(name, pool_app_name(name, app_name), _check_exists=False)
+            for name in config_.pools
+        }
         admission = Admission(config_)
         self._telemetry = telemetry = IngressTelemetry(config_, admission, replica, app_name)
         auth = config_.auth

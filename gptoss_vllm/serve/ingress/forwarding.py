@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from gptoss_vllm.observability.metrics import IngressMetrics
 from gptoss_vllm.observability.request_record import RequestRecord
 from gptoss_vllm.refusal_reasons import Reason
-from gptoss_vllm.serve.config import ServeConfig
+from gptoss_vllm.serve.config import IngressView
 from gptoss_vllm.serve.ingress.effort import Endpoint
 from gptoss_vllm.serve.ingress.pipeline import Decision, RequestPipeline
 from gptoss_vllm.serve.ingress.refusal import Refusal
@@ -87,7 +87,7 @@ class PoolForwarder:
 
     def __init__(
         self,
-        config: ServeConfig,
+        config: IngressView,
         pools: dict[str, Any],
         pipeline: RequestPipeline,
         telemetry: IngressTelemetry,

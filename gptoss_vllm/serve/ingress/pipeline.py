@@ -22,7 +22,7 @@ from typing import Any
 
 from gptoss_vllm.refusal_reasons import Reason
 from gptoss_vllm.serve.body_shape import shape_error
-from gptoss_vllm.serve.config import ServeConfig
+from gptoss_vllm.serve.config import IngressView
 from gptoss_vllm.serve.ingress.admission import Admission
 from gptoss_vllm.serve.ingress.budget import BudgetError, apply_budget
 from gptoss_vllm.serve.ingress.effort import (
@@ -91,7 +91,7 @@ class RequestPipeline:
 
     def __init__(
         self,
-        config: ServeConfig,
+        config: IngressView,
         admission: Admission,
         keys: KeyRing | None = None,
         limiter: RateLimiter | None = None,

@@ -11,7 +11,8 @@ import asyncio
 import logging
 
 from gptoss_vllm.observability.metrics import IngressMetrics
-from gptoss_vllm.serve.config import ServeConfig
+from gptoss_vllm.serve.app_names import pool_app_name
+from gptoss_vllm.serve.config import IngressView
 from gptoss_vllm.serve.ingress.admission import Admission
 from gptoss_vllm.serve.pool.router import routable_replicas
 
@@ -22,10 +23,10 @@ ROUTER_READ_PERIOD_S = 0.2  # a dict read: cheap
 
 
 class PoolWatcher:
-    """Keeps ``admission.running`` for every pool of ``app_name`` while it runs."""
+    """Keeps ``admission.running`` for every pool beside the ingress application ``app_name`` while it runs."""
 
     def __init__(
-        self, config: ServeConfig, admission: Admission, metrics: IngressMetrics, app_name: str
+        self, config: IngressView, admission: Admission, metrics: IngressMetrics, app_name: str
     ) -> None:
         self._config = config
         self._admission = admission
@@ -41,7 +42,7 @@ class PoolWatcher:
         while True:
             unheard = []
             for name in self._config.pools:
-                count = routable_replicas(self._app_name, name)
+                count = routable_replicas(pool_app_name(name, self._app_name), name)
                 if count is None:
                     unheard.append(name)
                 else:
@@ -52,9 +53,10 @@ class PoolWatcher:
             if unheard:
                 try:
                     status = await asyncio.to_thread(serve.status)
-                    deployments = status.applications[self._app_name].deployments
                     for name in unheard:
-                        states = deployments[name].replica_states if name in deployments else {}
+                        pool_app = status.applications.get(pool_app_name(name, self._app_name))
+                        deployment = pool_app.deployments.get(name) if pool_app else None
+                        states = deployment.replica_states if deployment else {}
                         self.set_running(name, int(states.get("RUNNING", 0)))
                 except Exception as exc:  # the controller restarting: keep the last known counts
                     log.warning("could not read pool status from the Serve controller: %s", exc)

@@ -17,7 +17,7 @@ from gptoss_vllm.observability.request_record import RequestRecord
 from gptoss_vllm.observability.targets import MetricsEndpoint
 from gptoss_vllm.observability.tracing import ingress_tracer
 from gptoss_vllm.refusal_reasons import SERVICE_REASONS
-from gptoss_vllm.serve.config import ServeConfig
+from gptoss_vllm.serve.config import IngressView
 from gptoss_vllm.serve.ingress.admission import Admission
 from gptoss_vllm.serve.ingress.pipeline import Decision
 from gptoss_vllm.serve.ingress.refusal import Refusal
@@ -30,7 +30,7 @@ log = logging.getLogger("ray.serve")
 class IngressTelemetry:
     """One ingress replica's metrics (``metrics``), served on its own endpoint, and its tracer."""
 
-    def __init__(self, config: ServeConfig, admission: Admission, replica: str, app_name: str) -> None:
+    def __init__(self, config: IngressView, admission: Admission, replica: str, app_name: str) -> None:
         registry = CollectorRegistry()
         self.metrics = metrics = IngressMetrics(registry)
         backend = config.response_store.backend

@@ -256,9 +256,37 @@ proxies get as env, so that both enforce the same limits.
 {{- toYaml $serve -}}
 {{- end -}}
 
+{{/*
+The Serve applications: the ingress's ("gptoss", at /) with the config's view, and one per pool
+("gptoss-pool-<name>") with the pool's own section, as gptoss_vllm.serve.app.serve_deploy_config writes them.
+Ray versions each application by its arguments: a change to one pool restarts that pool's application alone, and
+the ingress only when what it reads of a pool changes (ServeConfig.view: efforts, bounds, spillover, drain, cold
+start, the floor of replicas and max_model_len).
+*/}}
 {{- define "gptoss.serveConfigV2" -}}
-{{- $app := dict "name" "gptoss" "route_prefix" "/" "import_path" "gptoss_vllm.serve.app:build_app" "args" (dict "serve" (include "gptoss.serveConfig" . | fromYaml)) -}}
-{{- toYaml (dict "applications" (list $app)) -}}
+{{- $serve := include "gptoss.serveConfig" . | fromYaml -}}
+{{- $view := omit $serve "pools" -}}
+{{- $poolViews := dict -}}
+{{- $apps := list -}}
+{{- range $name, $pool := $serve.pools -}}
+{{- $poolView := pick $pool "efforts" "max_ongoing_requests" "max_queued_requests" "spillover" "drain_timeout_s" "cold_start_timeout_s" -}}
+{{- $floor := 1 -}}
+{{- if $pool.autoscaling -}}
+{{- if hasKey $pool.autoscaling "min_replicas" -}}{{- $floor = int $pool.autoscaling.min_replicas -}}{{- end -}}
+{{- else if $pool.replicas -}}
+{{- $floor = int $pool.replicas -}}
+{{- end -}}
+{{- $_ := set $poolView "min_replicas" $floor -}}
+{{- $engine := default (dict) $pool.engine_args -}}
+{{- $length := coalesce (get $engine "max_model_len") (get $engine "max-model-len") -}}
+{{- if $length -}}{{- $_ = set $poolView "max_model_len" (int $length) -}}{{- end -}}
+{{- $_ = set $poolViews $name $poolView -}}
+{{- $args := dict "model_name" $serve.model_name "name" $name "pool" $pool -}}
+{{- $apps = append $apps (dict "name" (printf "gptoss-pool-%s" $name) "route_prefix" nil "import_path" "gptoss_vllm.serve.app:build_pool_app" "args" $args) -}}
+{{- end -}}
+{{- $_ := set $view "pools" $poolViews -}}
+{{- $ingress := dict "name" "gptoss" "route_prefix" "/" "import_path" "gptoss_vllm.serve.app:build_app" "args" (dict "serve" $view) -}}
+{{- toYaml (dict "applications" (prepend $apps $ingress)) -}}
 {{- end -}}
 
 {{/*

@@ -18,9 +18,9 @@ def _context(
     replicas = [f"r{i}" for i in range(current)]
     settings = {"min_replicas": 1, "max_replicas": 8, "upscale_delay_s": 0, "downscale_delay_s": 0, **config}
     return AutoscalingContext(
-        deployment_id=DeploymentID(name="fast", app_name="gptoss"),
+        deployment_id=DeploymentID(name="fast", app_name="gptoss-pool-fast"),
         deployment_name="fast",
-        app_name="gptoss",
+        app_name="gptoss-pool-fast",
         current_num_replicas=current,
         target_num_replicas=current,
         running_replicas=replicas,

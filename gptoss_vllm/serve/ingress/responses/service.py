@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, Response
 
 from gptoss_vllm.observability.metrics import IngressMetrics
 from gptoss_vllm.refusal_reasons import Reason
-from gptoss_vllm.serve.config import ServeConfig
+from gptoss_vllm.serve.config import IngressView
 from gptoss_vllm.serve.ingress.pipeline import Decision
 from gptoss_vllm.serve.ingress.refusal import Refusal
 from gptoss_vllm.serve.ingress.responses.background import BackgroundRuns, Forward, shown_status
@@ -38,7 +38,7 @@ STORE_SIZE_PERIOD_S = 10.0
 class ResponsesService:
     """One ingress replica's view of the response store; ``forward`` runs background responses."""
 
-    def __init__(self, config: ServeConfig, metrics: IngressMetrics, forward: Forward) -> None:
+    def __init__(self, config: IngressView, metrics: IngressMetrics, forward: Forward) -> None:
         self._config = config
         self._metrics = metrics
         self._backend = backend = config.response_store.backend
