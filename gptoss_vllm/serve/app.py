@@ -180,9 +180,9 @@ def config_of(declared: dict[str, Any], app_name: str = APP_NAME) -> ServeConfig
 
 
 def _full_config(args: dict[str, Any], source: str) -> ServeConfig:
-    if "config" in args:
-        return load_config(args["config"])
-    return parse_config(args["serve"], source=source)
+    if "serve" in args:
+        return parse_config(args["serve"], source=source)
+    return load_config(args.get("config"))  # none: the embedded default
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
