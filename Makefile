@@ -41,6 +41,11 @@ $(STAMP): pyproject.toml Makefile
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends redis-server; \
 	  if [ -d /run/systemd/system ]; then systemctl disable --now redis-server || true; fi; \
 	}
+	# bubblewrap (Debian), the python tool's sandbox (`gptoss-vllm tools python` refuses to start without it).
+	command -v bwrap >/dev/null || { \
+	  apt-get update -q; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends bubblewrap; \
+	}
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip wheel
 	# torch's CPU build first, so that nothing below pulls a CUDA torch: pip takes 2.13.0+cpu from its

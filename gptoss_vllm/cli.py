@@ -285,6 +285,56 @@ def _duration(text: str) -> float:
     return value
 
 
+def _tools_python(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from gptoss_vllm.tools.python_server import serve
+    from gptoss_vllm.tools.sandbox import Limits, SandboxUnavailable
+
+    if args.memory_mib < 64:
+        parser.error(f"--memory-mib: at least 64 (the interpreter's own), got {args.memory_mib}")
+    limits = Limits(
+        cpu_seconds=args.cpu_seconds,
+        wall_seconds=float(args.wall_seconds),
+        memory_bytes=args.memory_mib << 20,
+        processes=args.processes,
+        output_bytes=args.output_kib << 10,
+    )
+    try:
+        serve(args.host, args.port, limits, args.slots, args.session_files_mib << 20)
+    except SandboxUnavailable as exc:
+        print(f"gptoss-vllm tools python: no sandbox, so no server: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _tools_browser(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from gptoss_vllm.tools.browser_server import serve
+    from gptoss_vllm.tools.search_index import HttpSearch, LocalIndex, SearchIndexError
+
+    if bool(args.index) == bool(args.search_url):
+        parser.error("--index/--search-url: give exactly one search backend")
+    if args.search_url and not args.search_url.startswith(("http://", "https://")):
+        parser.error(f"--search-url: an http(s) URL, got {args.search_url!r}")
+    try:
+        backend = LocalIndex(Path(args.index)) if args.index else HttpSearch(args.search_url)
+    except SearchIndexError as exc:
+        parser.error(f"--index: {exc}")
+    serve(args.host, args.port, backend)  # until SIGINT/SIGTERM (uvicorn's own handlers)
+    return 0
+
+
+def _tools_index(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from gptoss_vllm.tools.search_index import SearchIndexError, build_index
+
+    try:
+        count = build_index(Path(args.docs), Path(args.out))
+    except SearchIndexError as exc:
+        parser.error(f"DOCS: {exc}")
+    except OSError as exc:
+        parser.error(f"--out: cannot write {args.out}: {exc.strerror}")
+    print(f"indexed {count} documents into {args.out}")
+    return 0
+
+
 def _port(text: str) -> int:
     value = _non_negative_int(text)
     if not 1 <= value <= 65535:
@@ -393,6 +443,52 @@ def build_parser() -> argparse.ArgumentParser:
         "--prometheus-port", type=_port, default=None, help="the local Prometheus's port (default: 9090)"
     )
     sv.set_defaults(handler=_serve, subparser=sv)
+
+    tools = sub.add_parser("tools", help="gpt-oss's built-in tools as MCP servers (vllm --tool-server)")
+    tools_sub = tools.add_subparsers(dest="tool", required=True, metavar="TOOL")
+    py = tools_sub.add_parser(
+        "python",
+        help="the python tool: each call in a fresh bubblewrap sandbox",
+        description="Serve gpt-oss's python tool over MCP (SSE at /sse; /health, /metrics). Each call runs in a "
+        "fresh sandbox: no network, a read-only system, a private /tmp, and the limits below. Needs bubblewrap.",
+    )
+    py.add_argument("--host", default="127.0.0.1", help="listen address (default: 127.0.0.1)")
+    py.add_argument("--port", type=_port, default=8765, help="listen port (default: 8765)")
+    py.add_argument("--cpu-seconds", type=_positive_int, default=10, help="CPU seconds per call (default 10)")
+    py.add_argument(
+        "--wall-seconds", type=_positive_int, default=30, help="wall seconds per call (default 30)"
+    )
+    py.add_argument("--memory-mib", type=_positive_int, default=512, help="memory per process (default 512)")
+    py.add_argument("--processes", type=_positive_int, default=16, help="processes per call (default 16)")
+    py.add_argument("--output-kib", type=_positive_int, default=64, help="output per call (default 64)")
+    py.add_argument("--slots", type=_positive_int, default=4, help="calls at once; more wait (default 4)")
+    py.add_argument(
+        "--session-files-mib",
+        type=_non_negative_int,
+        default=0,
+        help="keep /session across a session's calls, up to this size (default 0: keep nothing)",
+    )
+    py.set_defaults(handler=_tools_python, subparser=py)
+    br = tools_sub.add_parser(
+        "browser",
+        help="the browser tool: search, open and find over a local index or your search service",
+        description="Serve gpt-oss's browser tool over MCP (SSE at /sse; /health, /metrics), over a local "
+        "full-text index (--index, built by `tools index`) or an HTTP search service (--search-url).",
+    )
+    br.add_argument("--index", metavar="FILE", help="a local index built by `gptoss-vllm tools index`")
+    br.add_argument("--search-url", metavar="URL", help="your search service (GET /search and /document)")
+    br.add_argument("--host", default="127.0.0.1", help="listen address (default: 127.0.0.1)")
+    br.add_argument("--port", type=_port, default=8766, help="listen port (default: 8766)")
+    br.set_defaults(handler=_tools_browser, subparser=br)
+    ix = tools_sub.add_parser(
+        "index",
+        help="build the browser's local full-text index from a folder of documents",
+        description="Index every .md, .txt and .html file under DOCS into one SQLite FTS5 file (replaced "
+        "atomically).",
+    )
+    ix.add_argument("docs", metavar="DOCS", help="folder of documents")
+    ix.add_argument("--out", required=True, metavar="FILE", help="the index file to write")
+    ix.set_defaults(handler=_tools_index, subparser=ix)
 
     lt = sub.add_parser(
         "loadtest",

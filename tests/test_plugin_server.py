@@ -4,10 +4,15 @@ conversation store renders, token for token, the prompt vLLM's own store renders
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+
+import httpx
 import openai
 import pytest
 
-from gptoss_vllm.bench.process import start_vllm_server
+from gptoss_vllm.bench.process import free_port, start_vllm_server
 from gptoss_vllm.serve.ingress.responses.conversation import as_items, follow_up_input
 from gptoss_vllm.serve.ingress.responses.store import StoredConversation
 
@@ -15,10 +20,32 @@ EFFORTS = ("low", "medium", "high")
 
 
 @pytest.fixture(scope="module")
-def plugin_server(tiny_checkpoint_dirs, tmp_path_factory):
+def python_tool(tmp_path_factory):
+    """The python tool's MCP server, which vLLM connects to at its start (``--tool-server``)."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("python-tool") / "server.log"
+    command = [sys.executable, "-m", "gptoss_vllm.cli", "tools", "python", "--port", str(port)]
+    with log.open("w") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.2)
+    yield f"127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def plugin_server(tiny_checkpoint_dirs, tmp_path_factory, python_tool):
     log_path = tmp_path_factory.mktemp("server") / "vllm.log"
     argv = ["--model", str(tiny_checkpoint_dirs["mxfp4"]), "--served-model-name", "tiny"]
-    argv += ["--max-model-len", "1024", "--enforce-eager"]
+    argv += ["--max-model-len", "1024", "--enforce-eager", "--tool-server", python_tool]
     # vLLM's own Responses store: the baseline the ingress's conversation store is compared with.
     env = {
         "GPTOSS_VLLM_MOE_BACKEND": "cpu",
@@ -119,3 +146,37 @@ def test_a_follow_up_expanded_from_the_store_renders_as_vllms_own_store_renders_
     assert our_messages == own_messages
     assert _prompt_tokens(our_messages) == _prompt_tokens(own_messages)
     assert expanded.usage.input_tokens == own.usage.input_tokens
+
+
+def test_a_code_interpreter_request_renders_the_python_tool_beside_a_function(plugin_server):
+    from openai_harmony import HarmonyEncodingName, load_harmony_encoding
+
+    client, _ = plugin_server
+    lookup = {
+        "type": "function",
+        "name": "lookup",
+        "description": "Look a word up in the glossary",
+        "parameters": {"type": "object", "properties": {"word": {"type": "string"}}, "required": ["word"]},
+    }
+    python = {"type": "code_interpreter", "container": {"type": "auto"}}
+    asked = {
+        "model": "tiny",
+        "input": "What is 2**100?",
+        "reasoning": {"effort": "low"},
+        "max_output_tokens": 1,
+    }
+    show = {"enable_response_messages": True}
+    encoding = load_harmony_encoding(HarmonyEncodingName.HARMONY_GPT_OSS)
+
+    def prompt(tools: list[dict]) -> str:
+        reply = client.responses.create(tools=tools, extra_body=show, **asked)
+        return encoding.decode(_prompt_tokens(reply.model_extra["input_messages"]))
+
+    both = prompt([python, lookup])
+    # The python namespace from the tool server (its instructions), in the system message's tools.
+    system = both.split("<|end|>")[0]
+    assert "# Tools" in system and "## python" in system and "fresh sandbox" in system
+    # The function beside it, in the developer message, as without the tool.
+    assert "namespace functions" in both and "type lookup = (_: {" in both
+    alone = prompt([lookup])
+    assert "## python" not in alone and "type lookup = (_: {" in alone

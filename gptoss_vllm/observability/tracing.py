@@ -60,7 +60,12 @@ def engine_tracing_env() -> dict[str, str]:
 
 
 def ingress_tracer(replica: str) -> Any | None:
-    """A tracer exporting by OTLP in batches, or None when tracing is off."""
+    """The ingress replica's tracer, or None when tracing is off."""
+    return tracer("gptoss_vllm.ingress", replica)
+
+
+def tracer(name: str, instance: str) -> Any | None:
+    """A tracer exporting by OTLP in batches for the process ``instance``, or None when tracing is off."""
     endpoint = traces_endpoint()
     if endpoint is None:
         return None
@@ -74,7 +79,7 @@ def ingress_tracer(replica: str) -> Any | None:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES are honoured by Resource.create.
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", SERVICE_NAME),
-                                "service.instance.id": replica})  # fmt: skip
+                                "service.instance.id": instance})  # fmt: skip
     provider = TracerProvider(resource=resource)
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
-    return provider.get_tracer("gptoss_vllm.ingress")
+    return provider.get_tracer(name)

@@ -117,6 +117,36 @@ class PoolAutoscaling(BaseModel):
         return {**config, "policy": {"policy_function": SCALING_POLICY_FUNCTION, "policy_kwargs": kwargs}}
 
 
+ToolName = Literal["python", "browser"]
+# The Responses API's tool types, and the built-in tool (an MCP server's namespace) that answers each, as vLLM
+# maps them.
+REQUEST_TOOLS: dict[str, ToolName] = {"code_interpreter": "python", "web_search_preview": "browser"}
+_TOOL_SERVER = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
+
+
+class ToolServer(_Strict):
+    """Where a built-in tool's MCP server (``gptoss-vllm tools python|browser``) listens."""
+
+    url: str = Field(description="host:port of the tool's MCP server (SSE at /sse), as vLLM's --tool-server")
+
+    @field_validator("url")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        if not _TOOL_SERVER.match(value):
+            raise ValueError(f"expected host:port (vLLM adds http:// and /sse), got {value!r}")
+        return value
+
+
+class PoolTools(_Strict):
+    """The built-in tools a pool offers: each one's server (its limits are the server's own flags)."""
+
+    python: ToolServer | None = None
+    browser: ToolServer | None = None
+
+    def offered(self) -> list[ToolName]:
+        return [name for name in ("python", "browser") if getattr(self, name) is not None]  # type: ignore[misc]
+
+
 class PoolRouting(_Strict):
     """What the ingress routes a pool's requests by: its efforts, bounds, spillover and drain."""
 
@@ -148,6 +178,10 @@ class PoolRouting(_Strict):
         """Whether the pool may have no replica while idle and start one for a request."""
         return self.min_replicas == 0  # type: ignore[attr-defined]  # each subclass has its floor
 
+    def offered_tools(self) -> list[ToolName]:
+        """The built-in tools the pool's engines run (each subclass knows them its own way)."""
+        raise NotImplementedError
+
 
 class PoolConfig(PoolRouting):
     """One replica pool: a deployment of identical engines serving some efforts."""
@@ -161,6 +195,9 @@ class PoolConfig(PoolRouting):
     )
     router: Literal["power_of_two", "prefix_aware"] = "power_of_two"
     ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 1})
+    tools: PoolTools = Field(
+        default_factory=PoolTools, description="The built-in tools (python, browser) the pool offers"
+    )
 
     @model_validator(mode="after")
     def _replicas_or_autoscaling(self) -> PoolConfig:
@@ -181,10 +218,18 @@ class PoolConfig(PoolRouting):
         length = self.engine_args.get("max_model_len") or self.engine_args.get("max-model-len")
         return int(length or DEFAULT_MAX_MODEL_LEN)
 
+    def offered_tools(self) -> list[ToolName]:
+        return self.tools.offered()
+
     def view(self) -> PoolView:
         """What the ingress needs of this pool, and nothing whose change should restart the ingress."""
         routing = self.model_dump(include=set(PoolRouting.model_fields))
-        return PoolView(**routing, min_replicas=self.min_replicas, max_model_len=self.max_model_len)
+        return PoolView(
+            **routing,
+            min_replicas=self.min_replicas,
+            max_model_len=self.max_model_len,
+            tools=self.offered_tools(),
+        )
 
     def resolved_model(self) -> str:
         """The checkpoint path (``~`` expanded, builtin presets in the user cache) or the HF id."""
@@ -201,6 +246,10 @@ class PoolView(PoolRouting):
 
     min_replicas: int = Field(default=1, ge=0)
     max_model_len: int = Field(default=DEFAULT_MAX_MODEL_LEN, ge=1)
+    tools: list[ToolName] = Field(default_factory=list)
+
+    def offered_tools(self) -> list[ToolName]:
+        return list(self.tools)
 
 
 class Budget(_Strict):
@@ -384,6 +433,12 @@ class _Service(_Strict):
                     raise ValueError(f"pools.{name}.spillover.to: no pool named {pool.spillover.to!r}")
                 if pool.spillover.to == name:
                     raise ValueError(f"pools.{name}.spillover.to: a pool cannot spill over to itself")
+                missing = set(pool.offered_tools()) - set(pools[pool.spillover.to].offered_tools())
+                if missing:
+                    raise ValueError(
+                        f"pools.{name}.spillover.to: {pool.spillover.to} does not offer the tool(s) "
+                        f"{', '.join(sorted(missing))} that {name} offers (a spilled request would lose them)"
+                    )
         missing = [e for e in EFFORTS if e not in owner]
         if missing:
             raise ValueError(f"no pool serves effort(s) {', '.join(missing)}: every effort needs a pool")

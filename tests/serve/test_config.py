@@ -130,3 +130,23 @@ def test_model_references(tmp_path, monkeypatch):
     assert parse_config(serving_config(pools__deep__model="~/m")).pools[
         "deep"
     ].resolved_model() == os.path.expanduser("~/m")
+
+
+def test_a_pools_tools_become_vllms_tool_server_and_the_ingress_sees_their_names():
+    tools = {"python": {"url": "127.0.0.1:8765"}, "browser": {"url": "tools-browser.gptoss:8766"}}
+    config = parse_config(serving_config(pools__deep__tools=tools))
+    argv = server_argv(config.pools["deep"], config.model_name)
+    assert argv[argv.index("--tool-server") + 1] == "127.0.0.1:8765,tools-browser.gptoss:8766"
+    assert "--tool-server" not in server_argv(config.pools["fast"], config.model_name)
+    assert (
+        config.view().pools["deep"].tools == ["python", "browser"] and config.view().pools["fast"].tools == []
+    )
+    with pytest.raises(ConfigError, match=r"pools\.deep\.tools\.python\.url: .*expected host:port"):
+        parse_config(serving_config(pools__deep__tools={"python": {"url": "http://x:1/sse"}}))
+    with pytest.raises(ConfigError, match=r"pools\.deep\.tools\.shell"):
+        parse_config(serving_config(pools__deep__tools={"shell": {"url": "x:1"}}))
+    with pytest.raises(ConfigError, match=r"tool_server: not an engine argument here .*pool's `tools`"):
+        parse_config(serving_config(pools__deep__engine_args={"tool_server": "x:1"}))
+    # fast spills over to deep: deep must offer what fast offers.
+    with pytest.raises(ConfigError, match=r"spillover\.to: deep does not offer the tool\(s\) python"):
+        parse_config(serving_config(pools__fast__tools={"python": {"url": "x:1"}}))

@@ -22,7 +22,7 @@ from typing import Any
 
 from gptoss_vllm.refusal_reasons import Reason
 from gptoss_vllm.serve.body_shape import shape_error
-from gptoss_vllm.serve.config import IngressView
+from gptoss_vllm.serve.config import REQUEST_TOOLS, IngressView
 from gptoss_vllm.serve.ingress.admission import Admission
 from gptoss_vllm.serve.ingress.budget import BudgetError, apply_budget
 from gptoss_vllm.serve.ingress.effort import (
@@ -212,6 +212,27 @@ class RequestPipeline:
         decision.effort = effort
         decision.pool = self._config.pool_for(effort.effort)
         decision.headers |= {"x-gptoss-effort": effort.effort, "x-gptoss-effort-source": effort.source}
+
+    def check_tools(self, endpoint: Endpoint, body: dict[str, Any], decision: Decision) -> None:
+        """A built-in tool the request asks for must be one its pool offers: vLLM would drop it unsaid."""
+        tools = body.get("tools") if endpoint == "responses" else None
+        if not isinstance(tools, list):
+            return
+        assert decision.pool is not None and decision.effort is not None
+        offered = self._config.pools[decision.pool].offered_tools()
+        for i, tool in enumerate(tools):
+            kind = tool.get("type") if isinstance(tool, dict) else None
+            needed = REQUEST_TOOLS.get(kind) if isinstance(kind, str) else None
+            if needed is not None and needed not in offered:
+                where = f"offers {', '.join(offered)}" if offered else "offers no built-in tool"
+                raise Refusal(
+                    Reason.INVALID,
+                    400,
+                    f"tools[{i}]: {kind} (the {needed} tool) is not offered for reasoning effort "
+                    f"'{decision.effort.effort}': its pool '{decision.pool}' {where}",
+                    param=f"tools[{i}].type",
+                    code="tool_not_offered",
+                )
 
     def apply_budget(self, endpoint: Endpoint, body: dict[str, Any], decision: Decision) -> None:
         assert decision.effort is not None
@@ -412,6 +433,7 @@ class RequestPipeline:
         body = self.parse_body(raw, decision, parsed)
         self.check_model(body)
         self.resolve_effort(endpoint, body, headers, decision)
+        self.check_tools(endpoint, body, decision)
         self.apply_budget(endpoint, body, decision)
         self.prepare_answer(endpoint, body, decision, previous)
         self.count_sequences(endpoint, body, decision)

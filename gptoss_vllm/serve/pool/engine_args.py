@@ -28,6 +28,7 @@ _RESERVED = {
     "host": "the ingress owns the listening address",
     "port": "the ingress owns the listening address",
     "api_key": "set `auth` (the ingress checks keys)",
+    "tool_server": "set the pool's `tools` (python, browser)",
 }
 
 
@@ -57,6 +58,9 @@ def server_argv(pool: PoolConfig, model_name: str) -> list[str]:
     """The ``vllm serve`` argument list of one pool's replicas (validated)."""
     actions = _actions()
     argv = ["--model", pool.resolved_model(), "--served-model-name", model_name]
+    servers = [server.url for server in (pool.tools.python, pool.tools.browser) if server is not None]
+    if servers:  # vLLM's MCP tool server: it runs the Responses API's tool loop against them
+        argv += ["--tool-server", ",".join(servers)]
     for key, value in {**GPT_OSS_DEFAULTS, **pool.engine_args}.items():
         dest = key.replace("-", "_")
         if dest in _RESERVED:

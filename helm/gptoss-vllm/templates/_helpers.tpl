@@ -261,7 +261,7 @@ The Serve applications: the ingress's ("gptoss", at /) with the config's view, a
 ("gptoss-pool-<name>") with the pool's own section, as gptoss_vllm.serve.app.serve_deploy_config writes them.
 Ray versions each application by its arguments: a change to one pool restarts that pool's application alone, and
 the ingress only when what it reads of a pool changes (ServeConfig.view: efforts, bounds, spillover, drain, cold
-start, the floor of replicas and max_model_len).
+start, the floor of replicas, max_model_len and the built-in tools it offers).
 */}}
 {{- define "gptoss.serveConfigV2" -}}
 {{- $serve := include "gptoss.serveConfig" . | fromYaml -}}
@@ -280,6 +280,11 @@ start, the floor of replicas and max_model_len).
 {{- $engine := default (dict) $pool.engine_args -}}
 {{- $length := coalesce (get $engine "max_model_len") (get $engine "max-model-len") -}}
 {{- if $length -}}{{- $_ = set $poolView "max_model_len" (int $length) -}}{{- end -}}
+{{- $tools := list -}}
+{{- range $tool := list "python" "browser" -}}
+{{- if and $pool.tools (get (default (dict) $pool.tools) $tool) -}}{{- $tools = append $tools $tool -}}{{- end -}}
+{{- end -}}
+{{- if $tools -}}{{- $_ = set $poolView "tools" $tools -}}{{- end -}}
 {{- $_ = set $poolViews $name $poolView -}}
 {{- $args := dict "model_name" $serve.model_name "name" $name "pool" $pool -}}
 {{- $apps = append $apps (dict "name" (printf "gptoss-pool-%s" $name) "route_prefix" nil "import_path" "gptoss_vllm.serve.app:build_pool_app" "args" $args) -}}

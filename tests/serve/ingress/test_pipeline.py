@@ -448,3 +448,44 @@ def test_the_client_address_behind_a_load_balancer_is_the_entry_it_appended():
     assert client_address(forwarded, "10.1.0.4", "x-forwarded-for") == "203.0.113.7"
     assert client_address({}, "10.1.0.4", "x-forwarded-for") == "10.1.0.4"
     assert client_address(forwarded, "10.1.0.4", None) == "10.1.0.4"  # not configured: never trusted
+
+
+def test_a_built_in_tool_its_pool_does_not_offer_is_refused_with_400_naming_it():
+    serve = parse_config(
+        {
+            "model_name": "m",
+            "pools": {
+                "fast": {"model": "/models/x", "efforts": ["low", "medium"]},
+                "deep": {
+                    "model": "/models/x",
+                    "efforts": ["high"],
+                    "tools": {"python": {"url": "tools-python:8765"}},
+                },
+            },
+        }
+    ).view()  # what the ingress is deployed with
+    admission = Admission(serve)
+    admission.running.update({"fast": 1, "deep": 1})
+    pipeline = RequestPipeline(serve, admission)
+    python = {"type": "code_interpreter", "container": {"type": "auto"}}
+    lookup = {"type": "function", "name": "lookup", "parameters": {"type": "object", "properties": {}}}
+    body = {"input": "What is 2**100?", "tools": [lookup, python], "reasoning": {"effort": "low"}}
+    refusal, _ = _refusal(pipeline, body, headers={}, endpoint="responses")
+    assert (refusal.status, refusal.reason, refusal.code) == (400, Reason.INVALID, "tool_not_offered")
+    assert refusal.param == "tools[1].type"
+    assert "code_interpreter (the python tool)" in refusal.message and "pool 'fast' offers no built-in" in (
+        refusal.message
+    )
+    # The pool that offers it takes it, and a function tool needs no built-in tool anywhere.
+    assert (
+        _chat(pipeline, {**body, "reasoning": {"effort": "high"}}, headers={}, endpoint="responses").pool
+        == "deep"
+    )
+    assert _chat(pipeline, {**body, "tools": [lookup]}, headers={}, endpoint="responses").pool == "fast"
+    browse, _ = _refusal(
+        pipeline,
+        {**body, "tools": [{"type": "web_search_preview"}], "reasoning": {"effort": "high"}},
+        {},
+        "responses",
+    )
+    assert browse.code == "tool_not_offered" and "pool 'deep' offers python" in browse.message

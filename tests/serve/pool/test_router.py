@@ -1,29 +1,31 @@
-"""The pools' request routers: what the prefix-aware router sees of a request."""
+"""The pool router's order among equally loaded replicas: the longest known first (Ray Serve's scale-down stops
+the newest), kept across replica set changes."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 
-def test_pool_requests_show_their_prompt_to_the_prefix_aware_router():
-    from gptoss_vllm.serve.pool.deployment import PoolRequest
-
-    # Ray Serve LLM's prefix-aware router reads the prompt from these attributes.
-    chat = PoolRequest(
-        "POST", "/v1/chat/completions", payload={"messages": [{"role": "user", "content": "x"}]}
-    )
-    assert chat.messages == [{"role": "user", "content": "x"}]
-    assert PoolRequest("POST", "/v1/completions", payload={"prompt": "p"}).prompt == "p"
+from gptoss_vllm.serve.pool.router import ArrivalOrder
 
 
-def test_a_pool_request_crosses_ray_as_its_bytes_whatever_its_payload():
-    import ray.cloudpickle as cloudpickle
+@dataclass(frozen=True)
+class Replica:
+    replica_id: str
 
-    from gptoss_vllm.serve.pool.deployment import PoolRequest
 
-    deep: dict = {}
-    for _ in range(5000):  # far past what pickling a parsed object survives
-        deep = {"a": deep}
-    body = b'{"messages": []}'
-    request = PoolRequest("POST", "/v1/chat/completions", body, payload={"messages": [], "x": deep})
-    arrived = cloudpickle.loads(cloudpickle.dumps(request))
-    assert arrived.body == body and arrived.payload == {} and arrived.path == request.path
-    assert request.payload["x"] is deep  # the router, in the ingress, still reads it
+def _ids(replicas: list[Replica]) -> list[str]:
+    return [r.replica_id for r in replicas]
+
+
+def test_ties_go_to_the_replica_known_longest_across_replica_set_changes():
+    order = ArrivalOrder()
+    order.update(["old", "mid"])
+    assert _ids(order.oldest_first([Replica("mid"), Replica("old")])) == ["old", "mid"]
+    order.update(["mid", "new", "old"])  # after a scale-up, in whatever order Ray lists them
+    assert _ids(order.oldest_first([Replica("new"), Replica("mid"), Replica("old")])) == ["old", "mid", "new"]
+    # One not heard of yet (a rank from a newer replica set) goes last; a replica gone is forgotten.
+    assert _ids(order.oldest_first([Replica("unheard"), Replica("new")])) == ["new", "unheard"]
+    order.update(["new"])
+    assert list(order.seen) == ["new"]
+    order.update(["new", "old"])  # back after a restart: a new arrival, behind "new"
+    assert _ids(order.oldest_first([Replica("old"), Replica("new")])) == ["new", "old"]
