@@ -259,6 +259,48 @@ def chart_schema() -> dict[str, Any]:
                     "extraEnv": STR_MAP,
                 }
             ),
+            "tools": _obj(
+                {
+                    "python": _obj(
+                        {
+                            "enabled": BOOL,
+                            "replicas": INT1,
+                            "port": PORT,
+                            "cpuSeconds": INT1,
+                            "wallSeconds": INT1,
+                            "memoryMib": {"type": "integer", "minimum": 64},
+                            "processes": INT1,
+                            "outputKib": INT1,
+                            "slots": INT1,
+                            "tmpSize": QUANTITY,
+                            "resources": K8S_OBJECT,
+                            "seccompProfile": _obj(
+                                {
+                                    "type": {"enum": ["RuntimeDefault", "Unconfined", "Localhost"]},
+                                    "localhostProfile": STR,
+                                },
+                                required=["type"],
+                            ),
+                            "nodeSelector": STR_MAP,
+                            "tolerations": K8S_LIST,
+                        }
+                    ),
+                    "browser": _obj(
+                        {
+                            "enabled": BOOL,
+                            "replicas": INT1,
+                            "port": PORT,
+                            "searchUrl": {"type": "string", "pattern": "^(https?://.+)?$"},
+                            "index": _obj({"claimName": STR, "path": STR}),
+                            "tmpSize": QUANTITY,
+                            "egressTo": K8S_LIST,
+                            "resources": K8S_OBJECT,
+                            "nodeSelector": STR_MAP,
+                            "tolerations": K8S_LIST,
+                        }
+                    ),
+                }
+            ),
             "networkPolicy": _obj(
                 {
                     "enabled": BOOL,
@@ -329,6 +371,8 @@ def serve_defs() -> dict[str, Any]:
     schema = ServeConfig.model_json_schema()
     defs = schema.pop("$defs")
     defs["ServeConfig"] = schema
+    # In the chart a pool's tool may leave out its url: the chart fills in its own server's (tools.<tool>).
+    defs["ToolServer"].pop("required", None)
     return defs
 
 

@@ -249,6 +249,13 @@ TOGGLES = {
         },
         "serve": {"ingress": {"replicas": 2}},
     },
+    "tools": {
+        "tools": {
+            "python": {"enabled": True},
+            "browser": {"enabled": True, "index": {"claimName": "docs-index"}},
+        },
+        "serve": {"pools": {"deep": {"tools": {"python": {}, "browser": {}}}}},
+    },
     "keys-otel": {
         "apiKeys": {"existingSecret": "gptoss-keys"},
         "otel": {
@@ -599,6 +606,41 @@ def test_dashboard_ports_only_from_the_operator_and_the_ray_pods():
             for peer in rule["from"]
         ]
         assert peers == [own, operator], port
+
+
+def test_the_tools_run_apart_reached_by_the_engines_only_and_the_sandbox_with_no_egress():
+    objects = render(TOGGLES["tools"])
+    deployments = {o["metadata"]["name"]: o for o in by_kind(objects, "Deployment")}
+    python = deployments["demo-gptoss-vllm-tools-python"]["spec"]["template"]["spec"]
+    (container,) = python["containers"]
+    assert container["command"][:3] == ["gptoss-vllm", "tools", "python"]
+    assert "--wall-seconds=30" in container["args"] and "--memory-mib=512" in container["args"]
+    assert python["securityContext"]["seccompProfile"] == {"type": "Unconfined"}  # bubblewrap's namespaces
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    browser = deployments["demo-gptoss-vllm-tools-browser"]["spec"]["template"]["spec"]
+    assert browser["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert "--index=/var/lib/gptoss/index/index.db" in browser["containers"][0]["args"]
+    # deep's engines reach the chart's servers; the ingress knows deep offers both.
+    config = declared_config(objects)
+    assert config.pools["deep"].tools.python.url == "demo-gptoss-vllm-tools-python:8765"
+    assert config.pools["deep"].tools.browser.url == "demo-gptoss-vllm-tools-browser:8766"
+    assert config.view().pools["deep"].tools == ["python", "browser"]
+    policies = network_policies(TOGGLES["tools"])
+    sandbox = policies["tools-python"]
+    assert sandbox["policyTypes"] == ["Ingress", "Egress"] and sandbox["egress"] == []
+    (ingress,) = sandbox["ingress"]
+    assert ingress["ports"] == [{"port": 8765, "protocol": "TCP"}]
+    assert ingress["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "ray"
+    assert [rule.get("ports") for rule in policies["tools-browser"]["egress"]] == [
+        [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]
+    ]
+    (monitor,) = [o for o in by_kind(objects, "PodMonitor") if o["metadata"]["name"].endswith("-tools")]
+    assert monitor["spec"]["podMetricsEndpoints"] == [{"port": "mcp", "path": "/metrics", "interval": "15s"}]
+    ray_egress = policies["egress"]["egress"]
+    assert {"port": 8765, "protocol": "TCP"} in [p for rule in ray_egress for p in rule.get("ports", [])]
+    with pytest.raises(Exception, match=r"serve.pools.deep.tools.python has no url and tools.python.enabled"):
+        render({"serve": {"pools": {"deep": {"tools": {"python": {}}}}}})
 
 
 def test_egress_keeps_the_metadata_service_out():

@@ -4,15 +4,10 @@ conversation store renders, token for token, the prompt vLLM's own store renders
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
-
-import httpx
 import openai
 import pytest
 
-from gptoss_vllm.bench.process import free_port, start_vllm_server
+from gptoss_vllm.bench.process import start_tool_server, start_vllm_server
 from gptoss_vllm.serve.ingress.responses.conversation import as_items, follow_up_input
 from gptoss_vllm.serve.ingress.responses.store import StoredConversation
 
@@ -22,23 +17,9 @@ EFFORTS = ("low", "medium", "high")
 @pytest.fixture(scope="module")
 def python_tool(tmp_path_factory):
     """The python tool's MCP server, which vLLM connects to at its start (``--tool-server``)."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("python-tool") / "server.log"
-    command = [sys.executable, "-m", "gptoss_vllm.cli", "tools", "python", "--port", str(port)]
-    with log.open("w") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-        time.sleep(0.2)
-    yield f"127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(timeout=30)
+    running = start_tool_server("python", tmp_path_factory.mktemp("python-tool") / "server.log")
+    yield running.address
+    running.stop(timeout_s=30)
 
 
 @pytest.fixture(scope="module")

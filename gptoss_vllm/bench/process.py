@@ -67,6 +67,13 @@ class RunningVllm(RunningServer):
     pass
 
 
+class RunningToolServer(RunningServer):
+    @property
+    def address(self) -> str:
+        """host:port, as a pool's ``tools.<tool>.url`` and vLLM's ``--tool-server`` take it."""
+        return self.url.removeprefix("http://")
+
+
 def _start(
     kind: type[RunningServer], cmd: list[str], port: int, log_path: Path, env: dict[str, str] | None,
     ready_path: str, what: str, timeout_s: float, ready_line: str | None = None,
@@ -128,4 +135,21 @@ def start_vllm_server(
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *argv, "--port", str(port)]
     server = _start(RunningVllm, cmd, port, log_path, env, "/v1/models", "vLLM's server", timeout_s)
     assert isinstance(server, RunningVllm)
+    return server
+
+
+def start_tool_server(
+    tool: str,
+    log_path: Path,
+    args: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    timeout_s: float = 60,
+) -> RunningToolServer:
+    """``gptoss-vllm tools <tool>`` (``python`` or ``browser``) with ``args``, on a free port, once it answers."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "gptoss_vllm.cli", "tools", tool, "--port", str(port), *(args or [])]
+    server = _start(
+        RunningToolServer, cmd, port, log_path, env, "/health", f"gptoss-vllm tools {tool}", timeout_s
+    )
+    assert isinstance(server, RunningToolServer)
     return server

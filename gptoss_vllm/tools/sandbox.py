@@ -31,6 +31,9 @@ from pathlib import Path
 from typing import Literal
 
 Reason = Literal["ok", "error", "timeout", "cpu_limit", "memory_limit", "output_limit"]
+SERVER_THREADS = (
+    64  # room for the server's own threads under a shared process limit (a server not run as root)
+)
 INSTALL_HINT = (
     "install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap; Fedora/RHEL: dnf install bubblewrap)"
 )
@@ -125,6 +128,7 @@ class Sandbox:
                 f"python {python!r}: the sandbox's interpreter must be a file under /usr"
             )
         self._python = python
+        self._slots = slots
         self._free = asyncio.Queue[int]()
         for slot in range(slots):
             self._free.put_nowait(slot)
@@ -182,15 +186,19 @@ class Sandbox:
     def _limit(self, uid: int | None) -> None:
         """In the sandbox's first process, before bwrap: its own user (a server running as root), then rlimits
         everything it starts inherits (the process limit counts that user's processes)."""
+        limits = self.limits
         if uid is not None:
             os.setgroups([])
             os.setgid(uid)
             os.setuid(uid)
-        limits = self.limits
+            processes = limits.processes
+        else:
+            # The server's own user: its threads and every slot's sandbox count together.
+            processes = limits.processes * self._slots + SERVER_THREADS
         for which, value in (
             (resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + 1)),
             (resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes)),
-            (resource.RLIMIT_NPROC, (limits.processes, limits.processes)),
+            (resource.RLIMIT_NPROC, (processes, processes)),
             (resource.RLIMIT_FSIZE, (limits.file_bytes, limits.file_bytes)),
             (resource.RLIMIT_NOFILE, (limits.open_files, limits.open_files)),
             (resource.RLIMIT_CORE, (0, 0)),

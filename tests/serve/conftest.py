@@ -26,6 +26,7 @@ def stack(tmp_path_factory, otlp_receiver):
     yield running
     running.stop()
     running.redis.stop()
+    running.python_tool.stop()
     with pytest.raises(httpx.HTTPError):  # Ctrl-C stopped Prometheus too
         http.get(f"{running.prometheus_url}/-/ready", timeout=2)
 

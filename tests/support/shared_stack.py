@@ -1,7 +1,8 @@
 """The shared stack of ``tests/serve/``: the embedded default (nano in two pools, built from the committed asset
 into an empty cache: ``stack.cache``) with tight bounds (a few requests spill over and get refused), API keys
 and per-key limits, its conversations in a real ``redis-server`` with a password (``stack.redis``),
-``--prometheus`` (``stack.prometheus_url``) and OTLP tracing into the test's receiver.
+``--prometheus`` (``stack.prometheus_url``), OTLP tracing into the test's receiver, and the python tool's server
+(``stack.python_tool``), which ``deep`` offers.
 
 One stack serves every test module of ``tests/serve/`` that asks for the ``stack`` fixture
 (``tests/serve/conftest.py``); tests that stop or break it are marked ``stops_stack`` and run last there.
@@ -23,7 +24,7 @@ from gptoss_vllm.serve.config import load_config
 from tests.support import http
 from tests.support.admission import HOLD_ENV, HOLD_MAX_MODEL_LEN, HOLD_TOKENS
 from tests.support.redis_server import RunningRedis, start_redis
-from tests.support.stack import RunningStack, free_port, fresh_cache, start_stack
+from tests.support.stack import RunningStack, free_port, fresh_cache, start_stack, start_tool_server
 
 MODEL = "gpt-oss-nano"  # the embedded default's
 MAIN_KEY = "sk-test-main"
@@ -102,6 +103,13 @@ def start_shared_stack(root: Path, otlp_endpoint: str) -> RunningStack:
     prometheus_port = free_port()
     redis = start_redis(root, password=STORE_PASSWORD)
     config["response_store"] = {"backend": "redis", "url": redis.url, "timeout_s": 1.0}
+    # deep offers the python tool (fast, which spills over to it, offers none).
+    try:
+        python_tool = start_tool_server("python", root / "python-tool.log")
+    except BaseException:
+        redis.stop()
+        raise
+    config["pools"]["deep"]["tools"] = {"python": {"url": python_tool.address}}
     config_path = root / "serve.yaml"
     config_path.write_text(yaml.safe_dump(config))
     env = {
@@ -121,9 +129,11 @@ def start_shared_stack(root: Path, otlp_endpoint: str) -> RunningStack:
         )
     except BaseException:
         redis.stop()
+        python_tool.stop()
         raise
     running.keys_path = keys
     running.redis = redis
+    running.python_tool = python_tool
     running.metrics_port = metrics_port
     running.cache = root / "cache"
     running.checkpoint = root / "cache" / "models" / "nano"
@@ -134,6 +144,7 @@ def start_shared_stack(root: Path, otlp_endpoint: str) -> RunningStack:
     except BaseException:
         running.stop()
         redis.stop()
+        python_tool.stop()
         raise
     return running
 

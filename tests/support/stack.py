@@ -5,12 +5,20 @@ from pathlib import Path
 
 import psutil
 
-from gptoss_vllm.bench.process import RunningStack, free_port, start_stack
+from gptoss_vllm.bench.process import RunningStack, free_port, start_stack, start_tool_server
 from gptoss_vllm.kernels.build import cache_dir as kernel_cache_dir
 from gptoss_vllm.serve.app_names import APP_NAME, pool_app_name
 from tests.support import http
 
-__all__ = ["RunningStack", "free_port", "fresh_cache", "replica_processes", "start_stack", "wait_ready"]
+__all__ = [
+    "RunningStack",
+    "free_port",
+    "fresh_cache",
+    "replica_processes",
+    "start_stack",
+    "start_tool_server",
+    "wait_ready",
+]
 
 
 def fresh_cache(path: Path) -> Path:

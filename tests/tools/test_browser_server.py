@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from gptoss_vllm.bench.process import free_port
+from gptoss_vllm.bench.process import free_port, start_tool_server
 from gptoss_vllm.tools.search_index import HttpSearch, LocalIndex
 
 DOCS = {
@@ -84,24 +84,10 @@ class BrowserServer:
 
 @pytest.fixture(scope="module")
 def browser(index: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrowserServer]:
-    port = free_port()
     log = tmp_path_factory.mktemp("browser-log") / "server.log"
-    command = [sys.executable, "-m", "gptoss_vllm.cli", "tools", "browser", "--index", str(index)]
-    with log.open("w") as out:
-        proc = subprocess.Popen([*command, "--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-        time.sleep(0.2)
-    yield BrowserServer(url)
-    proc.terminate()
-    proc.wait(timeout=30)
+    running = start_tool_server("browser", log, ["--index", str(index)])
+    yield BrowserServer(running.url)
+    running.stop(timeout_s=30)
 
 
 def text(result: Any) -> str:

@@ -222,6 +222,21 @@ proxies get as env, so that both enforce the same limits.
 {{- if and (eq $v.model.source "pvc") (include "gptoss.isHfId" $pool.model) -}}
 {{- $_ = set $pool "model" (printf "%s/%s" $v.model.pvc.mountPath $pool.model) -}}
 {{- end -}}
+{{- /* A tool without a url is this release's server (tools.<tool>). */ -}}
+{{- $tools := default (dict) $pool.tools -}}
+{{- range $tool := list "python" "browser" -}}
+{{- if hasKey $tools $tool -}}
+{{- $server := default (dict) (get $tools $tool) -}}
+{{- if not $server.url -}}
+{{- $chart := index $v.tools $tool -}}
+{{- if not $chart.enabled -}}
+{{- fail (printf "serve.pools.%s.tools.%s has no url and tools.%s.enabled is false: enable the chart's %s server, or give the url of yours" $name $tool $tool $tool) -}}
+{{- end -}}
+{{- $_ := set $server "url" (printf "%s-tools-%s:%d" (include "gptoss.fullname" $) $tool (int $chart.port)) -}}
+{{- end -}}
+{{- $_ := set $tools $tool $server -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 {{- $ingress := deepCopy (default (dict) $serve.ingress) -}}
 {{- if ne (toString $v.ingress.maxBodyBytes) "" -}}
