@@ -22,6 +22,7 @@ import psutil
 import pytest
 
 from gptoss_vllm.bench.process import RunningToolServer, free_port, start_tool_server
+from tests.support.otlp_receiver import OtlpReceiver
 
 SECRET = "gptoss-test-secret-6f1c"
 LIMITS = ["--cpu-seconds", "2", "--wall-seconds", "4", "--memory-mib", "256", "--processes", "16"]
@@ -31,8 +32,8 @@ pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewra
 
 
 class ToolServer:
-    def __init__(self, running: RunningToolServer, secret_file: Path) -> None:
-        self.running, self.url, self.secret_file = running, running.url, secret_file
+    def __init__(self, running: RunningToolServer, secret_file: Path, receiver: OtlpReceiver) -> None:
+        self.running, self.url, self.secret_file, self.receiver = running, running.url, secret_file, receiver
 
     def call(self, code: str, session: str = "s-1", tool: str = "python") -> Any:
         return asyncio.run(self.acall(code, session, tool))
@@ -67,9 +68,16 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ToolServer]:
     secret_file = root / "secret.txt"
     secret_file.write_text(SECRET)
     args = [*LIMITS, "--output-kib", str(OUTPUT_KIB), "--slots", "2", "--session-files-mib", "1"]
-    running = start_tool_server("python", root / "server.log", args, env={"SECRET": SECRET})
-    yield ToolServer(running, secret_file)
+    receiver = OtlpReceiver()
+    tracing = {
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": receiver.endpoint,
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
+        "OTEL_BSP_SCHEDULE_DELAY": "200",
+    }
+    running = start_tool_server("python", root / "server.log", args, env={"SECRET": SECRET, **tracing})
+    yield ToolServer(running, secret_file, receiver)
     running.stop(timeout_s=30)
+    receiver.close()
 
 
 def test_python_computes_and_the_call_is_counted(server):
@@ -81,6 +89,13 @@ def test_python_computes_and_the_call_is_counted(server):
     assert 'gptoss_tool_calls_total{outcome="ok",tool="python"}' in metrics
     assert 'gptoss_tool_calls_total{outcome="error",tool="python"}' in metrics
     assert 'gptoss_tool_call_seconds_count{outcome="ok",tool="python"}' in metrics
+    # And a span per call, with its outcome.
+    deadline = time.monotonic() + 30
+    while not {"ok", "error"} <= {
+        s.attributes.get("gptoss.tool.outcome") for s in server.receiver.spans if s.name == "tool python"
+    }:
+        assert time.monotonic() < deadline, server.receiver.spans
+        time.sleep(0.2)
 
 
 def test_the_sandbox_has_no_network(server):
