@@ -159,6 +159,13 @@ class IngressMetrics:
             buckets=COLD_START_BUCKETS_S,
             registry=registry,
         )
+        self.resends = Counter(
+            "gptoss_pool_resends",
+            "Requests sent to their pool a second time because the replica that took them was lost before it "
+            "answered (nothing had reached the client)",
+            ("pool",),
+            registry=registry,
+        )
         self.spillovers = Counter(
             "gptoss_spillovers", "Requests sent to another pool than their effort's", ("from_pool", "to_pool"),
             registry=registry,

@@ -100,6 +100,27 @@ class PoolForwarder:
         self._metrics: IngressMetrics = telemetry.metrics
         self._keep = keep
 
+    async def _claim(
+        self, pool: str, pool_request: PoolRequest, route_timeout_s: float | None
+    ) -> tuple[PoolCall, PoolAnswerStart | None, BaseException | None]:
+        """The call and its answer's start, or the call and why there is none. A call whose replica was lost
+        before it answered goes once more where the pool runs another replica: nothing reached the client, and
+        Ray's router drops the dead replica on that error, so a node loss the pool rides out is not a 503."""
+        for attempt in range(2):
+            # Ray Serve routes the call and counts it until the answer is done; the answer comes over the channel.
+            answer = PoolCall(self._handles[pool].handle_request.remote(pool_request))
+            try:
+                return answer, await answer.claim(route_timeout_s=route_timeout_s), None
+            except BaseException as exc:
+                answer.hang_up()
+                # Only where another replica runs: with none, a resend would wait for a replacement to start.
+                if attempt == 0 and _replica_lost(exc) and self._pipeline.admission.running[pool] > 1:
+                    log.warning("pool %s lost the replica before it answered (%s); sending it again", pool, exc)
+                    self._metrics.resends.labels(pool).inc()
+                    continue
+                return answer, None, exc
+        raise AssertionError("unreachable: the second attempt returns")
+
     async def forward(self, decision: Decision, pool_request: PoolRequest, record: RequestRecord) -> Response:
         from ray.exceptions import RayError
         from ray.serve.exceptions import BackPressureError
@@ -113,14 +134,10 @@ class PoolForwarder:
         self._telemetry.start_engine_span(record, pool_request)
         self._pipeline.started(decision)
         started = time.monotonic()
-        # Ray Serve routes the call and counts it until the answer is done; the answer comes over the channel.
-        answer = PoolCall(self._handles[pool].handle_request.remote(pool_request))
         cold_start_timeout = self._config.pools[pool].cold_start_timeout_s if decision.cold_start else None
-        try:
-            start = await answer.claim(route_timeout_s=cold_start_timeout)
-        except BaseException as exc:
+        answer, start, exc = await self._claim(pool, pool_request, cold_start_timeout)
+        if start is None:
             self._pipeline.finished(decision)
-            answer.hang_up()
             retry = self._config.ingress.retry_after_s
             if isinstance(exc, TimeoutError) and answer.routed_at is None:
                 self._metrics.cold_start_hold.labels(pool, "timed_out").observe(time.monotonic() - started)
@@ -137,7 +154,7 @@ class PoolForwarder:
                 message = f"Pool '{pool}' failed to answer (replica lost); retry in {retry} s"
                 refusal = Refusal.retry_later(Reason.REPLICA_FAILED, 503, message, retry)
             else:
-                raise
+                raise exc
             return self._telemetry.refused(record, Decision(headers=headers), refusal)
         started_at = time.monotonic()  # the replica's observation counts from its first item's arrival
         if decision.cold_start:
@@ -236,6 +253,15 @@ class PoolForwarder:
             # Recorded before the request stops counting in flight: whoever sees it gone sees its record.
             record.finish()
             self._pipeline.finished(decision, _tokens(record))
+
+
+def _replica_lost(exc: BaseException) -> bool:
+    """The replica (or its node) died under the call: not the client leaving, not the pool's bounds."""
+    from ray.exceptions import RayError, TaskCancelledError
+    from ray.serve.exceptions import BackPressureError
+
+    lost = isinstance(exc, (RayError, StopAsyncIteration, AnswerLost))
+    return lost and not isinstance(exc, (TaskCancelledError, BackPressureError))
 
 
 class PoolCall:

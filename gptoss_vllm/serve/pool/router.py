@@ -9,7 +9,6 @@ Any replica of a pool serves any request of it: conversations live in the ingres
 from __future__ import annotations
 
 import importlib
-import itertools
 import sys
 
 from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
@@ -50,39 +49,8 @@ class Counting:
         module._ROUTABLE[(deployment.app_name, deployment.name)] = len(self.curr_replicas)  # type: ignore[attr-defined]
 
 
-class ArrivalOrder:
-    """When this router first saw each replica that is still there (Ray's long poll lists running replicas in
-    the order they came up)."""
-
-    _arrivals = itertools.count(1)  # one order for every router of the process: it only ever grows
-
-    def __init__(self) -> None:
-        self.seen: dict[object, int] = {}
-
-    def update(self, replica_ids: list[object]) -> None:
-        self.seen = {rid: self.seen.get(rid) or next(self._arrivals) for rid in replica_ids}
-
-    def oldest_first(self, rank: list) -> list:  # type: ignore[type-arg]
-        """``rank``'s replicas, the longest known first; one not heard of yet last."""
-        return sorted(rank, key=lambda replica: self.seen.get(replica.replica_id, float("inf")))
-
-
 class CountingPowerOfTwoRouter(Counting, PowerOfTwoChoicesRequestRouter):
-    """Power-of-two choices on queue length (Ray Serve's default), a tie going to the older replica.
-
-    Ray Serve's scale-down stops the newest replicas first (among those on the nodes with the fewest), and
-    Ray's selection takes the first of equally loaded candidates: ordered oldest first, an idle pool's few
-    long streams sit on the replicas a scale-down keeps, instead of on a coin flip's (which a drain shorter
-    than the stream then cuts)."""
-
-    def update_replicas(self, replicas):  # type: ignore[no-untyped-def]
-        self.__dict__.setdefault("_order", ArrivalOrder()).update([r.replica_id for r in replicas])
-        return super().update_replicas(replicas)
-
-    async def choose_replicas(self, candidate_replicas, pending_request=None):  # type: ignore[no-untyped-def]
-        ranks = await super().choose_replicas(candidate_replicas, pending_request)
-        order = self.__dict__.setdefault("_order", ArrivalOrder())
-        return [order.oldest_first(rank) for rank in ranks]
+    """Power-of-two choices on queue length (Ray Serve's default)."""
 
 
 def router_class_path(router: str) -> str:

@@ -47,3 +47,22 @@ def test_a_replica_failure_or_a_normal_end_is_not_a_hang_up_and_the_wait_is_boun
     assert asyncio.run(_settled(None, delay_s=0.05)) is False
     late = asyncio.run(asyncio.wait_for(_settled(RequestCancelledError("r2"), delay_s=30, settle_s=0.2), 5))
     assert late is False  # no outcome within the settle time: taken as the replica's failure
+
+
+def test_only_a_lost_replica_sends_a_request_again():
+    from ray.exceptions import TaskCancelledError
+    from ray.serve.exceptions import BackPressureError
+
+    from gptoss_vllm.serve.ingress.forwarding import _replica_lost
+    from gptoss_vllm.serve.pool.answer_channel import AnswerLost
+
+    assert (
+        _replica_lost(ActorDiedError())
+        and _replica_lost(AnswerLost("closed"))
+        and _replica_lost(StopAsyncIteration())
+    )
+    # The client left, the pool is full, the cold start timed out: the answer stands.
+    assert not _replica_lost(TaskCancelledError())
+    assert not _replica_lost(BackPressureError(num_queued_requests=3, max_queued_requests=3))
+    assert not _replica_lost(TimeoutError()) and not _replica_lost(asyncio.CancelledError())
+    assert not _replica_lost(RequestCancelledError("r-1"))
