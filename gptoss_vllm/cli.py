@@ -93,14 +93,20 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def _train_nano(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from gptoss_vllm.nano.evaluate import evaluate_weights, format_table
-    from gptoss_vllm.nano.train import TrainSettings, asset_tensors, save_asset, train
+    from gptoss_vllm.nano.train import CheckpointError, TrainSettings, asset_tensors, save_asset, train
 
     out = Path(args.out)
     if out.exists() and not args.force:
         parser.error(f"--out: {out} exists; pass --force to replace it")
     recipe = {"steps": args.steps, "batch_size": args.batch_size}
     settings = TrainSettings(seed=args.seed, **{k: v for k, v in recipe.items() if v is not None})
-    result = train(settings)
+    checkpoints = Path(args.checkpoint_dir) if args.checkpoint_dir else out.with_name(out.name + ".checkpoint")
+    try:
+        result = train(settings, checkpoint_dir=checkpoints, checkpoint_every=args.checkpoint_every)
+    except CheckpointError as exc:
+        parser.error(f"--checkpoint-dir: {exc}")
+    if result.resumed_at:
+        print(f"resumed from step {result.resumed_at} ({checkpoints})")
     save_asset(result, out, {})  # written before evaluating, so that a failed evaluation keeps the weights
     scores = {
         "bf16": evaluate_weights(
@@ -111,6 +117,7 @@ def _train_nano(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     print(format_table(scores))
     table = {name: [s.__dict__ for s in rows] for name, rows in scores.items()}
     save_asset(result, out, {"eval": table})
+    shutil.rmtree(checkpoints, ignore_errors=True)  # the asset holds the run now
     print(f"trained in {result.seconds:.0f} s; wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
     return 0
 
@@ -419,6 +426,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-per-family", type=_positive_int, default=25, metavar="N", help="held-out tasks per family"
     )
     tn.add_argument("--force", action="store_true", help="replace --out if it exists")
+    tn.add_argument(
+        "--checkpoint-dir",
+        metavar="DIR",
+        help="where the run saves its state and a stopped run goes on from (default: OUT.checkpoint)",
+    )
+    tn.add_argument(
+        "--checkpoint-every", type=_positive_int, default=100, metavar="N", help="save every N steps (default 100)"
+    )
     tn.set_defaults(handler=_train_nano, subparser=tn)
 
     sv = sub.add_parser(

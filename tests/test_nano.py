@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import random
 import statistics
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -174,6 +176,37 @@ def test_training_is_deterministic_and_learns(vocab):
     # Micro-batches only change the padding: one micro-batch per step trains the same model.
     whole = train(dataclasses.replace(settings, micro_batches=1), progress=False)
     assert whole.losses == pytest.approx(first.losses, rel=1e-4)
+
+
+def test_a_stopped_training_resumes_from_its_checkpoint_to_the_same_model(tmp_path):
+    from gptoss_vllm.nano.train import CHECKPOINT_FILE, CheckpointError, TrainSettings, train
+
+    settings = TrainSettings(seed=11, steps=6, batch_size=4, warmup=1, qat_fraction=0.5, threads=1)
+    whole = train(settings, progress=False)
+    first = train(settings, progress=False, checkpoint_dir=tmp_path, checkpoint_every=2, until=3)
+    assert not first.finished and len(first.losses) == 3 and (tmp_path / CHECKPOINT_FILE).exists()
+    # The run goes on from step 3 (saved when it stopped), through the QAT switch at step 3, to the same model.
+    resumed = train(settings, progress=False, checkpoint_dir=tmp_path, checkpoint_every=2)
+    assert resumed.resumed_at == 3 and resumed.finished
+    assert resumed.losses == whole.losses
+    for (name, a), (_, b) in zip(
+        whole.model.state_dict().items(), resumed.model.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    # Other settings than the checkpoint's are refused, naming what differs; on the command line, exit 2.
+    with pytest.raises(CheckpointError, match=r"batch_size 4 there, 8 now"):
+        train(dataclasses.replace(settings, batch_size=8), progress=False, checkpoint_dir=tmp_path)
+    refused = subprocess.run(
+        [sys.executable, "-m", "gptoss_vllm.cli", "train-nano", "--out", str(tmp_path / "nano.safetensors"),
+         "--seed", "11", "--steps", "6", "--batch-size", "8", "--checkpoint-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert (
+        refused.returncode == 2
+        and "--checkpoint-dir:" in refused.stderr
+        and "batch_size 4 there" in (refused.stderr)
+    )
+    assert not (tmp_path / "nano.safetensors").exists()
 
 
 def test_expanded_checkpoint_is_the_trained_model_and_unseen_tokens_score_zero(vocab, tmp_path):

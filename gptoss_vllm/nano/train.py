@@ -61,6 +61,18 @@ class TrainResult:
     settings: TrainSettings
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    resumed_at: int | None = None  # the step a checkpoint brought it to, when it resumed from one
+
+    @property
+    def finished(self) -> bool:
+        return len(self.losses) == self.settings.steps
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from; the message names the file and what differs."""
+
+
+CHECKPOINT_FILE = "train-state.pt"
 
 
 def nano_hf_config(vocab_size: int) -> Any:
@@ -176,64 +188,157 @@ def by_length(examples: list[Example], parts: int) -> list[list[Example]]:
     return [ordered[i : i + size] for i in range(0, len(ordered), size)]
 
 
-def train(settings: TrainSettings, progress: bool = True) -> TrainResult:
-    from transformers import GptOssForCausalLM
+class _Run:
+    """One training run's state: the model, its optimizer and the data stream, saved and loaded as one."""
 
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
-    torch.manual_seed(settings.seed)
-    rng = random.Random(settings.seed)
-    vocab = vocabulary()
-    to_sub = {token: i for i, token in enumerate(vocab)}
-    pad = to_sub[vocab[0]]
-    model = GptOssForCausalLM(nano_hf_config(len(vocab)))
-    if settings.place_value_init:
-        place_value_embeddings(model, vocab, settings.seed, settings.digit_features)
-    if settings.tied_init:
-        with torch.no_grad():
-            model.lm_head.weight.copy_(model.model.embed_tokens.weight)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=(0.9, 0.95), weight_decay=0.01)
-    qat_from = int(settings.steps * (1 - settings.qat_fraction))
-    unseen = FULL_VOCAB - len(vocab)
+    def __init__(self, settings: TrainSettings) -> None:
+        from transformers import GptOssForCausalLM
 
-    def lr_at(step: int) -> float:
+        self.settings = settings
+        torch.manual_seed(settings.seed)
+        self.rng = random.Random(settings.seed)
+        self.vocab = vocabulary()
+        self.to_sub = {token: i for i, token in enumerate(self.vocab)}
+        self.pad = self.to_sub[self.vocab[0]]
+        self.model = GptOssForCausalLM(nano_hf_config(len(self.vocab)))
+        if settings.place_value_init:
+            place_value_embeddings(self.model, self.vocab, settings.seed, settings.digit_features)
+        if settings.tied_init:
+            with torch.no_grad():
+                self.model.lm_head.weight.copy_(self.model.model.embed_tokens.weight)
+        self.model.train()
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=settings.lr, betas=(0.9, 0.95), weight_decay=0.01
+        )
+        self.qat_from = int(settings.steps * (1 - settings.qat_fraction))
+        self.unseen = FULL_VOCAB - len(self.vocab)
+        self.quantised = quantised_experts(self.model)
+        self.result = TrainResult(self.model, self.vocab, settings)
+
+    def lr_at(self, step: int) -> float:
+        settings = self.settings
         if step < settings.warmup:
             return settings.lr * (step + 1) / settings.warmup
         done = (step - settings.warmup) / max(1, settings.steps - settings.warmup)
         return settings.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * done)))
 
-    result = TrainResult(model, vocab, settings)
-    quantised = quantised_experts(model)
-    started = time.monotonic()
-    bar = tqdm(range(settings.steps), desc="training nano", unit="step", disable=not progress)
-    for step in bar:
+    def step(self, step: int) -> float:
+        """One optimizer step; its loss."""
+        settings = self.settings
         examples: list[Example] = []
         while len(examples) < settings.batch_size:
-            examples += sample_examples(rng)
+            examples += sample_examples(self.rng)
         # Each step's batch is mixed across families; its gradient is accumulated over micro-batches of
         # similar lengths, which is the whole batch's gradient with less padding. (Cutting the *batches*
         # by length made each step one family, and training much worse: near-zero accuracy.)
         parts = [
-            batch_tensors(part, to_sub, pad)
+            batch_tensors(part, self.to_sub, self.pad)
             for part in by_length(examples[: settings.batch_size], settings.micro_batches)
         ]
         targets = sum(int((labels[:, 1:] != -100).sum()) for _, labels in parts)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(step)
         loss = 0.0
-        with quantised if step >= qat_from else contextlib.nullcontext():
+        with self.quantised if step >= self.qat_from else contextlib.nullcontext():
             for ids, labels in parts:
-                part = loss_with_unseen_tokens(forward_logits(model, ids), labels, unseen) / targets
+                part = loss_with_unseen_tokens(forward_logits(self.model, ids), labels, self.unseen) / targets
                 part.backward()
                 loss += part.item()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        result.losses.append(loss)
-        bar.set_postfix(loss=f"{loss:.3f}", qat="on" if step >= qat_from else "off")
-    result.seconds = time.monotonic() - started
-    model.eval()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    def save(self, directory: Path) -> None:
+        """Everything the next step needs, written atomically (a stop while writing keeps the previous one)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {
+            "settings": self.settings.__dict__,
+            "vocab": self.vocab,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": self.rng.getstate(),
+            "torch_rng": torch.get_rng_state(),
+            "losses": self.result.losses,
+            "seconds": self.result.seconds,
+        }
+        partial = directory / f".{CHECKPOINT_FILE}.writing"
+        torch.save(state, partial)
+        partial.replace(directory / CHECKPOINT_FILE)
+
+    def load(self, directory: Path) -> bool:
+        """Go on from the checkpoint in ``directory``, if there is one made with the same settings."""
+        path = directory / CHECKPOINT_FILE
+        if not path.exists():
+            return False
+        try:
+            state = torch.load(path, weights_only=False)
+        except Exception as exc:
+            raise CheckpointError(f"{path}: unreadable ({exc}); remove it to start over") from None
+        saved = state["settings"]
+        differs = {
+            k: (saved.get(k), v)
+            for k, v in self.settings.__dict__.items()
+            if k != "threads" and saved.get(k) != v
+        }
+        if differs:
+            listed = ", ".join(f"{k} {old!r} there, {new!r} now" for k, (old, new) in differs.items())
+            raise CheckpointError(
+                f"{path}: trained with other settings ({listed}); resume with them or remove it"
+            )
+        if state["vocab"] != self.vocab:
+            raise CheckpointError(f"{path}: trained on another vocabulary (the task families changed)")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.rng.setstate(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        self.result.losses, self.result.seconds = list(state["losses"]), state["seconds"]
+        self.result.resumed_at = len(self.result.losses)
+        return True
+
+
+def train(
+    settings: TrainSettings,
+    progress: bool = True,
+    checkpoint_dir: Path | None = None,
+    checkpoint_every: int = 100,
+    until: int | None = None,
+) -> TrainResult:
+    """Train nano; with ``checkpoint_dir``, its state is saved every ``checkpoint_every`` steps, at the end and on
+    Ctrl-C, and a run finds it there and goes on from it, to the same weights as a run never stopped. ``until``
+    stops after that many steps (a result not :attr:`~TrainResult.finished`)."""
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    run = _Run(settings)
+    if checkpoint_dir is not None:
+        run.load(checkpoint_dir)
+    result = run.result
+    started = time.monotonic() - result.seconds
+    last = settings.steps if until is None else min(until, settings.steps)
+    bar = tqdm(
+        range(len(result.losses), last),
+        initial=len(result.losses),
+        total=settings.steps,
+        desc="training nano",
+        unit="step",
+        disable=not progress,
+    )
+    try:
+        for step in bar:
+            loss = run.step(step)
+            result.losses.append(loss)
+            result.seconds = time.monotonic() - started
+            bar.set_postfix(loss=f"{loss:.3f}", qat="on" if step >= run.qat_from else "off")
+            if checkpoint_dir is not None and (step + 1) % checkpoint_every == 0:
+                run.save(checkpoint_dir)
+    except KeyboardInterrupt:
+        if checkpoint_dir is not None:
+            run.save(checkpoint_dir)
+            print(f"\nstopped at step {len(result.losses)}; run again to go on from {checkpoint_dir}")
+        raise
+    if checkpoint_dir is not None:
+        run.save(checkpoint_dir)
+    run.model.eval()
     return result
 
 
