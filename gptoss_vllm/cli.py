@@ -100,7 +100,9 @@ def _train_nano(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         parser.error(f"--out: {out} exists; pass --force to replace it")
     recipe = {"steps": args.steps, "batch_size": args.batch_size}
     settings = TrainSettings(seed=args.seed, **{k: v for k, v in recipe.items() if v is not None})
-    checkpoints = Path(args.checkpoint_dir) if args.checkpoint_dir else out.with_name(out.name + ".checkpoint")
+    checkpoints = (
+        Path(args.checkpoint_dir) if args.checkpoint_dir else out.with_name(out.name + ".checkpoint")
+    )
     try:
         result = train(settings, checkpoint_dir=checkpoints, checkpoint_every=args.checkpoint_every)
     except CheckpointError as exc:
@@ -432,7 +434,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the run saves its state and a stopped run goes on from (default: OUT.checkpoint)",
     )
     tn.add_argument(
-        "--checkpoint-every", type=_positive_int, default=100, metavar="N", help="save every N steps (default 100)"
+        "--checkpoint-every",
+        type=_positive_int,
+        default=100,
+        metavar="N",
+        help="save every N steps (default 100)",
     )
     tn.set_defaults(handler=_train_nano, subparser=tn)
 

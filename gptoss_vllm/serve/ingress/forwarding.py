@@ -115,7 +115,9 @@ class PoolForwarder:
                 answer.hang_up()
                 # Only where another replica runs: with none, a resend would wait for a replacement to start.
                 if attempt == 0 and _replica_lost(exc) and self._pipeline.admission.running[pool] > 1:
-                    log.warning("pool %s lost the replica before it answered (%s); sending it again", pool, exc)
+                    log.warning(
+                        "pool %s lost the replica before it answered (%s); sending it again", pool, exc
+                    )
                     self._metrics.resends.labels(pool).inc()
                     continue
                 return answer, None, exc
