@@ -73,6 +73,13 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         config = load_config(args.config)
     except ConfigError as exc:
         parser.error(f"--config: {exc}")
+    if args.address is not None:
+        for name, pool in config.pools.items():
+            if missing := pool.tools.without_url():
+                parser.error(
+                    f"--address: pools.{name}.tools.{missing[0]} has no url: on a cluster, give the url of a "
+                    "tool server its workers reach (without --address, serve starts one here)"
+                )
     listen = Listen(args.host, args.port)
     if args.address is None and not port_is_free(listen):
         parser.error(f"--port: {args.host}:{args.port} is already in use; choose another port")

@@ -83,6 +83,11 @@ def build_pool_application(
     """One pool's application: its deployment, named ``name``; ``pool_class`` is the pool replicas' class (a
     benchmark's stand-in that speaks the same protocol; never anything but :class:`PoolServer` in a serving
     config)."""
+    if missing := pool.tools.without_url():
+        raise ConfigError(
+            f"pools.{name}.tools.{missing[0]}: no url, and nothing started one (`gptoss-vllm serve` starts the "
+            "tool servers on its own machine; on a cluster, give the url of a server the workers reach)"
+        )
     return (
         serve.deployment(pool_class)
         .options(

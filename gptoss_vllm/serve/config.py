@@ -127,12 +127,16 @@ _TOOL_SERVER = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
 class ToolServer(_Strict):
     """Where a built-in tool's MCP server (``gptoss-vllm tools python|browser``) listens."""
 
-    url: str = Field(description="host:port of the tool's MCP server (SSE at /sse), as vLLM's --tool-server")
+    url: str | None = Field(
+        default=None,
+        description="host:port of the tool's MCP server (SSE at /sse), as vLLM's --tool-server; none: the "
+        "deployment's own (`gptoss-vllm serve` starts one on this machine, the Helm chart its tools.<tool>)",
+    )
 
     @field_validator("url")
     @classmethod
-    def _host_port(cls, value: str) -> str:
-        if not _TOOL_SERVER.match(value):
+    def _host_port(cls, value: str | None) -> str | None:
+        if value is not None and not _TOOL_SERVER.match(value):
             raise ValueError(f"expected host:port (vLLM adds http:// and /sse), got {value!r}")
         return value
 
@@ -145,6 +149,10 @@ class PoolTools(_Strict):
 
     def offered(self) -> list[ToolName]:
         return [name for name in ("python", "browser") if getattr(self, name) is not None]  # type: ignore[misc]
+
+    def without_url(self) -> list[ToolName]:
+        """The tools whose server is the deployment's own, to be started and named before the pool runs."""
+        return [name for name in self.offered() if getattr(self, name).url is None]
 
 
 class PoolRouting(_Strict):

@@ -13,9 +13,11 @@ import secrets
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 from tqdm import tqdm
@@ -186,10 +188,12 @@ def run(
     from gptoss_vllm.observability.local_prometheus import LocalPrometheus, PrometheusError
     from gptoss_vllm.serve.app import run_targets
     from gptoss_vllm.serve.core_split import split_cores
+    from gptoss_vllm.serve.local_tools import LocalTools, ToolStartError
     from gptoss_vllm.serve.pool.deployment import ensure_builtin_model
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # the readiness polls are not news
     local = address is None
+    tools = LocalTools(Path(tempfile.mkdtemp(prefix="gptoss-vllm-tools-")))
     if local:
         for pool in config.pools.values():
             ensure_builtin_model(pool.model)
@@ -200,6 +204,13 @@ def run(
         )
         if not ray.cluster_resources().get("GPU"):  # every pool's engine runs on this machine's CPUs
             config = split_cores(config, sorted(os.sched_getaffinity(0)))
+        try:  # before the pools: an engine lists its tool servers' tools when it starts
+            config = tools.resolve(config)
+        except ToolStartError as exc:
+            tools.stop()
+            ray.shutdown()
+            print(f"gptoss-vllm serve: {exc}", file=sys.stderr)
+            return 1
     else:
         try:
             ray.init(address=address, namespace="gptoss-vllm")
@@ -274,4 +285,5 @@ def run(
             print("stopped without draining", file=sys.stderr)
         finally:
             ray.shutdown()
+            tools.stop()
     return code

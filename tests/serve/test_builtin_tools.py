@@ -1,4 +1,5 @@
-"""Built-in tools through the stack: deep offers python (the shared stack's tool server), fast offers none. A
+"""Built-in tools through the stack: deep offers python (the shared stack's tool server) and the browser
+(started by serve, as the embedded default says), fast offers none. A
 Responses request for code_interpreter reaches deep's engine, whose harmony system message declares the tool
 (checked on the rendered token ids); the same request at an effort fast serves is refused with 400 naming the
 tool; a function tool works in both."""
@@ -34,8 +35,14 @@ def test_code_interpreter_reaches_the_pool_that_offers_python_and_is_refused_els
     assert reply.headers["x-gptoss-pool"] == "deep"
     prompt = _rendered(reply.parse())
     system = prompt.split("<|end|>")[0]
-    assert "## python" in system and "fresh sandbox" in system
+    assert "## python" in system and "fresh sandbox" in system and "## browser" not in system
     assert "type lookup = (_: {" in prompt
+    # The browser that serve started for deep (the embedded default's), over the shipped collection.
+    browse = client.responses.create(
+        tools=[{"type": "web_search_preview"}], reasoning={"effort": "high"}, extra_body=show, **asked
+    )
+    browsing = _rendered(browse).split("<|end|>")[0]
+    assert "## browser" in browsing and "Tool for browsing." in browsing and "## python" not in browsing
     with pytest.raises(openai.BadRequestError) as refused:
         client.responses.create(tools=[PYTHON], reasoning={"effort": "low"}, **asked)
     error = refused.value.body.get("error", refused.value.body)

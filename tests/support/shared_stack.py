@@ -2,7 +2,7 @@
 into an empty cache: ``stack.cache``) with tight bounds (a few requests spill over and get refused), API keys
 and per-key limits, its conversations in a real ``redis-server`` with a password (``stack.redis``),
 ``--prometheus`` (``stack.prometheus_url``), OTLP tracing into the test's receiver, and the python tool's server
-(``stack.python_tool``), which ``deep`` offers.
+(``stack.python_tool``), which ``deep`` offers beside the browser ``serve`` starts.
 
 One stack serves every test module of ``tests/serve/`` that asks for the ``stack`` fixture
 (``tests/serve/conftest.py``); tests that stop or break it are marked ``stops_stack`` and run last there.
@@ -103,13 +103,13 @@ def start_shared_stack(root: Path, otlp_endpoint: str) -> RunningStack:
     prometheus_port = free_port()
     redis = start_redis(root, password=STORE_PASSWORD)
     config["response_store"] = {"backend": "redis", "url": redis.url, "timeout_s": 1.0}
-    # deep offers the python tool (fast, which spills over to it, offers none).
+    # deep offers the python tool of this test's server, and the browser `serve` starts (the embedded default's).
     try:
         python_tool = start_tool_server("python", root / "python-tool.log")
     except BaseException:
         redis.stop()
         raise
-    config["pools"]["deep"]["tools"] = {"python": {"url": python_tool.address}}
+    config["pools"]["deep"]["tools"]["python"] = {"url": python_tool.address}
     config_path = root / "serve.yaml"
     config_path.write_text(yaml.safe_dump(config))
     env = {

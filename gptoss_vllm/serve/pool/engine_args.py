@@ -58,8 +58,10 @@ def server_argv(pool: PoolConfig, model_name: str) -> list[str]:
     """The ``vllm serve`` argument list of one pool's replicas (validated)."""
     actions = _actions()
     argv = ["--model", pool.resolved_model(), "--served-model-name", model_name]
-    servers = [server.url for server in (pool.tools.python, pool.tools.browser) if server is not None]
-    if servers:  # vLLM's MCP tool server: it runs the Responses API's tool loop against them
+    # vLLM's MCP tool server: it runs the Responses API's tool loop against them. A tool without a url yet is
+    # the deployment's own, named before the pool is built (the launcher, the chart).
+    servers = [s.url for s in (pool.tools.python, pool.tools.browser) if s is not None and s.url is not None]
+    if servers:
         argv += ["--tool-server", ",".join(servers)]
     for key, value in {**GPT_OSS_DEFAULTS, **pool.engine_args}.items():
         dest = key.replace("-", "_")
