@@ -10,6 +10,7 @@ synthetic pool. The synthetic pool lives here and in no serving config.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -120,9 +121,32 @@ async def _measure(url: str, streams: int, tokens: int, procs: dict) -> dict[str
     }
 
 
+DIRECT_PORTS = 2  # Ray Serve gives every application's ingress replica a port: the pool's and the ingress's
+
+
+def _free_ports(count: int) -> int:
+    """The first of ``count`` consecutive free ports."""
+    import socket
+
+    from gptoss_vllm.bench.process import free_port
+
+    for _ in range(100):
+        base = free_port()
+        try:
+            with contextlib.ExitStack() as held:
+                for offset in range(count):
+                    sock = held.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", base + offset))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
 def _direct_ingress(port: int) -> None:
-    """Ray Serve's direct ingress: the ingress replica serves HTTP on ``port`` itself. Ray Serve reads
-    the flags when it is first imported, here and in every Ray process this one starts."""
+    """Ray Serve's direct ingress: each application's ingress replica serves HTTP itself, on a port from
+    ``port`` on. Ray Serve reads the flags when it is first imported, here and in every Ray process this one
+    starts."""
     import sys
 
     from gptoss_vllm.bench.process import free_port
@@ -133,12 +157,27 @@ def _direct_ingress(port: int) -> None:
         {
             "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
             "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
-            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + DIRECT_PORTS),
             "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(grpc := free_port()),
             "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(grpc + 1),
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",  # nothing to deregister from here
         }
     )
+
+
+def _ingress_among(ports: list[int]) -> str:
+    """Which of the direct-ingress ports the ingress's replica took (the pool's replica took another)."""
+    deadline = time.monotonic() + 60
+    with httpx.Client(timeout=2) as client:
+        while time.monotonic() < deadline:
+            for port in ports:
+                try:
+                    if "pools" in client.get(f"http://127.0.0.1:{port}/ready").json():
+                        return f"http://127.0.0.1:{port}"
+                except (httpx.HTTPError, ValueError):
+                    pass
+            time.sleep(0.5)
+    raise RuntimeError(f"bench overhead --relay: no direct ingress answered /ready on ports {ports}")
 
 
 def run_relay_bench(
@@ -150,10 +189,11 @@ def run_relay_bench(
 
     port = free_port()  # the proxy's (Ray Serve starts one even with direct ingress on)
     url = f"http://127.0.0.1:{port}"
+    direct_ports: list[int] = []
     if direct_ingress:
-        ingress_port = free_port()
-        _direct_ingress(ingress_port)
-        url = f"http://127.0.0.1:{ingress_port}"
+        base = _free_ports(DIRECT_PORTS)
+        _direct_ingress(base)
+        direct_ports = list(range(base, base + DIRECT_PORTS))
     import psutil
     import ray
     from ray import serve
@@ -183,6 +223,8 @@ def run_relay_bench(
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run_many(run_targets(config, pool_class=SyntheticPool))
+        if direct_ingress:
+            url = _ingress_among(direct_ports)
         deadline = time.monotonic() + 60  # the ingress learns of the pool's replica
         with httpx.Client(timeout=5) as client:
             while client.get(f"{url}/ready").status_code != 200:
