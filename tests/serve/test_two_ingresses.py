@@ -181,6 +181,9 @@ def test_a_keys_concurrency_bound_holds_for_both_ingress_replicas_together(stack
             _wait_for(stack, "gptoss_peer_in_flight_requests", [1, 1])
             capped = openai.OpenAI(base_url=f"{stack.url}/v1", api_key=CAPPED_KEY, max_retries=0, timeout=120)
             for _ in range(TRIES):
+                # Each try with both views fresh: a replica whose exchange stalled for PEER_TTL_S (a loaded
+                # machine) bounds alone by design, and would admit it.
+                _wait_for(stack, "gptoss_peer_in_flight_requests", [1, 1])
                 with pytest.raises(openai.RateLimitError) as raised:
                     capped.chat.completions.with_raw_response.create(
                         model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2
