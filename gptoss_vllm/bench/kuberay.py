@@ -43,7 +43,7 @@ import psutil
 import yaml
 
 from gptoss_vllm.bench.process import free_port, yield_cpu_to_caller
-from gptoss_vllm.serve.app_names import APP_NAME, pool_app_name
+from gptoss_vllm.serve.app_names import app_of
 
 NODE_IP = "127.0.0.1"
 _HTTP = httpx.Client(limits=httpx.Limits(max_keepalive_connections=0))  # one TLS context for every poll
@@ -261,8 +261,7 @@ class Cluster:
     def replicas(self, deployment: str) -> list[dict[str, Any]]:
         """Serve's view of a deployment's replicas (``state``, ``node_id``, ``pid``, ...): a pool's, in the pool's
         application, or ``ingress``."""
-        app = APP_NAME if deployment == "ingress" else pool_app_name(deployment)
-        app_status = self.applications().get("applications", {}).get(app) or {}
+        app_status = self.applications().get("applications", {}).get(app_of(deployment)) or {}
         return list(app_status.get("deployments", {}).get(deployment, {}).get("replicas", []))
 
     def owner(self, pid: int) -> RayNode | None:

@@ -42,7 +42,7 @@ from gptoss_vllm.bench.chart import CHART, merge, render
 from gptoss_vllm.bench.kuberay import Cluster, ClusterError, RayNode, rayservice_spec, start_cluster
 from gptoss_vllm.bench.overhead import machine_info
 from gptoss_vllm.loadtest.samples import percentile
-from gptoss_vllm.serve.app_names import APP_NAME, pool_app_name
+from gptoss_vllm.serve.app_names import app_of
 
 MODEL = "gpt-oss-nano"
 CPU_DEMO = CHART.parents[1] / "deploy" / "helm" / "values-cpu-demo.yaml"
@@ -291,15 +291,11 @@ def _replica_ids(cluster: Cluster, deployment: str) -> set[str]:
     return {r["replica_id"] for r in cluster.replicas(deployment) if r.get("state") == "RUNNING"}
 
 
-def _app_of(deployment: str) -> str:
-    return APP_NAME if deployment == "ingress" else pool_app_name(deployment)
-
-
 def _settled(apps: dict[str, Any]) -> bool:
     """Every application RUNNING and every replica of theirs (Serve's status of them) too: none starting, none
     draining."""
     for name in DEPLOYMENTS:
-        app = apps.get(_app_of(name), {})
+        app = apps.get(app_of(name), {})
         replicas = app.get("deployments", {}).get(name, {}).get("replicas", [])
         if app.get("status") != "RUNNING" or any(r.get("state") != "RUNNING" for r in replicas):
             return False
@@ -422,7 +418,7 @@ def redeploy(cluster: Cluster, policy: str, settings: Settings) -> dict[str, Any
     """The fast pool's autoscaling policy changes, as ``helm upgrade`` changes serveConfigV2, while a long
     stream runs on ``deep``: which deployments restarted (no replica kept), and what became of the stream."""
     before = {name: _replica_ids(cluster, name) for name in DEPLOYMENTS}
-    changed = _app_of("fast")
+    changed = app_of("fast")
     deployed_at = _apps(cluster)[changed].get("last_deployed_time_s")
     long = LongStream(cluster.serve_url, "high")
     long.wait_generating(120)

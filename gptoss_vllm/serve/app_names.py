@@ -14,3 +14,8 @@ def pool_app_name(pool: str, app_name: str = APP_NAME) -> str:
     """The application of ``pool`` beside the ingress application ``app_name``; its one deployment is
     named ``pool``."""
     return f"{app_name}-pool-{pool}"
+
+
+def app_of(deployment: str, app_name: str = APP_NAME) -> str:
+    """The application a deployment of the service is in: ``ingress`` the ingress's, a pool its own."""
+    return app_name if deployment == "ingress" else pool_app_name(deployment, app_name)

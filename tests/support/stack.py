@@ -7,7 +7,7 @@ import psutil
 
 from gptoss_vllm.bench.process import RunningStack, free_port, start_stack, start_tool_server
 from gptoss_vllm.kernels.build import cache_dir as kernel_cache_dir
-from gptoss_vllm.serve.app_names import APP_NAME, pool_app_name
+from gptoss_vllm.serve.app_names import app_of
 from tests.support import http
 
 __all__ = [
@@ -43,7 +43,7 @@ def wait_ready(stack: RunningStack, timeout_s: float = 300) -> None:
 
 def replica_processes(deployment: str) -> list[psutil.Process]:
     """The processes of a deployment's Ray Serve replicas (a pool's name, or ``ingress``)."""
-    app = APP_NAME if deployment == "ingress" else pool_app_name(deployment)
+    app = app_of(deployment)
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         if f"ServeReplica:{app}:{deployment}" in " ".join(proc.info["cmdline"] or []):
