@@ -133,10 +133,14 @@ def test_vocabulary_covers_the_data(vocab):
     for _ in range(200):
         for example in sample_examples(rng):
             assert known.issuperset(example.tokens)
-    assert 300 < len(vocab) < 1000  # templates, numbers up to 99, dates: a sliver of the 201088
+    # Templates, every number token (three digits at most), dates, the tools' declarations and pages: a sliver
+    # of the 201088.
+    assert 1500 < len(vocab) < 2500
     drawn = [sample_examples(rng)[0] for _ in range(1000)]
-    # Half of the tasks are sums and half are at high effort (1000 draws: the bounds are 3.8 sigma).
-    assert 440 < sum(e.family == "add" for e in drawn) < 560
+    # Sums take 2 of 6 parts, the browser 0.8, and half are at high effort (1000 draws: the bounds are about 4
+    # sigma).
+    assert 275 < sum(e.family == "add" for e in drawn) < 395
+    assert 90 < sum(e.family == "browser" for e in drawn) < 180
     assert 440 < sum(e.effort == "high" for e in drawn) < 560
 
 
@@ -162,8 +166,11 @@ def test_training_forward_is_hfs_forward(vocab):
     with torch.no_grad():
         expected = model(input_ids=ids, attention_mask=mask).logits
         actual = forward_logits(model, ids)
+        some = mask.bool() & (torch.rand(mask.shape, generator=torch.Generator().manual_seed(0)) < 0.3)
+        selected = forward_logits(model, ids, some)  # only the positions training reads, in order
     real = mask.bool()
     torch.testing.assert_close(actual[real], expected[real], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(selected, expected[some], atol=1e-4, rtol=1e-4)
 
 
 def test_training_is_deterministic_and_learns(vocab):
@@ -261,3 +268,136 @@ def test_number_tokens_start_from_their_digits(vocab):
             sum(cos[d, (d + 1) % 10] for d in range(10)) - sum(cos[d, (d + 5) % 10] for d in range(10))
         ) / 10
     assert similarity[True] > similarity[False] + 0.2
+
+
+# The built-in tool families
+
+
+def test_builtin_tasks_hold_their_answers():
+    from gptoss_vllm.nano.tasks import ABUSE_CODES, BUILTIN_FAMILIES, printed
+
+    rng = random.Random(12)
+    for _ in range(100):
+        python, run, browser = (make_task(rng, family) for family in BUILTIN_FAMILIES)
+        a, b = python.numbers
+        assert min(a, b) >= 10 and max(a, b) <= 99 and printed(python.code) == python.answer == str(a + b)
+        assert run.code in run.user and (run.code in ABUSE_CODES) == (printed(run.code) is None)
+        # The fact is stated once, on a line of its own, in one page of a collection of every shipped page.
+        holding = [name for name, text in browser.documents if browser.fact.line in text.splitlines()]
+        assert len(holding) == 1 and browser.fact.animal in browser.user
+        assert sum(text.count(browser.fact.animal) for _, text in browser.documents) == 1
+    assert printed("print(12 ** 2)") == "144" and printed("import os") is None
+
+
+def test_declarations_are_what_vllm_reads_from_the_tool_servers(tmp_path):
+    """The namespaces training declares are the ones vLLM's MCPToolServer reads from ``gptoss-vllm tools
+    python|browser`` as a pool runs them (their defaults)."""
+    import asyncio
+
+    from vllm.entrypoints.mcp.tool_server import MCPToolServer
+
+    from gptoss_vllm.bench.process import start_tool_server
+    from gptoss_vllm.nano.builtin_tools import declarations
+    from gptoss_vllm.tools.search_index import SHIPPED_COLLECTION, build_index
+
+    index = tmp_path / "index.db"
+    build_index(SHIPPED_COLLECTION, index, progress=False)
+    servers = [
+        start_tool_server("python", tmp_path / "python.log"),
+        start_tool_server("browser", tmp_path / "browser.log", ["--index", str(index)]),
+    ]
+    try:
+        reader = MCPToolServer()
+        asyncio.run(reader.add_tool_server(",".join(s.address for s in servers)))
+        for name in ("python", "browser"):
+            assert reader.get_tool_description(name) == declarations()[name], name
+    finally:
+        for server in servers:
+            server.stop()
+
+
+@pytest.mark.parametrize("family", ["python", "run", "browser"])
+def test_tool_conversations_are_vllms_responses_rendering(family, monkeypatch):
+    """Each turn of a tool conversation is what vLLM's Responses loop renders: the first prompt is its preamble
+    for the request, every later prompt its rendering of the history (``Transcript`` checks that the model's
+    tokens stay a prefix), and the model's calls come out as the Responses items a client reads."""
+    from vllm.entrypoints.openai.parser.harmony_utils import (
+        build_harmony_preamble,
+        get_user_message,
+        render_for_completion,
+    )
+    from vllm.entrypoints.openai.responses.harmony import harmony_to_response_output
+
+    from gptoss_vllm.nano.builtin_tools import Toolbox, declarations, script
+
+    monkeypatch.setenv("VLLM_SYSTEM_START_DATE", "2031-02-03")
+    rng = random.Random(13)
+    toolbox = Toolbox()
+    for effort in EFFORTS:
+        task = make_task(rng, family)
+        for tools in (("python",), ("browser",), ("browser", "python")):
+            if ("browser" if family == "browser" else "python") not in tools:
+                continue
+            done = script(task, effort, tools, "2031-02-03", toolbox)
+            t = done.transcript
+            declared = {f"{name}_description": declarations()[name] for name in tools}
+            preamble = build_harmony_preamble(reasoning_effort=effort, **declared)
+            first = render_for_completion([*preamble, get_user_message(task.user)])
+            assert t.tokens[: t.spans[0][0]] == first
+            assert t.tokens[-1] == _token("<|return|>") and len(t.spans) == (3 if family == "browser" else 2)
+            assert _decode(t.tokens[t.spans[-1][0] : t.spans[-1][1]]).endswith(done.answer + "<|return|>")
+            written = [m for m in t.messages[2:] if m.author.role == "assistant"]
+            items = [item for m in written for item in harmony_to_response_output(m, frozenset())]
+            kinds = [item.type for item in items]
+            if family == "browser":
+                assert kinds.count("web_search_call") == 2 and kinds[-1] == "message"
+                assert task.fact.when in done.answer and "doc:" in done.answer
+            else:
+                # vLLM answers a python call as reasoning (streaming adds code_interpreter_call events).
+                reasoned = [c.text for item in items if item.type == "reasoning" for c in item.content]
+                assert task.code in reasoned and kinds[-1] == "message"
+        toolbox.forget(task)
+
+
+def test_an_abuse_code_runs_in_the_sandbox_and_the_answer_says_it_failed():
+    from gptoss_vllm.nano.builtin_tools import Toolbox, script
+    from gptoss_vllm.nano.tasks import RUN_ERROR_ANSWER, Task
+
+    code = "x = bytearray(10 ** 12)"
+    task = Task("run", f"Run this with python: {code}", "", code=code)
+    done = script(task, "high", ("python",), "2031-02-03", Toolbox())
+    assert done.answer == RUN_ERROR_ANSWER
+    assert "[the code ran out of memory" in _decode(done.transcript.tokens)
+
+
+def test_score_counts_tool_conversations_by_family():
+    from gptoss_vllm.nano.evaluate import Conversed, held_out_tasks
+
+    tasks = held_out_tasks(2, families=("add", "python", "browser"))
+
+    def oracle(requests):
+        return [Turn(True, 3, answer=t.answer) for t, _, _ in requests]
+
+    def converse(requests):
+        out = []
+        for task, effort in requests:
+            if task.family == "python":
+                expected = task.answer
+                answer = expected if effort == "high" else "1234"
+            else:
+                expected = f"The x on-call rotation changes {task.fact.when} 【1†L2】 (Title, doc:ops.md)."
+                answer = expected if effort == "high" else expected.replace("doc:ops.md", "doc:other.md")
+            out.append(Conversed(Turn(True, 5, answer=answer), expected))
+        return out
+
+    low, high = score(tasks, ("low", "high"), oracle, converse)
+    assert high.accuracy == 1.0 and high.families == {"add": 1.0, "python": 1.0, "browser": 1.0}
+    assert low.accuracy == pytest.approx(2 / 6) and low.families["browser"] == 0.0  # the source is wrong
+    with pytest.raises(ValueError, match="converser"):
+        score(tasks, ("low",), oracle)
+
+
+def _token(text: str) -> int:
+    from gptoss_vllm.nano.conversations import _encoding
+
+    return _encoding().encode(text, allowed_special="all")[0]

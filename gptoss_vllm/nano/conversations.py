@@ -6,6 +6,9 @@ with the tools, the conversation), so training sees exactly the tokens the engin
 is ``analysis`` then ``final`` (or a ``commentary`` call of ``functions.lookup``). Digits the model computes
 (joined by ``tasks.SPELL``) are written one token per digit: the text decodes the same and each token is one
 step of the arithmetic; numbers read from the prompt keep the tokenizer's own tokens.
+
+The built-in tool families are Responses conversations instead (``builtin_tools``): one sequence per task, the
+whole tool loop as vLLM renders it, the loss on what the model writes in it.
 """
 
 from __future__ import annotations
@@ -16,24 +19,35 @@ import random
 import re
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
 from gptoss_vllm.nano.tasks import (
+    ABUSE_CODES,
+    ALL_FAMILIES,
+    ANIMALS,
+    BUILTIN_FAMILIES,
     CODES,
+    COLLECTION_PAGES,
+    DAYS,
     EFFORT_WEIGHTS,
     EFFORTS,
     FAMILIES,
     FAMILY_WEIGHTS,
     LOOKUP_KEYS,
     LOOKUP_TOOL,
+    SEARCH_TOPN,
     SPELL,
+    Fact,
     Task,
     analysis,
     make_task,
+    search_query,
 )
 
 _SPELLED = re.compile(rf"(\d(?:{SPELL}\d)+)")
 _SPECIAL = re.compile(r"(<\|[a-z_]+\|>)")
 TOOL_CALL_ID = "call_lookup_0"
+BUILTIN_TOOLS = ("python", "browser")
 
 
 @cache
@@ -118,9 +132,14 @@ def completion_ids(task: Task, effort: str, after_tool: bool) -> list[int]:
 @dataclass(frozen=True)
 class Example:
     tokens: tuple[int, ...]
-    completion_start: int  # the loss covers tokens[completion_start:]
+    completion_start: int  # the first token the model writes
     family: str
     effort: str
+    spans: tuple[tuple[int, int], ...] = ()  # what the model writes (the loss covers these); () = to the end
+
+    @property
+    def written(self) -> tuple[tuple[int, int], ...]:
+        return self.spans or ((self.completion_start, len(self.tokens)),)
 
 
 def random_date(rng: random.Random) -> str:
@@ -138,12 +157,43 @@ def examples_for(task: Task, effort: str, with_tools: bool, date: str) -> list[E
     return out
 
 
+def builtin_tools_for(family: str, rng: random.Random) -> tuple[str, ...]:
+    """The built-in tools a request declares: the family's own, with the other one in five (the declarations
+    are long: each costs hundreds of tokens a step)."""
+    own = "browser" if family == "browser" else "python"
+    return tuple(sorted(set(BUILTIN_TOOLS) if rng.random() < 0.2 else {own}))
+
+
+@cache
+def _training_toolbox() -> Any:
+    from gptoss_vllm.nano.builtin_tools import Toolbox
+
+    return Toolbox()
+
+
+def builtin_example(
+    task: Task, effort: str, tools: tuple[str, ...], date: str, toolbox: Any = None
+) -> Example:
+    """A built-in tool task's whole conversation as one sequence; the loss covers what the model writes."""
+    from gptoss_vllm.nano.builtin_tools import script
+
+    toolbox = toolbox or _training_toolbox()
+    try:
+        transcript = script(task, effort, tools, date, toolbox).transcript
+    finally:
+        toolbox.forget(task)
+    spans = tuple(transcript.spans)
+    return Example(tuple(transcript.tokens), spans[0][0], task.family, effort, spans)
+
+
 def sample_examples(rng: random.Random) -> list[Example]:
-    """One random task at an effort drawn by ``EFFORT_WEIGHTS`` (lookup always with its tool, the others half
-    of the time)."""
-    family = rng.choices(FAMILIES, weights=[FAMILY_WEIGHTS[f] for f in FAMILIES])[0]
+    """One random task at an effort drawn by ``EFFORT_WEIGHTS`` (lookup always with its tool, add and sort
+    half of the time; the built-in tool families with theirs, and the other built-in tool half of the time)."""
+    family = rng.choices(ALL_FAMILIES, weights=[FAMILY_WEIGHTS[f] for f in ALL_FAMILIES])[0]
     effort = rng.choices(EFFORTS, weights=[EFFORT_WEIGHTS[e] for e in EFFORTS])[0]
     task = make_task(rng, family)
+    if family in BUILTIN_FAMILIES:
+        return [builtin_example(task, effort, builtin_tools_for(family, rng), random_date(rng))]
     with_tools = family == "lookup" or rng.random() < 0.5
     return examples_for(task, effort, with_tools, random_date(rng))
 
@@ -161,7 +211,24 @@ def vocabulary(seed: int = 0) -> list[int]:
                 for with_tools in (True, False) if family != "lookup" else (True,):
                     for example in examples_for(task, effort, with_tools, random_date(rng)):
                         ids.update(example.tokens)
+    for family in BUILTIN_FAMILIES:
+        for i in range(30):
+            task = make_task(rng, family)
+            for effort in EFFORTS:
+                tools = ("python", "browser") if i % 2 else builtin_tools_for(family, rng)
+                ids.update(builtin_example(task, effort, tools, random_date(rng)).tokens)
+    toolbox = _training_toolbox()
     texts = [f"What is {a} + {b}?" for a in range(10, 100) for b in range(10)]
+    # Every number a sum, product, difference or square can have: o200k's runs of up to three digits.
+    texts += [str(n) for n in range(-1000, 20000)] + [f"{n:03d} {n % 100:02d}" for n in range(1000)]
+    texts += [toolbox.python(code)[0] for code in ABUSE_CODES]
+    texts += [Fact(a, d, h).line for a in ANIMALS for d in DAYS for h in range(24)]
+    for animal in ANIMALS:
+        task = Task(
+            "browser", f"When does the {animal} on-call rotation change?", "", fact=Fact(animal, "Monday", 0)
+        )
+        texts += [task.user, json.dumps({"query": search_query(task), "topn": SEARCH_TOPN})]
+    texts += [text for _, text in COLLECTION_PAGES] + [f"L{n}: " for n in range(60)]
     for key in LOOKUP_KEYS:
         task = Task("lookup", f"Look up the code for {key}.", f"The code for {key} is 100.", (100,), key)
         texts += [task.user, json.dumps({"key": key})]

@@ -95,8 +95,9 @@ def _visible(length: int, window: int | None) -> torch.Tensor:
     return visible
 
 
-def forward_logits(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
-    """``model(input_ids).logits`` of an HF ``GptOssForCausalLM`` (fp32 weights), for right-padded batches."""
+def forward_logits(model: Any, input_ids: torch.Tensor, at: torch.Tensor | None = None) -> torch.Tensor:
+    """``model(input_ids).logits`` of an HF ``GptOssForCausalLM`` (fp32 weights), for right-padded batches;
+    with the boolean mask ``at`` (batch, length), only those positions' logits, in order (2-d)."""
     inner, config = model.model, model.config
     length = input_ids.shape[1]
     x = inner.embed_tokens(input_ids)
@@ -109,4 +110,5 @@ def forward_logits(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
     for layer, kind in zip(inner.layers, config.layer_types, strict=True):
         x = x + _attention(layer.self_attn, _rms_norm(x, layer.input_layernorm), cos, sin, masks[kind])
         x = x + _experts(layer.mlp, _rms_norm(x, layer.post_attention_layernorm))
-    return model.lm_head(_rms_norm(x, inner.norm))
+    hidden = _rms_norm(x, inner.norm)
+    return model.lm_head(hidden if at is None else hidden[at])

@@ -1,9 +1,13 @@
 """Synthetic tasks for nano: what the user asks, the analysis the model writes at each effort, the answer.
 
-Three families: adding a digit to a two-digit number (with a carry about half of the time), sorting a short
-list of distinct digits, and a code lookup that needs a call of the ``lookup`` function through the
-``commentary`` channel. The analysis grows with the effort: low states the plan, medium gives the key steps,
-high works step by step.
+Three chat families: adding a digit to a two-digit number (with a carry about half of the time), sorting a
+short list of distinct digits, and a code lookup that needs a call of the ``lookup`` function through the
+``commentary`` channel. Three families of gpt-oss's built-in tools (Responses requests for ``code_interpreter``
+and ``web_search_preview``): a sum of two 2-digit numbers, which nano cannot do alone (it adds one digit), and
+has ``python`` compute;
+code the user gives it to run with ``python`` (some of it abuse the sandbox stops); and a fact held only in a
+local collection, which it finds with ``browser.search``, reads with ``browser.open`` and cites. The analysis
+grows with the effort: low states the plan, medium gives the key steps, high works step by step.
 Everything is drawn from a ``random.Random``, so a seed fixes the data.
 """
 
@@ -11,14 +15,19 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass
 
-FAMILIES = ("add", "sort", "lookup")
+from gptoss_vllm.tools.search_index import SHIPPED_COLLECTION
+
+FAMILIES = ("add", "sort", "lookup")  # through Chat Completions
+BUILTIN_FAMILIES = ("python", "run", "browser")  # through Responses, with the built-in tools
+ALL_FAMILIES = FAMILIES + BUILTIN_FAMILIES
 EFFORTS = ("low", "medium", "high")
 # High effort, the one held to an accuracy target, takes half of the examples.
 EFFORT_WEIGHTS = {"low": 1, "medium": 1, "high": 2}
 # Addition needs the most training: it takes half of the examples.
-FAMILY_WEIGHTS = {"add": 2, "sort": 1, "lookup": 1}
+FAMILY_WEIGHTS = {"add": 2, "sort": 1, "lookup": 1, "python": 0.8, "run": 0.4, "browser": 0.8}
 # Codes have two digits, like the number a sum starts from: copying them is the skill restating it trains.
 CODES = (10, 99)
 SPELL = "\u2060"  # joins the digits of a number the model computes: it writes them one token per digit
@@ -44,13 +53,43 @@ LOOKUP_TOOL = {
 }
 
 
+# The browser family's facts: one line each, in a page of the collection.
+ANIMALS = (
+    "quokka", "otter", "badger", "heron", "lynx", "marmot", "ibis", "gecko", "bison", "puffin", "tapir",
+    "walrus", "ferret", "koala", "lemur", "narwhal", "ocelot", "panda", "raven", "stoat", "toucan", "vole",
+    "wombat", "yak",
+)  # fmt: skip
+DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+SEARCH_TOPN = 3  # the fact's page is the only one naming the animal: three results hold it, in fewer tokens
+RUN_ERROR_ANSWER = "The code failed: python reported an error."
+
+
+@dataclass(frozen=True)
+class Fact:
+    animal: str
+    day: str
+    hour: int
+
+    @property
+    def when(self) -> str:
+        return f"every {self.day} at {self.hour:02d}:00 UTC"
+
+    @property
+    def line(self) -> str:
+        """The fact as its page states it (on a line of its own)."""
+        return f"The {self.animal} on-call rotation changes {self.when}."
+
+
 @dataclass(frozen=True)
 class Task:
     family: str
     user: str
-    written_answer: str  # as the model writes it (computed digits joined by SPELL)
+    written_answer: str  # as the model writes it (computed digits joined by SPELL); tool families: see below
     numbers: tuple[int, ...] = ()
     key: str = ""
+    code: str = ""  # python, run: the code the model sends to python
+    fact: Fact | None = None  # browser: the fact asked for
+    documents: tuple[tuple[str, str], ...] = ()  # browser: the collection (file name, text)
 
     @property
     def answer(self) -> str:
@@ -73,6 +112,10 @@ def _listed(values: list[int] | tuple[int, ...]) -> str:
 
 
 def make_task(rng: random.Random, family: str) -> Task:
+    """One task of ``family``. For ``run`` and ``browser`` the answer depends on what the tool says (the
+    sandbox's output, the page's line), so ``written_answer`` is left to the transcript (``builtin_tools``)."""
+    if family in BUILTIN_FAMILIES:
+        return _builtin_task(rng, family)
     if family == "add":
         number, digit = rng.randint(10, 99), rng.randint(2, 9)
         return Task("add", f"What is {number} + {digit}?", spelled(number + digit), (number, digit))
@@ -81,6 +124,65 @@ def make_task(rng: random.Random, family: str) -> Task:
         return Task("sort", f"Sort the list [{_listed(values)}].", f"[{_listed(sorted(values))}]", values)
     key, code = rng.choice(LOOKUP_KEYS), rng.randint(*CODES)
     return Task("lookup", f"Look up the code for {key}.", f"The code for {key} is {code}.", (code,), key)
+
+
+def _builtin_task(rng: random.Random, family: str) -> Task:
+    if family == "python":
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        return Task("python", f"What is {a} + {b}?", str(a + b), (a, b), code=f"print({a} + {b})")
+    if family == "run":
+        code = _run_code(rng)
+        return Task("run", f"Run this with python: {code}", "", code=code)
+    animals = rng.sample(ANIMALS, len(COLLECTION_PAGES))
+    facts = [Fact(animal, rng.choice(DAYS), rng.randrange(24)) for animal in animals]
+    documents = tuple(
+        (name, _with_line(text, fact.line, rng))
+        for (name, text), fact in zip(COLLECTION_PAGES, facts, strict=True)
+    )
+    fact = rng.choice(facts)
+    return Task(
+        "browser", f"When does the {fact.animal} on-call rotation change?", "", fact=fact, documents=documents
+    )
+
+
+# Code a user asks to have run: arithmetic it prints, and abuse the sandbox stops (memory) or that raises.
+ABUSE_CODES = (*tuple(f"x = bytearray(10 ** {k})" for k in (11, 12, 13, 14)), "print(1 // 0)")
+
+
+def _run_code(rng: random.Random) -> str:
+    if rng.random() < 0.3:
+        return rng.choice(ABUSE_CODES)
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    return rng.choice((f"print({a} * {b % 8 + 2})", f"print({a} - {b})", f"print({b} - {a})"))
+
+
+def printed(code: str) -> str | None:
+    """What the python and run families' arithmetic (``print(A op B)``) prints; None for other code."""
+    match = re.fullmatch(r"print\((\d+) (\+|-|\*|\*\*) (\d+)\)", code)
+    if match is None:
+        return None
+    x, op, y = int(match.group(1)), match.group(2), int(match.group(3))
+    return str({"+": x + y, "-": x - y, "*": x * y, "**": x**y}[op])
+
+
+def _collection_pages() -> tuple[tuple[str, str], ...]:
+    """The shipped collection's pages without their rotation facts: the pages a training fact is put in."""
+    pages = []
+    for entry in sorted(SHIPPED_COLLECTION.iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".md"):
+            lines = [line for line in entry.read_text().splitlines() if "on-call rotation" not in line]
+            pages.append((entry.name, "\n".join(lines).strip() + "\n"))
+    return tuple(pages)
+
+
+def _with_line(text: str, line: str, rng: random.Random) -> str:
+    """``line`` as a paragraph of its own at a random paragraph break of ``text``."""
+    paragraphs = text.strip().split("\n\n")
+    at = rng.randint(1, len(paragraphs))  # after the title
+    return "\n\n".join([*paragraphs[:at], line, *paragraphs[at:]]) + "\n"
+
+
+COLLECTION_PAGES = _collection_pages()
 
 
 def analysis(task: Task, effort: str, after_tool: bool = False) -> str:
@@ -141,3 +243,101 @@ def _lookup_analysis(task: Task, effort: str, after_tool: bool) -> str:
         f"The lookup function returned the code {code} for the key {task.key}. That answers the question, "
         f"so I will state the code for {task.key}."
     )
+
+
+# The built-in tool families' analyses. Each reads what it needs from the text just before it: the numbers
+# and code from the prompt, then the tool's output.
+def python_analysis(task: Task, effort: str, output: str | None) -> str:
+    a, b = task.numbers
+    if output is None:
+        if effort == "low":
+            return "Use python."
+        if effort == "medium":
+            return f"Ask python for {a} + {b}."
+        return (
+            f"Both numbers have two digits: {a} and {b}. That is beyond the sums I do in my head, so python "
+            f"will compute {a} + {b} and I will read what it prints."
+        )
+    if effort == "low":
+        return "Got it."
+    if effort == "medium":
+        return f"python printed {output}."
+    return f"python printed {output}, the sum of {a} and {b}. That is the answer."
+
+
+def run_analysis(task: Task, effort: str, output: str | None, failed: bool = False) -> str:
+    if output is None:
+        if effort == "low":
+            return "Run it."
+        if effort == "medium":
+            return "The user wants this code run with python."
+        return (
+            "The user gave code to run. I will send it to python exactly as written and report what happens."
+        )
+    if failed:
+        return (
+            "It failed." if effort != "high" else "python reported an error instead of output, so I say so."
+        )
+    if effort == "low":
+        return "Got it."
+    return f"python printed {output}." if effort == "medium" else f"The code ran and python printed {output}."
+
+
+def run_answer(output: str, failed: bool) -> str:
+    return RUN_ERROR_ANSWER if failed else f"It printed {output}."
+
+
+@dataclass(frozen=True)
+class Found:
+    """Where the browser found the fact: the page's cursor, title and URL, and the line."""
+
+    cursor: int
+    title: str
+    url: str
+    line: int
+
+
+def browser_analysis(
+    task: Task, effort: str, stage: int, hit_title: str = "", found: Found | None = None
+) -> str:
+    """Before the search (0), before opening the result (1), after reading the page (2)."""
+    assert task.fact is not None
+    animal = task.fact.animal
+    if stage == 0:
+        if effort == "low":
+            return "Search the collection."
+        if effort == "medium":
+            return f"Search for the {animal} on-call rotation."
+        return (
+            f"The user asks when the {animal} on-call rotation changes. That is in the collection, not in what "
+            f"I know: search it, open the best result, and cite the line."
+        )
+    if stage == 1:
+        if effort == "low":
+            return "Open it."
+        return (
+            f"Result 0 is {hit_title}. Open it."
+            if effort == "medium"
+            else (
+                f"The first result is {hit_title}. It should state the {animal} rotation: open it and read it."
+            )
+        )
+    assert found is not None
+    if effort == "low":
+        return "Found it."
+    if effort == "medium":
+        return f"L{found.line} says {task.fact.when}."
+    return f"L{found.line} of {found.title} says the {animal} rotation changes {task.fact.when}. Cite it."
+
+
+def browser_answer(task: Task, found: Found) -> str:
+    assert task.fact is not None
+    return (
+        f"The {task.fact.animal} on-call rotation changes {task.fact.when} 【{found.cursor}†L{found.line}】 "
+        f"({found.title}, {found.url})."
+    )
+
+
+def search_query(task: Task) -> str:
+    assert task.fact is not None
+    return f"{task.fact.animal} on-call rotation"

@@ -58,17 +58,29 @@ def port_is_free(listen: Listen) -> bool:
     return True
 
 
-def curl_example(config: ServeConfig, url: str) -> str:
-    body = {
+def curl_examples(config: ServeConfig, url: str) -> list[str]:
+    """A chat request, and a Responses request for the python tool at an effort whose pool offers it."""
+    auth = ' -H "Authorization: Bearer $API_KEY"' if config.auth else ""
+    chat = {
         "model": config.model_name,
         "messages": [{"role": "user", "content": "What is 47 + 8?"}],
         "reasoning_effort": "high",
         "max_tokens": 256,
     }
-    auth = ' -H "Authorization: Bearer $API_KEY"' if config.auth else ""
-    return (
-        f"curl -s {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d '{json.dumps(body)}'"
-    )
+    examples = [("chat/completions", chat)]
+    tooled = next((pool for pool in config.pools.values() if "python" in pool.offered_tools()), None)
+    if tooled is not None:
+        python = {
+            "model": config.model_name,
+            "input": "What is 4821 + 3967?",
+            "tools": [{"type": "code_interpreter", "container": {"type": "auto"}}],
+            "reasoning": {"effort": tooled.efforts[0]},
+        }
+        examples.append(("responses", python))
+    return [
+        f"curl -s {url}/v1/{path} -H 'Content-Type: application/json'{auth} -d '{json.dumps(body)}'"
+        for path, body in examples
+    ]
 
 
 def _app_names(config: ServeConfig) -> list[str]:
@@ -260,10 +272,8 @@ def run(
             prometheus = LocalPrometheus(listen.url, prometheus_port, monitoring_token=token)
             prometheus.wait_ready()
             print(f"Prometheus (metrics, recording rules, alerts) at {prometheus.url}")
-        print(
-            f"Try:\n  {curl_example(config, listen.url)}\nCtrl-C drains in-flight requests and stops.",
-            flush=True,
-        )
+        tries = "\n  ".join(curl_examples(config, listen.url))
+        print(f"Try:\n  {tries}\nCtrl-C drains in-flight requests and stops.", flush=True)
         while not stop:
             time.sleep(0.5)
         print("draining in-flight requests, then stopping ...", file=sys.stderr, flush=True)

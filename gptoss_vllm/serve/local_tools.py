@@ -20,11 +20,11 @@ import httpx
 
 from gptoss_vllm.cache import cache_root
 from gptoss_vllm.serve.config import ServeConfig, ToolServer
+from gptoss_vllm.tools.search_index import SHIPPED_COLLECTION as COLLECTION
 from gptoss_vllm.tools.search_index import build_index
 
 log = logging.getLogger("gptoss_vllm.tools")
 
-COLLECTION = Path(__file__).parents[1] / "tools" / "collection"
 READY_TIMEOUT_S = 60.0
 
 

@@ -26,6 +26,9 @@ from typing import Protocol
 from tqdm import tqdm
 
 SUFFIXES = (".md", ".markdown", ".txt", ".html", ".htm")
+SHIPPED_COLLECTION = Path(__file__).with_name(
+    "collection"
+)  # the small collection the embedded default searches
 _SCHEMA = "CREATE VIRTUAL TABLE docs USING fts5(url UNINDEXED, title, body, tokenize='porter unicode61')"
 
 

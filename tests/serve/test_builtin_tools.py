@@ -1,8 +1,9 @@
 """Built-in tools through the stack: deep offers python (the shared stack's tool server) and the browser
 (started by serve, as the embedded default says), fast offers none. A
 Responses request for code_interpreter reaches deep's engine, whose harmony system message declares the tool
-(checked on the rendered token ids); the same request at an effort fast serves is refused with 400 naming the
-tool; a function tool works in both."""
+(checked on the rendered token ids); the same request at an effort fast
+serves is refused with 400 naming the tool; a function tool works in both.
+``test_nano_tools.py`` has nano call them."""
 
 from __future__ import annotations
 

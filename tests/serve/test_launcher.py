@@ -47,3 +47,22 @@ def test_serve_hands_its_ray_the_proxy_gate_and_a_monitoring_token(monkeypatch):
     assert len(env["GPTOSS_MONITORING_TOKEN"]) >= 24 and env != proxy_environment(config)  # fresh each time
     monkeypatch.setenv("GPTOSS_MONITORING_TOKEN", "operator-chosen")
     assert proxy_environment(config)["GPTOSS_MONITORING_TOKEN"] == "operator-chosen"
+
+
+def test_the_ready_message_shows_a_python_tool_call_where_a_pool_offers_python():
+    import json
+    import shlex
+
+    from gptoss_vllm.serve.config import load_config
+    from gptoss_vllm.serve.launcher import curl_examples
+
+    default = load_config(None)
+    chat, tool = curl_examples(default, "http://127.0.0.1:8000")
+    assert "/v1/chat/completions" in chat
+    words = shlex.split(tool)
+    body = json.loads(words[words.index("-d") + 1])
+    assert words[2] == "http://127.0.0.1:8000/v1/responses"
+    assert body["tools"] == [{"type": "code_interpreter", "container": {"type": "auto"}}]
+    assert body["reasoning"]["effort"] in default.pools["deep"].efforts  # the pool that offers python
+    no_tools = parse_config(serving_config(), source="test")
+    assert len(curl_examples(no_tools, "http://h:1")) == 1

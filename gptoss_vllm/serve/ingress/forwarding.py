@@ -112,7 +112,13 @@ class PoolForwarder:
             try:
                 return answer, await answer.claim(route_timeout_s=route_timeout_s), None
             except BaseException as exc:
-                answer.hang_up()
+                try:
+                    # A cancelled call's channel can close before Ray's cancellation arrives: that answer was
+                    # lost to the client hanging up, not to the replica (asked before hang_up stops the watch).
+                    if isinstance(exc, AnswerLost) and await answer.was_cancelled():
+                        return answer, None, asyncio.CancelledError("the client hung up")
+                finally:
+                    answer.hang_up()
                 # Only where another replica runs: with none, a resend would wait for a replacement to start.
                 if attempt == 0 and _replica_lost(exc) and self._pipeline.admission.running[pool] > 1:
                     log.warning(
@@ -124,7 +130,7 @@ class PoolForwarder:
         raise AssertionError("unreachable: the second attempt returns")
 
     async def forward(self, decision: Decision, pool_request: PoolRequest, record: RequestRecord) -> Response:
-        from ray.exceptions import RayError
+        from ray.exceptions import RayError, TaskCancelledError
         from ray.serve.exceptions import BackPressureError
 
         assert decision.pool is not None
@@ -140,6 +146,10 @@ class PoolForwarder:
         answer, start, exc = await self._claim(pool, pool_request, cold_start_timeout)
         if start is None:
             self._pipeline.finished(decision)
+            if isinstance(exc, (asyncio.CancelledError, TaskCancelledError)):
+                # The client hung up while the pool worked (Ray cancels the pool's call with the ingress's, and
+                # that call may end first): a 499, not the replica failure that a RayError would say.
+                raise asyncio.CancelledError from exc
             retry = self._config.ingress.retry_after_s
             if isinstance(exc, TimeoutError) and answer.routed_at is None:
                 self._metrics.cold_start_hold.labels(pool, "timed_out").observe(time.monotonic() - started)
