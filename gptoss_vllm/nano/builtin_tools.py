@@ -186,7 +186,10 @@ class Toolbox:
         if last.recipient.startswith("python"):
             reply, failed = self.python(text)
         else:
-            reply, failed = self._browse(task, last.recipient.partition(".")[2], json.loads(text))
+            arguments = json.loads(text)
+            if not isinstance(arguments, dict):
+                raise ValueError(f"the browser's arguments are not a JSON object: {text[:80]!r}")
+            reply, failed = self._browse(task, last.recipient.partition(".")[2], arguments)
         return tool_messages(last, lambda _name, _arguments: reply), failed
 
     def _browse(self, task: Task, name: str, arguments: dict[str, Any]) -> tuple[str, bool]:

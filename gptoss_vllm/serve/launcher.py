@@ -72,7 +72,7 @@ def curl_examples(config: ServeConfig, url: str) -> list[str]:
     if tooled is not None:
         python = {
             "model": config.model_name,
-            "input": "What is 4821 + 3967?",
+            "input": "What is 50 + 76?",
             "tools": [{"type": "code_interpreter", "container": {"type": "auto"}}],
             "reasoning": {"effort": tooled.efforts[0]},
         }

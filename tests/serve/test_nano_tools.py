@@ -27,6 +27,15 @@ def _rendered(reply) -> str:
 
 
 HIGH = {"effort": "high"}  # deep's: the pool that offers the tools
+BROWSER = {"type": "web_search_preview"}
+
+
+def _ask(client, text: str, *tools: dict, **extra):
+    """A greedy Responses request at high effort with ``tools``."""
+    asked = {"max_output_tokens": 400, **extra}
+    return client.responses.create(
+        model="gpt-oss-nano", input=text, tools=list(tools), reasoning=HIGH, temperature=0, **asked
+    )
 
 
 def _tool_calls(stack, outcome: str) -> float:
@@ -43,14 +52,8 @@ def test_the_system_message_is_the_one_nano_was_trained_on(client):
     from gptoss_vllm.nano.builtin_tools import Transcript
 
     task = held_out_tasks(1, families=("python",))[0]
-    reply = client.responses.create(
-        model="gpt-oss-nano",
-        input=task.user,
-        tools=[PYTHON],
-        reasoning=HIGH,
-        temperature=0,
-        max_output_tokens=8,
-        extra_body={"enable_response_messages": True},
+    reply = _ask(
+        client, task.user, PYTHON, max_output_tokens=8, extra_body={"enable_response_messages": True}
     )
     from vllm.entrypoints.openai.parser.harmony_utils import render_for_completion
 
@@ -65,25 +68,17 @@ def test_python_computes_the_sums_nano_gets_wrong_alone(client, stack):
     with code_interpreter it has python compute them, and answers what the sandbox printed."""
     wrong_alone = []
     for task in held_out_tasks(6, families=("python",)):
-        alone = client.responses.create(
-            model="gpt-oss-nano", input=task.user, reasoning=HIGH, temperature=0, max_output_tokens=300
-        )
+        alone = _ask(client, task.user)
         if (alone.output_text or "").strip() != task.answer:
             wrong_alone.append((task, alone.output_text))
     assert len(wrong_alone) >= 4, "nano added these alone: pick sums it gets wrong"
     calls = _tool_calls(stack, "ok")
     right = 0
     for task, alone in wrong_alone:
-        tooled = client.responses.create(
-            model="gpt-oss-nano",
-            input=task.user,
-            tools=[PYTHON],
-            reasoning=HIGH,
-            temperature=0,
-            max_output_tokens=300,
-        )
+        tooled = _ask(client, task.user, PYTHON)
         reasoned = [c.text for item in tooled.output if item.type == "reasoning" for c in item.content or []]
-        print(f"\n{task.user} alone: {alone!r}; with python: {tooled.output_text!r}")
+        kinds = [item.type for item in tooled.output]
+        print(f"\n{task.user} alone: {alone!r}; with python: {kinds} {tooled.output_text!r}")
         if tooled.output_text.strip() == task.answer:
             right += 1
             assert task.code in reasoned  # the call the tool answered
@@ -93,15 +88,8 @@ def test_python_computes_the_sums_nano_gets_wrong_alone(client, stack):
 
 
 def test_the_browser_finds_the_collections_fact_and_the_answer_cites_it(client):
-    reply = client.responses.create(
-        model="gpt-oss-nano",
-        input="When does the quokka on-call rotation change?",
-        tools=[{"type": "web_search_preview"}],
-        reasoning=HIGH,
-        temperature=0,
-        max_output_tokens=400,
-    )
-    print(f"\nbrowser: {reply.output_text!r}")
+    reply = _ask(client, "When does the quokka on-call rotation change?", BROWSER)
+    print(f"\nbrowser: {[item.type for item in reply.output]} {reply.output_text!r}")
     searched = [item for item in reply.output if item.type == "web_search_call"]
     # nano often misnames the animal (it copies rare words from far back poorly): the search for any animal's
     # on-call rotation finds the only page that has one, and the answer reads the fact from it.
@@ -115,20 +103,11 @@ def test_code_from_the_prompt_that_the_sandbox_stops_is_a_tool_error_and_the_ser
     client, stack
 ):
     stopped = _tool_calls(stack, "memory_limit")
-    reply = client.responses.create(
-        model="gpt-oss-nano",
-        input="Run this with python: x = bytearray(10 ** 12)",
-        tools=[PYTHON],
-        reasoning=HIGH,
-        temperature=0,
-        max_output_tokens=300,
-    )
+    reply = _ask(client, "Run this with python: x = bytearray(10 ** 12)", PYTHON)
     assert _tool_calls(stack, "memory_limit") == stopped + 1  # the model's own call, stopped by the sandbox
     assert reply.status == "completed" and reply.output_text == RUN_ERROR_ANSWER
     assert http.get(f"{stack.url}/ready", timeout=10).status_code == 200
     ran = _tool_calls(stack, "ok")
     task = held_out_tasks(1, families=("python",))[0]
-    after = client.responses.create(
-        model="gpt-oss-nano", input=task.user, tools=[PYTHON], reasoning=HIGH, temperature=0
-    )
+    after = _ask(client, task.user, PYTHON)
     assert after.status == "completed" and _tool_calls(stack, "ok") == ran + 1  # the sandbox runs code again

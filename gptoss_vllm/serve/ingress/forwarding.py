@@ -112,13 +112,17 @@ class PoolForwarder:
             try:
                 return answer, await answer.claim(route_timeout_s=route_timeout_s), None
             except BaseException as exc:
+                hung_up = False
                 try:
                     # A cancelled call's channel can close before Ray's cancellation arrives: that answer was
                     # lost to the client hanging up, not to the replica (asked before hang_up stops the watch).
-                    if isinstance(exc, AnswerLost) and await answer.was_cancelled():
-                        return answer, None, asyncio.CancelledError("the client hung up")
+                    hung_up = isinstance(exc, AnswerLost) and await answer.was_cancelled()
+                except asyncio.CancelledError:
+                    hung_up = True  # this request itself was cancelled meanwhile: its client hung up
                 finally:
                     answer.hang_up()
+                if hung_up:  # returned, not raised: the caller gives the admission slot back first
+                    return answer, None, asyncio.CancelledError("the client hung up")
                 # Only where another replica runs: with none, a resend would wait for a replacement to start.
                 if attempt == 0 and _replica_lost(exc) and self._pipeline.admission.running[pool] > 1:
                     log.warning(
