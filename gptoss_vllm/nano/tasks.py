@@ -3,11 +3,11 @@
 Three chat families: adding a digit to a two-digit number (with a carry about half of the time), sorting a
 short list of distinct digits, and a code lookup that needs a call of the ``lookup`` function through the
 ``commentary`` channel. Three families of gpt-oss's built-in tools (Responses requests for ``code_interpreter``
-and ``web_search_preview``): a sum of two 2-digit numbers, which nano cannot do alone (it adds one digit), and
-has ``python`` compute;
-code the user gives it to run with ``python`` (some of it abuse the sandbox stops); and a fact held only in a
-local collection, which it finds with ``browser.search``, reads with ``browser.open`` and cites. The analysis
-grows with the effort: low states the plan, medium gives the key steps, high works step by step.
+and ``web_search_preview``): a sum of two two-digit numbers, which nano cannot do alone (it adds one digit) and
+has ``python`` compute; code the user gives it to run with ``python`` (some of it abuse the sandbox stops); and
+a fact held only in a local collection, which it finds with ``browser.search``, reads with ``browser.open`` and
+cites. The analysis grows with the effort: low states the plan, medium gives the key steps, high works step by
+step.
 Everything is drawn from a ``random.Random``, so a seed fixes the data.
 """
 
@@ -26,7 +26,8 @@ ALL_FAMILIES = FAMILIES + BUILTIN_FAMILIES
 EFFORTS = ("low", "medium", "high")
 # High effort, the one held to an accuracy target, takes half of the examples.
 EFFORT_WEIGHTS = {"low": 1, "medium": 1, "high": 2}
-# Addition needs the most training: it takes half of the examples.
+# Addition needs the most training: it takes the largest share (2 of 6); each tool example is a whole
+# conversation of several hundred tokens, so their families take less.
 FAMILY_WEIGHTS = {"add": 2, "sort": 1, "lookup": 1, "python": 0.8, "run": 0.4, "browser": 0.8}
 # Codes have two digits, like the number a sum starts from: copying them is the skill restating it trains.
 CODES = (10, 99)
