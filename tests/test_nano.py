@@ -329,6 +329,7 @@ def test_tool_conversations_are_vllms_responses_rendering(family, monkeypatch):
     from vllm.entrypoints.openai.responses.harmony import harmony_to_response_output
 
     from gptoss_vllm.nano.builtin_tools import Toolbox, declarations, script
+    from gptoss_vllm.nano.tasks import own_tool
 
     monkeypatch.setenv("VLLM_SYSTEM_START_DATE", "2031-02-03")
     rng = random.Random(13)
@@ -336,7 +337,7 @@ def test_tool_conversations_are_vllms_responses_rendering(family, monkeypatch):
     for effort in EFFORTS:
         task = make_task(rng, family)
         for tools in (("python",), ("browser",), ("browser", "python")):
-            if ("browser" if family == "browser" else "python") not in tools:
+            if own_tool(family) not in tools:
                 continue
             done = script(task, effort, tools, "2031-02-03", toolbox)
             t = done.transcript

@@ -41,6 +41,7 @@ from gptoss_vllm.nano.tasks import (
     Task,
     analysis,
     make_task,
+    own_tool,
     search_query,
 )
 
@@ -160,8 +161,7 @@ def examples_for(task: Task, effort: str, with_tools: bool, date: str) -> list[E
 def builtin_tools_for(family: str, rng: random.Random) -> tuple[str, ...]:
     """The built-in tools a request declares: the family's own, with the other one in five (the declarations
     are long: each costs hundreds of tokens a step)."""
-    own = "browser" if family == "browser" else "python"
-    return tuple(sorted(set(BUILTIN_TOOLS) if rng.random() < 0.2 else {own}))
+    return tuple(sorted(set(BUILTIN_TOOLS) if rng.random() < 0.2 else {own_tool(family)}))
 
 
 @cache

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gptoss_vllm.nano.conversations import chat_messages, encode_text, prompt_ids
-from gptoss_vllm.nano.tasks import ALL_FAMILIES, BUILTIN_FAMILIES, Task, make_task
+from gptoss_vllm.nano.tasks import ALL_FAMILIES, BUILTIN_FAMILIES, Task, make_task, own_tool
 
 HELD_OUT_SEED = 1_000_003
 
@@ -202,7 +202,7 @@ def vllm_converser(llm: Any, date: str = "2026-11-29", rounds: int = 4) -> Conve
 
     def converse(requests: list[tuple[Task, str]]) -> list[Conversed]:
         toolbox = Toolbox(real=True)
-        tools = {t.family: ("browser",) if t.family == "browser" else ("python",) for t, _ in requests}
+        tools = {t.family: (own_tool(t.family),) for t, _ in requests}
         expected = [script(t, e, tools[t.family], date, toolbox).answer for t, e in requests]
         for task, _ in requests:
             toolbox.forget(task)  # the model's conversation opens its pages afresh

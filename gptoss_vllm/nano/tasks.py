@@ -157,6 +157,11 @@ def _run_code(rng: random.Random) -> str:
     return rng.choice((f"print({a} * {b % 8 + 2})", f"print({a} - {b})", f"print({b} - {a})"))
 
 
+def own_tool(family: str) -> str:
+    """The built-in tool a tool family's task needs."""
+    return "browser" if family == "browser" else "python"
+
+
 def printed(code: str) -> str | None:
     """What the python and run families' arithmetic (``print(A op B)``) prints; None for other code."""
     match = re.fullmatch(r"print\((\d+) (\+|-|\*|\*\*) (\d+)\)", code)
