@@ -85,6 +85,50 @@ def test_prompts_match_vllms_chat_rendering(monkeypatch):
                 assert prompt_ids(messages, effort, family == "lookup", "2031-02-03") == expected
 
 
+def test_responses_follow_ups_are_what_vllm_renders_from_the_stored_turn(monkeypatch):
+    """A lookup follow-up through the Responses store: the first turn the model writes, parsed into the output
+    items the store keeps (its reasoning among them), then the tool's result, rendered by vLLM's Responses
+    helpers, is the training prompt; and it holds the first analysis, which a chat follow-up does not."""
+    from openai.types.responses import FunctionTool
+    from vllm.entrypoints.openai.parser.harmony_utils import (
+        build_harmony_preamble,
+        get_streamable_parser_for_assistant,
+        render_for_completion,
+    )
+    from vllm.entrypoints.openai.responses.harmony import (
+        harmony_to_response_output,
+        response_input_to_harmony,
+    )
+
+    from gptoss_vllm.nano.conversations import TOOL_CALL_ID, responses_follow_up_ids
+
+    monkeypatch.setenv("VLLM_SYSTEM_START_DATE", "2031-02-03")
+    tool = FunctionTool.model_validate({"type": "function", **LOOKUP_TOOL["function"], "strict": None})
+    rng = random.Random(4)
+    for effort in EFFORTS:
+        task = make_task(rng, "lookup")
+        parser = get_streamable_parser_for_assistant()
+        for token in completion_ids(task, effort, after_tool=False):
+            parser.process(token)
+        stored = [item for m in parser.messages for item in harmony_to_response_output(m, frozenset())]
+        assert [item.type for item in stored] == ["reasoning", "function_call"]
+        stored[1] = stored[1].model_copy(update={"call_id": TOOL_CALL_ID})
+        items = [
+            {"type": "message", "role": "user", "content": task.user},
+            *(item.model_dump() for item in stored),
+            {"type": "function_call_output", "call_id": TOOL_CALL_ID, "output": task.tool_result},
+        ]
+        messages = build_harmony_preamble(tools=[tool], reasoning_effort=effort, with_custom_tools=True)
+        messages += [response_input_to_harmony(item, [stored[1]]) for item in items]
+        follow_up = responses_follow_up_ids(task, effort, "2031-02-03")
+        assert follow_up == render_for_completion(messages)
+        first_analysis = analysis(task, effort, after_tool=False)
+        assert first_analysis in _decode(follow_up)
+        assert first_analysis not in _decode(
+            prompt_ids(chat_messages(task, True), effort, True, "2031-02-03")
+        )
+
+
 def test_completions_parse_back_and_reasoning_grows_with_effort():
     rng = random.Random(2)
     lengths = {effort: [] for effort in EFFORTS}

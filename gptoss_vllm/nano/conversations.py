@@ -119,6 +119,37 @@ def prompt_ids(messages: list[dict], effort: str, with_tools: bool, date: str) -
     return render_for_completion(harmony)
 
 
+def responses_follow_up_ids(task: Task, effort: str, date: str) -> list[int]:
+    """Tokens of a lookup follow-up as vLLM's Responses renderer builds it from the stored conversation: the
+    first turn's reasoning stays in the history (a chat client does not send it back), then the call and the
+    tool's result (``function_call_output``)."""
+    from openai.types.responses import FunctionTool, ResponseFunctionToolCall
+    from vllm.entrypoints.openai.parser.harmony_utils import (
+        get_developer_message,
+        get_system_message,
+        render_for_completion,
+    )
+    from vllm.entrypoints.openai.responses.harmony import response_input_to_harmony
+
+    tool = FunctionTool.model_validate({"type": "function", **LOOKUP_TOOL["function"], "strict": None})
+    call = ResponseFunctionToolCall(
+        type="function_call", call_id=TOOL_CALL_ID, name="lookup", arguments=json.dumps({"key": task.key})
+    )
+    reasoning = [{"type": "reasoning_text", "text": analysis(task, effort, False)}]
+    items = [
+        {"type": "message", "role": "user", "content": task.user},
+        {"type": "reasoning", "id": "rs_0", "summary": [], "content": reasoning},
+        call.model_dump(),
+        {"type": "function_call_output", "call_id": TOOL_CALL_ID, "output": task.tool_result},
+    ]
+    harmony = [
+        get_system_message(reasoning_effort=effort, start_date=date, with_custom_tools=True),
+        get_developer_message(tools=[tool]),
+    ]
+    harmony += [response_input_to_harmony(item, [call]) for item in items]
+    return render_for_completion(harmony)
+
+
 def completion_ids(task: Task, effort: str, after_tool: bool) -> list[int]:
     """What the assistant writes after ``<|start|>assistant``, ending in ``<|return|>`` or ``<|call|>``."""
     ids = encode_text("<|channel|>analysis<|message|>" + analysis(task, effort, after_tool))
@@ -148,11 +179,18 @@ def random_date(rng: random.Random) -> str:
     return day.isoformat()
 
 
-def examples_for(task: Task, effort: str, with_tools: bool, date: str) -> list[Example]:
+def examples_for(
+    task: Task, effort: str, with_tools: bool, date: str, responses: bool = False
+) -> list[Example]:
+    """The task's examples; a lookup's follow-up as a chat client sends it, or (``responses``) as the
+    Responses store renders it."""
     stages = (False, True) if task.family == "lookup" else (False,)
     out = []
     for after_tool in stages:
-        prompt = prompt_ids(chat_messages(task, after_tool), effort, with_tools, date)
+        if after_tool and responses:
+            prompt = responses_follow_up_ids(task, effort, date)
+        else:
+            prompt = prompt_ids(chat_messages(task, after_tool), effort, with_tools, date)
         completion = completion_ids(task, effort, after_tool)
         out.append(Example(tuple(prompt + completion), len(prompt), task.family, effort))
     return out
@@ -187,15 +225,17 @@ def builtin_example(
 
 
 def sample_examples(rng: random.Random) -> list[Example]:
-    """One random task at an effort drawn by ``EFFORT_WEIGHTS`` (lookup always with its tool, add and sort
-    half of the time; the built-in tool families with theirs, and the other built-in tool half of the time)."""
+    """One random task at an effort drawn by ``EFFORT_WEIGHTS`` (lookup always with its tool, its follow-up
+    half of the time as the Responses store renders it; add and sort with the tool half of the time; the
+    built-in tool families with theirs, and the other built-in tool one time in five)."""
     family = rng.choices(ALL_FAMILIES, weights=[FAMILY_WEIGHTS[f] for f in ALL_FAMILIES])[0]
     effort = rng.choices(EFFORTS, weights=[EFFORT_WEIGHTS[e] for e in EFFORTS])[0]
     task = make_task(rng, family)
     if family in BUILTIN_FAMILIES:
         return [builtin_example(task, effort, builtin_tools_for(family, rng), random_date(rng))]
     with_tools = family == "lookup" or rng.random() < 0.5
-    return examples_for(task, effort, with_tools, random_date(rng))
+    responses = family == "lookup" and rng.random() < 0.5
+    return examples_for(task, effort, with_tools, random_date(rng), responses)
 
 
 def vocabulary(seed: int = 0) -> list[int]:
@@ -209,8 +249,10 @@ def vocabulary(seed: int = 0) -> list[int]:
             task = make_task(rng, family)
             for effort in EFFORTS:
                 for with_tools in (True, False) if family != "lookup" else (True,):
-                    for example in examples_for(task, effort, with_tools, random_date(rng)):
-                        ids.update(example.tokens)
+                    date = random_date(rng)
+                    for responses in (False, True) if family == "lookup" else (False,):
+                        for example in examples_for(task, effort, with_tools, date, responses):
+                            ids.update(example.tokens)
     for family in BUILTIN_FAMILIES:
         for i in range(30):
             task = make_task(rng, family)

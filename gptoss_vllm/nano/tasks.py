@@ -26,9 +26,10 @@ ALL_FAMILIES = FAMILIES + BUILTIN_FAMILIES
 EFFORTS = ("low", "medium", "high")
 # High effort, the one held to an accuracy target, takes half of the examples.
 EFFORT_WEIGHTS = {"low": 1, "medium": 1, "high": 2}
-# Addition needs the most training: it takes the largest share (2 of 6); each tool example is a whole
-# conversation of several hundred tokens, so their families take less.
-FAMILY_WEIGHTS = {"add": 2, "sort": 1, "lookup": 1, "python": 0.8, "run": 0.4, "browser": 0.8}
+# Addition needs the most training: it takes the largest share (2 of 6.4); each tool example is a whole
+# conversation of several hundred tokens, so their families take less, except browser: copying the fact
+# from a page is the hardest thing nano learns (0-16% at 0.8).
+FAMILY_WEIGHTS = {"add": 2, "sort": 1, "lookup": 1, "python": 0.8, "run": 0.4, "browser": 1.2}
 # Codes have two digits, like the number a sum starts from: copying them is the skill restating it trains.
 CODES = (10, 99)
 SPELL = "\u2060"  # joins the digits of a number the model computes: it writes them one token per digit
@@ -61,7 +62,9 @@ ANIMALS = (
     "wombat", "yak",
 )  # fmt: skip
 DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
-SEARCH_TOPN = 3  # the fact's page is the only one naming the animal: three results hold it, in fewer tokens
+SEARCH_TOPN = (
+    1  # the fact's page is the only one naming the animal: more results only add other animals' facts
+)
 RUN_ERROR_ANSWER = "The code failed: python reported an error."
 
 
@@ -306,17 +309,18 @@ class Found:
 def browser_analysis(
     task: Task, effort: str, stage: int, hit_title: str = "", found: Found | None = None
 ) -> str:
-    """Before the search (0), before opening the result (1), after reading the page (2)."""
+    """Before the search (0), before opening the result (1), after reading the page (2). Only the search
+    query and the answer name the animal: each copies it from the text just before it (the question, the
+    page), and an analysis restating it gave a far-back copy a second chance to go wrong."""
     assert task.fact is not None
-    animal = task.fact.animal
     if stage == 0:
         if effort == "low":
             return "Search the collection."
         if effort == "medium":
-            return f"Search for the {animal} on-call rotation."
+            return "Search the collection for this rotation."
         return (
-            f"The user asks when the {animal} on-call rotation changes. That is in the collection, not in what "
-            f"I know: search it, open the best result, and cite the line."
+            "The user asks when an on-call rotation changes. That is in the collection, not in what I know: "
+            "search it, open the best result, and cite the line."
         )
     if stage == 1:
         if effort == "low":
@@ -324,16 +328,14 @@ def browser_analysis(
         return (
             f"Result 0 is {hit_title}. Open it."
             if effort == "medium"
-            else (
-                f"The first result is {hit_title}. It should state the {animal} rotation: open it and read it."
-            )
+            else f"The first result is {hit_title}. It should state the rotation: open it and read it."
         )
     assert found is not None
     if effort == "low":
         return "Found it."
     if effort == "medium":
         return f"L{found.line} says {task.fact.when}."
-    return f"L{found.line} of {found.title} says the {animal} rotation changes {task.fact.when}. Cite it."
+    return f"L{found.line} of {found.title} says the rotation changes {task.fact.when}. Cite it."
 
 
 def browser_answer(task: Task, found: Found) -> str:
