@@ -65,6 +65,34 @@ def _bench_moe(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     return 0
 
 
+def _bench_e2e(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from gptoss_vllm.bench.e2e import BenchError, Settings, format_table, run_bench
+
+    _check_writable(parser, args.json)
+    if args.keep and Path(args.keep).exists() and not Path(args.keep).is_dir():
+        parser.error(f"--keep: {args.keep} exists and is not a directory")
+    settings = Settings(
+        preset=args.preset,
+        prefill_lengths=tuple(args.prefill),
+        batches=tuple(args.batches),
+        prompt_tokens=args.prompt_tokens,
+        output_tokens=args.output_tokens,
+        kv_cache_gib=args.kv_cache_gib,
+        stock=not args.no_stock,
+    )
+    if settings.output_tokens < 2:
+        parser.error("--output-tokens: must be >= 2 (decode is timed after the first token)")
+    try:
+        report = run_bench(settings, args.json, Path(args.keep) if args.keep else None)
+    except BenchError as exc:
+        print(f"gptoss-vllm bench e2e: {exc}", file=sys.stderr)
+        return 1
+    print(format_table(report))
+    if args.json:
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from gptoss_vllm.serve.config import ConfigError, load_config
     from gptoss_vllm.serve.launcher import Listen, port_is_free, run
@@ -369,6 +397,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
 def _non_negative_int(text: str) -> int:
     try:
         value = int(text)
@@ -556,6 +594,25 @@ def build_parser() -> argparse.ArgumentParser:
     moe.add_argument("--json", metavar="FILE", help="also write the figures as JSON to FILE")
     moe.add_argument("--seed", type=_non_negative_int, default=0, help="weights and routing seed")
     moe.set_defaults(handler=_bench_moe, subparser=moe)
+    e2e = bench_sub.add_parser(
+        "e2e",
+        help="a whole model (gpt-oss-20b's shape, MXFP4 experts) offline through vLLM: prefill and decode "
+        "tokens/s, peak RSS, per plugin backend and stock vLLM, against the memory roofline",
+    )
+    e2e.add_argument("--json", metavar="FILE", help="also write the figures as JSON to FILE")
+    e2e.add_argument("--keep", metavar="DIR", help="keep each engine's log and figures in DIR")
+    e2e.add_argument("--preset", choices=sorted(set(PRESETS) - {"nano"}), default="gpt-oss-20b",
+                     help="the checkpoint's shape, built once into the cache (default gpt-oss-20b)")  # fmt: skip
+    e2e.add_argument("--prefill", type=_positive_ints, default=[512, 2048], metavar="N,N",
+                     help="prompt lengths of the prefill figures (default 512,2048)")  # fmt: skip
+    e2e.add_argument("--batches", type=_positive_ints, default=[1, 4, 16], metavar="N,N",
+                     help="decode batch sizes (default 1,4,16)")  # fmt: skip
+    e2e.add_argument("--prompt-tokens", type=_positive_int, default=128, help="decode prompts' length")
+    e2e.add_argument("--output-tokens", type=_positive_int, default=128, help="decode outputs' length")
+    e2e.add_argument("--kv-cache-gib", type=_positive_float, default=1.0,
+                     help="VLLM_CPU_KVCACHE_SPACE of each engine (default 1)")  # fmt: skip
+    e2e.add_argument("--no-stock", action="store_true", help="skip stock vLLM's run")
+    e2e.set_defaults(handler=_bench_e2e, subparser=e2e)
     routing = bench_sub.add_parser(
         "routing",
         help="effort pools vs one shared pool (same replicas, engines, model), one workload: TTFT per effort, "

@@ -1,0 +1,349 @@
+"""``gptoss-vllm bench e2e``: a whole gpt-oss model (gpt-oss-20b's shape by default) on this CPU, offline.
+
+The checkpoint is the preset's published shape with seeded random weights and MXFP4 experts, built once into
+the cache as ``builtin:<preset>`` is. Each implementation runs ``LLM(...)`` (``enforce_eager``) in a child
+process of its own, one after another, so that every load starts from free memory; this process samples the
+RSS of the child's whole tree (the engine core and its worker included) and keeps the peak per phase
+(loading, prefill, decode).
+
+- Prefill: one prompt of each length, one output token, warm (the best of two), in tokens/s.
+- Decode: ``batch`` prompts of ``prompt_tokens``, ``output_tokens`` each with ``ignore_eos``; the decode
+  time is the time of the whole outputs minus the time of their first tokens, in output tokens/s.
+- Stock vLLM (plugins off) runs the same checkpoint and is recorded as what it does: its refusal or its figures.
+- The roofline: the bytes a batch-1 decode token reads (the active experts in MXFP4, attention, router and
+  lm_head in bf16), over a memory-read probe run in this process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+from tqdm import tqdm
+
+from gptoss_vllm.model.backend import ENV_VAR as BACKEND_ENV
+
+PHASES = ("loading", "prefill", "decode")
+MXFP4_BYTES_PER_VALUE = 17 / 32  # 32 4-bit values and one E8M0 scale byte per block
+
+
+class BenchError(RuntimeError):
+    """The bench cannot go on; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    preset: str = "gpt-oss-20b"
+    prefill_lengths: tuple[int, ...] = (512, 2048)
+    batches: tuple[int, ...] = (1, 4, 16)
+    prompt_tokens: int = 128
+    output_tokens: int = 128
+    kv_cache_gib: float = 1.0  # VLLM_CPU_KVCACHE_SPACE: 1 GiB holds ~21k tokens of gpt-oss-20b
+    stock: bool = True  # also run stock vLLM (plugins off) on the same checkpoint
+    timeout_s: float = 1800.0  # per child
+
+    @property
+    def max_model_len(self) -> int:
+        longest = max(max(self.prefill_lengths) + 1, self.prompt_tokens + self.output_tokens)
+        return -(-longest // 256) * 256
+
+
+@dataclass
+class Run:
+    """One implementation's child process: what it measured and the peak RSS of its tree per phase."""
+
+    impl: str
+    backend: str
+    measured: dict[str, Any] = field(default_factory=dict)
+    peak_rss_gb: dict[str, float] = field(default_factory=dict)
+    refused: str | None = None
+
+
+# --------------------------------------------------------------------------------------------- roofline
+def decode_bytes_per_token(config: dict[str, Any]) -> dict[str, float]:
+    """Bytes one batch-1 decode token reads from memory, by part (weights only: the KV of a short context is
+    small beside them)."""
+    layers, hidden = config["num_hidden_layers"], config["hidden_size"]
+    inter, experts = config["intermediate_size"], config["num_local_experts"]
+    top_k = config.get("num_experts_per_tok") or config["experts_per_token"]
+    heads, kv_heads, head_dim = (
+        config["num_attention_heads"],
+        config["num_key_value_heads"],
+        config["head_dim"],
+    )
+    bf16 = 2
+    expert_values = hidden * 2 * inter + inter * hidden
+    expert_biases = (2 * inter + hidden) * bf16
+    attention = hidden * head_dim * (2 * heads + 2 * kv_heads) + (heads + 2 * kv_heads) * head_dim + hidden
+    return {
+        "experts": layers * top_k * (expert_values * MXFP4_BYTES_PER_VALUE + expert_biases),
+        "attention": layers * (attention + heads) * bf16,  # with the sinks
+        "router": layers * (hidden * experts + experts) * bf16,
+        "lm_head": config["vocab_size"] * hidden * bf16,
+    }
+
+
+# --------------------------------------------------------------------------------------------- checkpoint
+def checkpoint_bytes(config: dict[str, Any]) -> float:
+    """About what the preset's checkpoint takes on disk."""
+    layers, hidden = config["num_hidden_layers"], config["hidden_size"]
+    per_token = decode_bytes_per_token(config)
+    experts = (
+        per_token["experts"]
+        * config["num_local_experts"]
+        / (config.get("num_experts_per_tok") or config["experts_per_token"])
+    )
+    return experts + per_token["attention"] + per_token["router"] + 2 * per_token["lm_head"] + layers * hidden
+
+
+def ensure_checkpoint(preset: str) -> Path:
+    """The preset's checkpoint in the cache, built (with a progress bar) unless it is there."""
+    from gptoss_vllm.cache import cache_root
+    from gptoss_vllm.checkpoints.config import build_config
+    from gptoss_vllm.serve.pool.deployment import ensure_builtin_model
+
+    out = cache_root() / "models" / preset
+    if not (out / "config.json").exists():
+        need = checkpoint_bytes(build_config(preset)) * 1.05
+        out.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(out.parent).free
+        if free < need:
+            raise BenchError(
+                f"building the {preset} checkpoint needs about {need / 1e9:.1f} GB in {out.parent}, which has "
+                f"{free / 1e9:.1f} GB free: free some, or point GPTOSS_VLLM_CACHE at a larger disk"
+            )
+    ensure_builtin_model(f"builtin:{preset}")
+    return out
+
+
+# --------------------------------------------------------------------------------------------- children
+def backends_here() -> list[str]:
+    """The plugin's backends this CPU runs: ``cpu`` everywhere, ``native`` where ``auto`` picks it (AMX)."""
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUExpertsMxfp4
+
+    return ["cpu", "native"] if CPUExpertsMxfp4._supports_current_device() else ["cpu"]
+
+
+def _tree_rss(proc: psutil.Process) -> int:
+    total = 0
+    try:
+        family = [proc, *proc.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    for member in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += member.memory_info().rss
+    return total
+
+
+def _refusal(log: str) -> str:
+    """The line of an engine's log that says why it did not start."""
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    for pattern in (
+        r"^(NotImplementedError|ValueError|RuntimeError|BackendUnavailableError)\b.*",
+        r"Error: .*",
+    ):
+        found = [
+            line for line in lines if re.search(pattern, line) and "Engine core initialization" not in line
+        ]
+        if found:
+            return found[-1][:400]
+    return lines[-1][:400] if lines else "the engine exited without a word"
+
+
+def run_child(impl: str, backend: str, checkpoint: Path, settings: Settings, work: Path) -> Run:
+    """One implementation in a child process, its tree's RSS sampled per phase."""
+    spec = work / f"{impl}-{backend}.spec.json"
+    result, phase_file, log_path = (work / f"{impl}-{backend}.{s}" for s in ("result.json", "phase", "log"))
+    spec.write_text(json.dumps({"checkpoint": str(checkpoint), "settings": asdict(settings), "result": str(result),
+                                "phase": str(phase_file)}))  # fmt: skip
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": f"{settings.kv_cache_gib:g}"}
+    if impl == "stock_vllm":
+        env["VLLM_PLUGINS"] = "__none__"  # vLLM loads only the plugins named here: none of ours
+        env.pop(BACKEND_ENV, None)
+    else:
+        env[BACKEND_ENV] = backend
+    run = Run(impl, backend)
+    peaks = dict.fromkeys(PHASES, 0)
+    with open(log_path, "w") as log:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "gptoss_vllm.bench.e2e", str(spec)],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )  # fmt: skip
+        proc = psutil.Process(child.pid)
+        deadline = time.monotonic() + settings.timeout_s
+        while child.poll() is None:
+            phase = phase_file.read_text().strip() if phase_file.exists() else "loading"
+            if phase in peaks:
+                peaks[phase] = max(peaks[phase], _tree_rss(proc))
+            if time.monotonic() > deadline:
+                os.killpg(child.pid, 9)
+                child.wait()
+                raise BenchError(
+                    f"{impl} ({backend}) ran past {settings.timeout_s:.0f} s; its log: {log_path}"
+                )
+            time.sleep(0.2)
+    run.peak_rss_gb = {phase: round(peak / 1e9, 2) for phase, peak in peaks.items() if peak}
+    text = log_path.read_text(errors="replace")
+    if child.returncode == 0 and result.exists():
+        run.measured = json.loads(result.read_text())
+        return run
+    if child.returncode in (-9, 137):
+        raise BenchError(
+            f"{impl} ({backend}) was killed (out of memory?) at {max(peaks.values()) / 1e9:.1f} GB of RSS: lower "
+            f"--kv-cache-gib, stop what else holds memory, or raise the memcap; its log: {log_path}"
+        )
+    if impl == "stock_vllm":
+        run.refused = _refusal(text)
+        return run
+    raise BenchError(
+        f"{impl} ({backend}) failed (exit {child.returncode}): {_refusal(text)}; its log: {log_path}"
+    )
+
+
+def _child(spec_path: str) -> None:
+    """In the child: load the engine, then time prefill and decode, writing the phase as it goes."""
+    import random
+
+    spec = json.loads(Path(spec_path).read_text())
+    s = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["settings"].items()})
+    phase = Path(spec["phase"])
+    phase.write_text("loading")
+    from vllm import LLM, SamplingParams
+
+    start = time.perf_counter()
+    llm = LLM(
+        model=spec["checkpoint"],
+        enforce_eager=True,
+        max_model_len=s.max_model_len,
+        max_num_seqs=max(s.batches),
+        max_num_batched_tokens=max(s.max_model_len, max(s.batches) * s.prompt_tokens),
+        enable_prefix_caching=False,
+        seed=0,
+    )
+    measured: dict[str, Any] = {"load_s": round(time.perf_counter() - start, 1)}
+    rng = random.Random(0)
+
+    def prompts(n: int, length: int) -> list[dict[str, list[int]]]:
+        return [{"prompt_token_ids": [rng.randrange(1000, 100000) for _ in range(length)]} for _ in range(n)]
+
+    def timed(batch: list[dict[str, list[int]]], tokens: int) -> float:
+        params = SamplingParams(max_tokens=tokens, ignore_eos=True, temperature=0.0)
+        begin = time.perf_counter()
+        outputs = llm.generate(batch, params, use_tqdm=False)
+        elapsed = time.perf_counter() - begin
+        assert all(len(o.outputs[0].token_ids) == tokens for o in outputs)
+        return elapsed
+
+    try:
+        phase.write_text("prefill")
+        timed(prompts(1, 64), 2)  # first-call costs out of the figures
+        for length in s.prefill_lengths:
+            best = min(timed(prompts(1, length), 1) for _ in range(2))
+            measured[f"prefill{length}_tok_s"] = round(length / best, 2)
+        phase.write_text("decode")
+        for batch in s.batches:
+            first = timed(prompts(batch, s.prompt_tokens), 1)
+            whole = timed(prompts(batch, s.prompt_tokens), s.output_tokens)
+            decode_s = max(whole - first, 1e-9)
+            measured[f"decode_b{batch}_tok_s"] = round(batch * (s.output_tokens - 1) / decode_s, 3)
+    finally:
+        llm.llm_engine.engine_core.shutdown()  # its worker would outlive us with the whole model
+    Path(spec["result"]).write_text(json.dumps(measured))
+
+
+# --------------------------------------------------------------------------------------------- the bench
+def rows(runs: list[Run], settings: Settings) -> list[dict[str, Any]]:
+    """One row per implementation and batch, in the JSON's ``results`` shape."""
+    out = []
+    for run in runs:
+        if run.refused is not None:
+            continue
+        for batch in settings.batches:
+            row: dict[str, Any] = {"impl": run.impl, "backend": run.backend, "batch": batch}
+            row["decode_tok_s"] = run.measured[f"decode_b{batch}_tok_s"]
+            for length in settings.prefill_lengths:
+                row[f"prefill{length}_tok_s"] = run.measured[f"prefill{length}_tok_s"]
+            row["peak_rss_gb"] = max(run.peak_rss_gb.values())
+            row["load_peak_rss_gb"] = run.peak_rss_gb.get("loading")
+            row["decode_peak_rss_gb"] = run.peak_rss_gb.get("decode")
+            row["load_s"] = run.measured["load_s"]
+            out.append(row)
+    return out
+
+
+def run_bench(settings: Settings, json_path: str | None = None, keep: Path | None = None) -> dict[str, Any]:
+    from gptoss_vllm.bench.moe import probe_read_gbps
+    from gptoss_vllm.bench.overhead import machine_info
+
+    checkpoint = ensure_checkpoint(settings.preset)
+    config = json.loads((checkpoint / "config.json").read_text())
+    read_gbps = probe_read_gbps()
+    per_token = decode_bytes_per_token(config)
+    backends = backends_here()
+    work = keep or Path(tempfile.mkdtemp(prefix="gptoss-bench-e2e-"))
+    work.mkdir(parents=True, exist_ok=True)
+    plan = [("gptoss_vllm", backend) for backend in backends]
+    plan += [("stock_vllm", "native")] if settings.stock else []
+    runs = []
+    for impl, backend in tqdm(plan, desc="bench e2e", unit="engine"):
+        runs.append(run_child(impl, backend, checkpoint, settings, work))
+    stock = next((run for run in runs if run.impl == "stock_vllm"), None)
+    report = {
+        "machine": {**machine_info(), "read_gbps": round(read_gbps, 1)},
+        "preset": settings.preset,
+        "settings": {**asdict(settings), "max_model_len": settings.max_model_len},
+        "results": rows(runs, settings),
+        "decode_bytes_per_token": {part: round(b) for part, b in per_token.items()},
+        "roofline_decode_tok_s": round(read_gbps * 1e9 / sum(per_token.values()), 2),
+        "stock_vllm": "not run"
+        if stock is None
+        else (f"refused: {stock.refused}" if stock.refused else "ran"),
+    }
+    if keep is None:
+        shutil.rmtree(work, ignore_errors=True)
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def format_table(report: dict[str, Any]) -> str:
+    s = report["settings"]
+    prefill = [f"prefill{length}_tok_s" for length in s["prefill_lengths"]]
+    head = [
+        "impl",
+        "backend",
+        "batch",
+        "decode tok/s",
+        *(f"pp{length} tok/s" for length in s["prefill_lengths"]),
+    ]
+    head += ["load s", "load RSS GB", "decode RSS GB"]
+    lines = ["  ".join(f"{h:>13}" for h in head)]
+    for row in report["results"]:
+        cells = [row["impl"], row["backend"], row["batch"], row["decode_tok_s"], *(row[k] for k in prefill)]
+        cells += [row["load_s"], row["load_peak_rss_gb"], row["decode_peak_rss_gb"]]
+        lines.append("  ".join(f"{c!s:>13}" for c in cells))
+    per_token = report["decode_bytes_per_token"]
+    parts = ", ".join(f"{part} {b / 1e9:.3f}" for part, b in per_token.items())
+    lines.append(
+        f"roofline: {sum(per_token.values()) / 1e9:.3f} GB per batch-1 decode token ({parts}) at "
+        f"{report['machine']['read_gbps']} GB/s read = {report['roofline_decode_tok_s']} tok/s"
+    )
+    lines.append(f"stock vLLM: {report['stock_vllm']}")
+    lines.append(f"{report['preset']} on {report['machine']['cpu']} ({report['machine']['cores']} cores)")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1])
