@@ -67,6 +67,8 @@ class Run:
     backend: str
     measured: dict[str, Any] = field(default_factory=dict)
     peak_rss_gb: dict[str, float] = field(default_factory=dict)
+    peak_anon_gb: dict[str, float] = field(default_factory=dict)  # RSS less file-backed pages (the mmap'd
+    # checkpoint is counted in RSS while it is read, and the kernel can drop it)
     refused: str | None = None
 
 
@@ -135,30 +137,28 @@ def backends_here() -> list[str]:
     return ["cpu", "native"] if CPUExpertsMxfp4._supports_current_device() else ["cpu"]
 
 
-def _tree_rss(proc: psutil.Process) -> int:
-    total = 0
+def _tree_memory(proc: psutil.Process) -> tuple[int, int]:
+    """RSS and anonymous RSS (RSS less shared, file-backed pages) of ``proc`` and its descendants."""
+    rss = anon = 0
     try:
         family = [proc, *proc.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0
+        return 0, 0
     for member in family:
         with contextlib.suppress(psutil.NoSuchProcess):
-            total += member.memory_info().rss
-    return total
+            info = member.memory_info()
+            rss += info.rss
+            anon += info.rss - getattr(info, "shared", 0)
+    return rss, anon
 
 
 def _refusal(log: str) -> str:
-    """The line of an engine's log that says why it did not start."""
+    """The exception an engine's log gives for not starting (the last one, without the log prefix)."""
+    errors = re.findall(r"\b((?:NotImplemented|Value|Runtime|BackendUnavailable)Error: .*)", log)
+    errors = [e for e in errors if "Engine core initialization failed" not in e]
+    if errors:
+        return errors[-1].strip()[:400]
     lines = [line.strip() for line in log.splitlines() if line.strip()]
-    for pattern in (
-        r"^(NotImplementedError|ValueError|RuntimeError|BackendUnavailableError)\b.*",
-        r"Error: .*",
-    ):
-        found = [
-            line for line in lines if re.search(pattern, line) and "Engine core initialization" not in line
-        ]
-        if found:
-            return found[-1][:400]
     return lines[-1][:400] if lines else "the engine exited without a word"
 
 
@@ -175,7 +175,7 @@ def run_child(impl: str, backend: str, checkpoint: Path, settings: Settings, wor
     else:
         env[BACKEND_ENV] = backend
     run = Run(impl, backend)
-    peaks = dict.fromkeys(PHASES, 0)
+    peaks, anon_peaks = dict.fromkeys(PHASES, 0), dict.fromkeys(PHASES, 0)
     with open(log_path, "w") as log:
         child = subprocess.Popen(
             [sys.executable, "-m", "gptoss_vllm.bench.e2e", str(spec)],
@@ -186,7 +186,8 @@ def run_child(impl: str, backend: str, checkpoint: Path, settings: Settings, wor
         while child.poll() is None:
             phase = phase_file.read_text().strip() if phase_file.exists() else "loading"
             if phase in peaks:
-                peaks[phase] = max(peaks[phase], _tree_rss(proc))
+                rss, anon = _tree_memory(proc)
+                peaks[phase], anon_peaks[phase] = max(peaks[phase], rss), max(anon_peaks[phase], anon)
             if time.monotonic() > deadline:
                 os.killpg(child.pid, 9)
                 child.wait()
@@ -195,6 +196,7 @@ def run_child(impl: str, backend: str, checkpoint: Path, settings: Settings, wor
                 )
             time.sleep(0.2)
     run.peak_rss_gb = {phase: round(peak / 1e9, 2) for phase, peak in peaks.items() if peak}
+    run.peak_anon_gb = {phase: round(peak / 1e9, 2) for phase, peak in anon_peaks.items() if peak}
     text = log_path.read_text(errors="replace")
     if child.returncode == 0 and result.exists():
         run.measured = json.loads(result.read_text())
@@ -278,6 +280,7 @@ def rows(runs: list[Run], settings: Settings) -> list[dict[str, Any]]:
             row["peak_rss_gb"] = max(run.peak_rss_gb.values())
             row["load_peak_rss_gb"] = run.peak_rss_gb.get("loading")
             row["decode_peak_rss_gb"] = run.peak_rss_gb.get("decode")
+            row["load_peak_anon_gb"] = run.peak_anon_gb.get("loading")
             row["load_s"] = run.measured["load_s"]
             out.append(row)
     return out
@@ -328,11 +331,11 @@ def format_table(report: dict[str, Any]) -> str:
         "decode tok/s",
         *(f"pp{length} tok/s" for length in s["prefill_lengths"]),
     ]
-    head += ["load s", "load RSS GB", "decode RSS GB"]
+    head += ["load s", "load RSS GB", "load anon GB", "decode RSS GB"]
     lines = ["  ".join(f"{h:>13}" for h in head)]
     for row in report["results"]:
         cells = [row["impl"], row["backend"], row["batch"], row["decode_tok_s"], *(row[k] for k in prefill)]
-        cells += [row["load_s"], row["load_peak_rss_gb"], row["decode_peak_rss_gb"]]
+        cells += [row["load_s"], row["load_peak_rss_gb"], row["load_peak_anon_gb"], row["decode_peak_rss_gb"]]
         lines.append("  ".join(f"{c!s:>13}" for c in cells))
     per_token = report["decode_bytes_per_token"]
     parts = ", ".join(f"{part} {b / 1e9:.3f}" for part, b in per_token.items())
