@@ -54,6 +54,12 @@ def _check_writable(parser: argparse.ArgumentParser, json_path: str | None) -> N
             parser.error(f"--json: cannot write {json_path}: {exc.strerror}")
 
 
+def _check_keep(parser: argparse.ArgumentParser, keep: str | None) -> None:
+    """A bench's --keep must be a directory (or not exist yet)."""
+    if keep and Path(keep).exists() and not Path(keep).is_dir():
+        parser.error(f"--keep: {keep} exists and is not a directory")
+
+
 def _bench_moe(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from gptoss_vllm.bench.moe import format_table, run_bench
 
@@ -69,8 +75,7 @@ def _bench_e2e(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     from gptoss_vllm.bench.e2e import BenchError, Settings, format_table, run_bench
 
     _check_writable(parser, args.json)
-    if args.keep and Path(args.keep).exists() and not Path(args.keep).is_dir():
-        parser.error(f"--keep: {args.keep} exists and is not a directory")
+    _check_keep(parser, args.keep)
     settings = Settings(
         preset=args.preset,
         prefill_lengths=tuple(args.prefill),
@@ -210,8 +215,7 @@ def _bench_soak(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     from gptoss_vllm.bench.soak import Settings, format_table, loopback_alias_works, run_soak
 
     _check_writable(parser, args.json)
-    if args.keep and Path(args.keep).exists() and not Path(args.keep).is_dir():
-        parser.error(f"--keep: {args.keep} exists and is not a directory")
+    _check_keep(parser, args.keep)
     if not loopback_alias_works():
         parser.error("bench soak: this machine cannot connect from 127.0.0.2 (its unknown-key clients do)")
     if args.sample_every > args.duration:
@@ -240,8 +244,7 @@ def _bench_lifecycle(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     from gptoss_vllm.bench.lifecycle import Settings, format_table, run_lifecycle
 
     _check_writable(parser, args.json)
-    if args.keep and Path(args.keep).exists() and not Path(args.keep).is_dir():
-        parser.error(f"--keep: {args.keep} exists and is not a directory")
+    _check_keep(parser, args.keep)
     settings = Settings(
         policies=args.policies,
         step_users=args.users,
