@@ -430,7 +430,7 @@ def test_score_counts_tool_conversations_by_family():
                 expected = task.answer
                 answer = expected if effort == "high" else "1234"
             else:
-                expected = f"The x on-call rotation changes {task.fact.when} 【1†L2】 (Title, doc:ops.md)."
+                expected = f"It changes {task.fact.when} 【1†L2】 (Title, doc:ops.md)."
                 answer = expected if effort == "high" else expected.replace("doc:ops.md", "doc:other.md")
             out.append(Conversed(Turn(True, 5, answer=answer), expected))
         return out

@@ -26,10 +26,10 @@ ALL_FAMILIES = FAMILIES + BUILTIN_FAMILIES
 EFFORTS = ("low", "medium", "high")
 # High effort, the one held to an accuracy target, takes half of the examples.
 EFFORT_WEIGHTS = {"low": 1, "medium": 1, "high": 2}
-# Addition needs the most training: it takes the largest share (2 of 6.4); each tool example is a whole
-# conversation of several hundred tokens, so their families take less, except browser: copying the fact
-# from a page is the hardest thing nano learns (0-16% at 0.8).
-FAMILY_WEIGHTS = {"add": 2, "sort": 1, "lookup": 1, "python": 0.8, "run": 0.4, "browser": 1.2}
+# Addition needs the most training: it takes the largest share (2 of 6); each tool example is a whole
+# conversation of several hundred tokens, so their families take less. (Browser at 1.2 cost python and the
+# sums more than it gained.)
+FAMILY_WEIGHTS = {"add": 2, "sort": 1, "lookup": 1, "python": 0.8, "run": 0.4, "browser": 0.8}
 # Codes have two digits, like the number a sum starts from: copying them is the skill restating it trains.
 CODES = (10, 99)
 SPELL = "\u2060"  # joins the digits of a number the model computes: it writes them one token per digit
@@ -339,11 +339,10 @@ def browser_analysis(
 
 
 def browser_answer(task: Task, found: Found) -> str:
+    """The fact as the page words it, from ``changes`` on (a word the page rarely has elsewhere, so copying
+    locks onto the fact's line; the animal, a token after ``The``, nano never learned to copy), and where."""
     assert task.fact is not None
-    return (
-        f"The {task.fact.animal} on-call rotation changes {task.fact.when} 【{found.cursor}†L{found.line}】 "
-        f"({found.title}, {found.url})."
-    )
+    return f"It changes {task.fact.when} 【{found.cursor}†L{found.line}】 ({found.title}, {found.url})."
 
 
 def search_query(task: Task) -> str:

@@ -113,14 +113,14 @@ def test_tool_call_then_answer_from_the_result(client):
     assert answer.message.content == task.answer  # "The code for <key> is <the tool's code>."
 
 
-def test_a_tool_call_round_trip_continues_through_the_conversation_store(client):
+@pytest.mark.parametrize("effort", EFFORTS)
+def test_a_tool_call_round_trip_continues_through_the_conversation_store(client, effort):
     task = held_out_tasks(1, families=FAMILIES)[-1]
     assert task.family == "lookup"
     tools = [{"type": "function", **LOOKUP_TOOL["function"]}]  # the Responses API's tool shape
-    # Medium: since nano learned the built-in tools, a low-effort follow-up whose history holds its own first
-    # analysis (the Responses store keeps it; chat clients do not send it) answers wrong ("The code."); chat
-    # follow-ups at every effort, and this one at medium and high, are right.
-    asked = {"model": MODEL, "tools": tools, "reasoning": {"effort": "medium"}, "temperature": 0}
+    # The follow-up's history holds nano's own first analysis (the store keeps it; chat clients do not send
+    # it back): nano is trained on both histories.
+    asked = {"model": MODEL, "tools": tools, "reasoning": {"effort": effort}, "temperature": 0}
     first = client.responses.create(input=task.user, **asked)
     (call,) = [item for item in first.output if item.type == "function_call"]
     assert call.name == "lookup" and json.loads(call.arguments) == {"key": task.key}
