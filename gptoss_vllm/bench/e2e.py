@@ -113,7 +113,6 @@ def ensure_checkpoint(preset: str) -> Path:
     """The preset's checkpoint in the cache, built (with a progress bar) unless it is there."""
     from gptoss_vllm.cache import cache_root
     from gptoss_vllm.checkpoints.config import build_config
-    from gptoss_vllm.serve.pool.deployment import ensure_builtin_model
 
     out = cache_root() / "models" / preset
     if not (out / "config.json").exists():
@@ -125,7 +124,12 @@ def ensure_checkpoint(preset: str) -> Path:
                 f"building the {preset} checkpoint needs about {need / 1e9:.1f} GB in {out.parent}, which has "
                 f"{free / 1e9:.1f} GB free: free some, or point GPTOSS_VLLM_CACHE at a larger disk"
             )
-    ensure_builtin_model(f"builtin:{preset}")
+    # In a process of its own: building leaves this one's heap large, and the engines need the memory.
+    built = subprocess.run([sys.executable, "-m", "gptoss_vllm.bench.e2e", "--build", preset], check=False)
+    if built.returncode:
+        raise BenchError(
+            f"building the {preset} checkpoint into {out} failed (exit {built.returncode}): see above"
+        )
     return out
 
 
@@ -349,4 +353,9 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    _child(sys.argv[1])
+    if sys.argv[1] == "--build":
+        from gptoss_vllm.serve.pool.deployment import ensure_builtin_model
+
+        ensure_builtin_model(f"builtin:{sys.argv[2]}")
+    else:
+        _child(sys.argv[1])
