@@ -67,6 +67,7 @@ class Run:
     backend: str
     measured: dict[str, Any] = field(default_factory=dict)
     peak_rss_gb: dict[str, float] = field(default_factory=dict)
+    peak_by_process_gb: dict[str, float] = field(default_factory=dict)  # each process's own peak RSS
     peak_anon_gb: dict[str, float] = field(default_factory=dict)  # RSS less file-backed pages (the mmap'd
     # checkpoint is counted in RSS while it is read, and the kernel can drop it)
     refused: str | None = None
@@ -141,8 +142,20 @@ def backends_here() -> list[str]:
     return ["cpu", "native"] if CPUExpertsMxfp4._supports_current_device() else ["cpu"]
 
 
-def _tree_memory(proc: psutil.Process) -> tuple[int, int]:
-    """RSS and anonymous RSS (RSS less shared, file-backed pages) of ``proc`` and its descendants."""
+def _role(member: psutil.Process, root: psutil.Process) -> str:
+    """Which of the engine's processes ``member`` is: the ``LLM`` front end, or the title vLLM gives it."""
+    if member.pid == root.pid:
+        return "front_end"
+    try:
+        title = " ".join(member.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return "other"
+    return next((role for role in ("EngineCore", "Worker") if role in title), "other")
+
+
+def _tree_memory(proc: psutil.Process, by_role: dict[str, int]) -> tuple[int, int]:
+    """RSS and anonymous RSS (RSS less shared, file-backed pages) of ``proc`` and its descendants; each role's
+    peak RSS goes into ``by_role``."""
     rss = anon = 0
     try:
         family = [proc, *proc.children(recursive=True)]
@@ -153,6 +166,8 @@ def _tree_memory(proc: psutil.Process) -> tuple[int, int]:
             info = member.memory_info()
             rss += info.rss
             anon += info.rss - getattr(info, "shared", 0)
+            role = _role(member, proc)
+            by_role[role] = max(by_role.get(role, 0), info.rss)
     return rss, anon
 
 
@@ -180,6 +195,7 @@ def run_child(impl: str, backend: str, checkpoint: Path, settings: Settings, wor
         env[BACKEND_ENV] = backend
     run = Run(impl, backend)
     peaks, anon_peaks = dict.fromkeys(PHASES, 0), dict.fromkeys(PHASES, 0)
+    by_role: dict[str, int] = {}
     with open(log_path, "w") as log:
         child = subprocess.Popen(
             [sys.executable, "-m", "gptoss_vllm.bench.e2e", str(spec)],
@@ -190,7 +206,7 @@ def run_child(impl: str, backend: str, checkpoint: Path, settings: Settings, wor
         while child.poll() is None:
             phase = phase_file.read_text().strip() if phase_file.exists() else "loading"
             if phase in peaks:
-                rss, anon = _tree_memory(proc)
+                rss, anon = _tree_memory(proc, by_role)
                 peaks[phase], anon_peaks[phase] = max(peaks[phase], rss), max(anon_peaks[phase], anon)
             if time.monotonic() > deadline:
                 os.killpg(child.pid, 9)
@@ -201,6 +217,7 @@ def run_child(impl: str, backend: str, checkpoint: Path, settings: Settings, wor
             time.sleep(0.2)
     run.peak_rss_gb = {phase: round(peak / 1e9, 2) for phase, peak in peaks.items() if peak}
     run.peak_anon_gb = {phase: round(peak / 1e9, 2) for phase, peak in anon_peaks.items() if peak}
+    run.peak_by_process_gb = {role: round(peak / 1e9, 2) for role, peak in sorted(by_role.items())}
     text = log_path.read_text(errors="replace")
     if child.returncode == 0 and result.exists():
         run.measured = json.loads(result.read_text())
@@ -285,6 +302,7 @@ def rows(runs: list[Run], settings: Settings) -> list[dict[str, Any]]:
             row["load_peak_rss_gb"] = run.peak_rss_gb.get("loading")
             row["decode_peak_rss_gb"] = run.peak_rss_gb.get("decode")
             row["load_peak_anon_gb"] = run.peak_anon_gb.get("loading")
+            row["peak_rss_by_process_gb"] = run.peak_by_process_gb
             row["load_s"] = run.measured["load_s"]
             out.append(row)
     return out
@@ -347,6 +365,12 @@ def format_table(report: dict[str, Any]) -> str:
         f"roofline: {sum(per_token.values()) / 1e9:.3f} GB per batch-1 decode token ({parts}) at "
         f"{report['machine']['read_gbps']} GB/s read = {report['roofline_decode_tok_s']} tok/s"
     )
+    seen = set()
+    for row in report["results"]:
+        if (row["impl"], row["backend"]) not in seen:
+            seen.add((row["impl"], row["backend"]))
+            each = ", ".join(f"{role} {gb}" for role, gb in row["peak_rss_by_process_gb"].items())
+            lines.append(f"peak RSS GB per process, {row['impl']} {row['backend']}: {each}")
     lines.append(f"stock vLLM: {report['stock_vllm']}")
     lines.append(f"{report['preset']} on {report['machine']['cpu']} ({report['machine']['cores']} cores)")
     return "\n".join(lines)
