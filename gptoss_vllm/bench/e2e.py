@@ -74,12 +74,16 @@ class Run:
 
 
 # --------------------------------------------------------------------------------------------- roofline
+def _top_k(config: dict[str, Any]) -> int:
+    return config.get("num_experts_per_tok") or config["experts_per_token"]
+
+
 def decode_bytes_per_token(config: dict[str, Any]) -> dict[str, float]:
     """Bytes one batch-1 decode token reads from memory, by part (weights only: the KV of a short context is
     small beside them)."""
     layers, hidden = config["num_hidden_layers"], config["hidden_size"]
     inter, experts = config["intermediate_size"], config["num_local_experts"]
-    top_k = config.get("num_experts_per_tok") or config["experts_per_token"]
+    top_k = _top_k(config)
     heads, kv_heads, head_dim = (
         config["num_attention_heads"],
         config["num_key_value_heads"],
@@ -102,11 +106,7 @@ def checkpoint_bytes(config: dict[str, Any]) -> float:
     """About what the preset's checkpoint takes on disk."""
     layers, hidden = config["num_hidden_layers"], config["hidden_size"]
     per_token = decode_bytes_per_token(config)
-    experts = (
-        per_token["experts"]
-        * config["num_local_experts"]
-        / (config.get("num_experts_per_tok") or config["experts_per_token"])
-    )
+    experts = per_token["experts"] * config["num_local_experts"] / _top_k(config)
     return experts + per_token["attention"] + per_token["router"] + 2 * per_token["lm_head"] + layers * hidden
 
 
@@ -144,12 +144,11 @@ def backends_here() -> list[str]:
 
 def _role(member: psutil.Process, root: psutil.Process) -> str:
     """Which of the engine's processes ``member`` is: the ``LLM`` front end, or the title vLLM gives it."""
+    from gptoss_vllm.bench.overhead import process_title
+
     if member.pid == root.pid:
         return "front_end"
-    try:
-        title = " ".join(member.cmdline())
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return "other"
+    title = process_title(member)
     return next((role for role in ("EngineCore", "Worker") if role in title), "other")
 
 
