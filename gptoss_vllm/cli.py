@@ -73,6 +73,7 @@ def _bench_moe(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
 def _bench_e2e(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from gptoss_vllm.bench.e2e import BenchError, Settings, format_table, run_bench
+    from gptoss_vllm.checkpoints.config import build_config
 
     _check_writable(parser, args.json)
     _check_keep(parser, args.keep)
@@ -83,10 +84,15 @@ def _bench_e2e(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         prompt_tokens=args.prompt_tokens,
         output_tokens=args.output_tokens,
         kv_cache_gib=args.kv_cache_gib,
+        context=args.context,
         stock=not args.no_stock,
     )
     if settings.output_tokens < 2:
         parser.error("--output-tokens: must be >= 2 (decode is timed after the first token)")
+    try:
+        settings = settings.resolved(build_config(settings.preset))
+    except BenchError as exc:
+        parser.error(str(exc))
     try:
         report = run_bench(settings, args.json, Path(args.keep) if args.keep else None)
     except BenchError as exc:
@@ -612,8 +618,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="decode batch sizes (default 1,4,16)")  # fmt: skip
     e2e.add_argument("--prompt-tokens", type=_positive_int, default=128, help="decode prompts' length")
     e2e.add_argument("--output-tokens", type=_positive_int, default=128, help="decode outputs' length")
-    e2e.add_argument("--kv-cache-gib", type=_positive_float, default=1.0,
-                     help="VLLM_CPU_KVCACHE_SPACE of each engine (default 1)")  # fmt: skip
+    e2e.add_argument("--context", type=_positive_int, default=0, metavar="TOKENS",
+                     help="each engine's max_model_len (default: the longest prompt and output the bench runs; "
+                     "32768 shows a 32k context's KV cache beside the model)")  # fmt: skip
+    e2e.add_argument("--kv-cache-gib", type=_positive_int, default=0,
+                     help="VLLM_CPU_KVCACHE_SPACE of each engine, whole GiB (default: what --context needs, at "
+                     "least 1)")  # fmt: skip
     e2e.add_argument("--no-stock", action="store_true", help="skip stock vLLM's run")
     e2e.set_defaults(handler=_bench_e2e, subparser=e2e)
     routing = bench_sub.add_parser(

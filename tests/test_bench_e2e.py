@@ -3,14 +3,20 @@ CPU runs, and stock vLLM's refusal or figures); the full gpt-oss-20b run is the 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
 import sys
+import time
+import types
 
 import pytest
+import torch
 
+from gptoss_vllm.bench import step_profile
 from gptoss_vllm.bench.e2e import decode_bytes_per_token
+from gptoss_vllm.bench.step_profile import PARTS
 from gptoss_vllm.checkpoints.config import build_config
 
 
@@ -38,6 +44,9 @@ def _bench(tmp_path, *args: str) -> subprocess.CompletedProcess:
         (["--batches", "1,0"], "--batches"),
         (["--preset", "nano"], "--preset"),
         (["--kv-cache-gib", "-1"], "--kv-cache-gib"),
+        (["--kv-cache-gib", "1.5"], "--kv-cache-gib"),  # vLLM reads whole GiB
+        (["--context", "200000"], "--context"),  # past gpt-oss-20b's 131072 positions
+        (["--preset", "tiny", "--context", "64"], "--context"),  # shorter than the prompts
     ],
 )
 def test_bad_arguments_are_named(tmp_path, args, named):
@@ -75,5 +84,90 @@ def test_tiny_run_writes_every_field(tmp_path):
     stock_rows = [r for r in report["results"] if r["impl"] == "stock_vllm"]
     # Stock vLLM runs MXFP4 experts on a CPU only with AMX; elsewhere it refuses, and its reason is recorded.
     assert (stock == "ran" and stock_rows) or (stock.startswith("refused: ") and "MXFP4" in stock), stock
+    assert report["machine"]["omp_threads_bind"]
+    for engine, profile in report["decode_profile_b1"].items():  # hooks in the real worker
+        parts = profile["parts"]
+        assert set(parts) == set(PARTS) and profile["steps"] >= 3, engine
+        assert parts["experts"]["ms"] > 0 and parts["attention"]["ms"] > 0 and parts["lm_head"]["ms"] > 0
+        assert all(p["ms"] >= 0 for p in parts.values())
+        assert sum(p["share"] for p in parts.values()) == pytest.approx(1, abs=0.02)
     assert (keep / "gptoss_vllm-cpu.log").exists()  # each engine's log stays with --keep
     assert "roofline" in done.stdout and "stock vLLM" in done.stdout
+
+
+class _Sleeps(torch.nn.Module):
+    def __init__(self, seconds: float, **children: torch.nn.Module) -> None:
+        super().__init__()
+        self.seconds = seconds
+        for name, child in children.items():
+            self.add_module(name, child)
+
+    def forward(self, x):
+        time.sleep(self.seconds)
+        for name, child in self.named_children():
+            if name != "logits_processor":  # called by the model runner, after the forward
+                for module in child if isinstance(child, torch.nn.ModuleList) else [child]:
+                    x = module(x)
+        return x
+
+
+def test_step_profile_splits_a_step_by_part():
+    """Real hooks on stand-in modules named as vLLM's gpt-oss names them, with known times."""
+    attn = _Sleeps(0.002, qkv_proj=_Sleeps(0.003), o_proj=_Sleeps(0.001))
+    layer = _Sleeps(0, attn=attn, mlp=_Sleeps(0, router=_Sleeps(0.001), experts=_Sleeps(0.008)))
+    model = _Sleeps(0.001, model=_Sleeps(0, layers=torch.nn.ModuleList([layer, copy.deepcopy(layer)])))
+    model.add_module("logits_processor", _Sleeps(0.004))
+    worker = types.SimpleNamespace(model_runner=types.SimpleNamespace(model=model, sampler=_Sleeps(0.002)))
+    assert step_profile.install(worker) == 2 * 5 + 1 + 1
+    x = torch.zeros(1)
+    for _ in range(6):  # a step: the forward, the logits, the sampler, then the engine's own 5 ms
+        model(x)
+        model.logits_processor(x)
+        worker.model_runner.sampler(x)
+        time.sleep(0.005)
+    mean = step_profile.collect(worker)
+    step_profile.remove(worker)
+    model(x)  # hooks are off: no new step
+    assert mean["steps"] == 4
+    want = {"experts": 0.016, "router": 0.002, "attention": 0.012, "attention_linears": 0.008, "model_other": 0.001,
+            "lm_head": 0.004, "sampling": 0.002, "engine": 0.005}  # fmt: skip
+    for part, seconds in want.items():
+        assert seconds <= mean[part] <= 1.5 * seconds + 0.004, (part, mean[part])  # sleeps overshoot
+    summary = step_profile.summarize(mean, {"experts": 16e9})
+    assert summary["parts"]["experts"]["read_gbps"] == pytest.approx(16 / mean["experts"], rel=0.01)
+    assert sum(p["share"] for p in summary["parts"].values()) == pytest.approx(1, abs=0.01)
+    with pytest.raises(RuntimeError, match="too few steps"):
+        step_profile.collect(worker)
+
+
+def test_an_engine_killed_for_memory_names_what_to_change(tmp_path):
+    """The kernel's OOM killer (or memcap) sends SIGKILL to the engine's process group: here, this test does."""
+    import threading
+
+    import psutil
+
+    from gptoss_vllm.bench.e2e import BenchError, Settings, run_child
+
+    outcome: dict[str, BaseException] = {}
+
+    def run() -> None:
+        try:
+            run_child("gptoss_vllm", "cpu", tmp_path / "no-model", Settings(preset="tiny"), tmp_path)
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not outcome:
+        engines = [p for p in psutil.Process().children() if "gptoss_vllm.bench.e2e" in " ".join(p.cmdline())]
+        if engines:
+            time.sleep(1)
+            os.killpg(engines[0].pid, 9)
+            break
+        time.sleep(0.1)
+    thread.join(60)
+    error = outcome.get("error")
+    assert isinstance(error, BenchError), error
+    assert "killed" in str(error) and "--kv-cache-gib" in str(error) and "memcap" in str(error), error
+    assert str(tmp_path / "gptoss_vllm-cpu.log") in str(error)

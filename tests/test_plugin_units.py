@@ -225,3 +225,41 @@ def test_layout_checker_names_the_tensor_and_expected_shape() -> None:
         complete.check(spec.name, torch.zeros(spec.shape, dtype=spec.dtype))
     with pytest.raises(CheckpointLayoutError, match=r"missing 1 tensor\(s\).*lm_head.weight \(201088, 128\)"):
         complete.finish()
+
+
+def _mapped_kib(path) -> int:
+    """This process's resident KiB of the file mappings of ``path``."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()
+            if head and "-" in head[0] and ":" not in head[0]:
+                inside = line.rstrip().endswith(str(path))
+            elif inside and line.startswith("Rss:"):
+                total += int(head[1])
+    return total
+
+
+def test_checkpoint_pages_are_dropped_once_each_tensor_is_consumed(tmp_path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from gptoss_vllm.model.resident import released_as_consumed
+
+    tensors = {f"t{i}": torch.randn(512, 1024) for i in range(6)}  # 2 MiB each
+    path = tmp_path / "model.safetensors"
+    save_file(tensors, path)
+    anon = torch.randn(512, 1024)
+    anon_copy = anon.clone()
+    with safe_open(str(path), framework="pt") as f:
+        consumed = []
+        for name, tensor in released_as_consumed([*((n, f.get_tensor(n)) for n in f.keys()), ("anon", anon)]):  # noqa: SIM118
+            if name != "anon":
+                assert torch.equal(tensor, tensors[name])  # maps this tensor's pages
+                assert _mapped_kib(path) >= 2000  # this tensor is resident while the loader holds it
+            consumed.append((name, tensor))
+        # Without the release all 12 MiB would stay mapped until the file is closed.
+        assert _mapped_kib(path) < 300
+        # Dropped pages read back from the file, unchanged; a tensor that is not file-mapped is left alone.
+        for name, tensor in consumed:
+            assert torch.equal(tensor, anon_copy if name == "anon" else tensors[name])

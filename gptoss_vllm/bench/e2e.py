@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -25,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ import psutil
 from tqdm import tqdm
 
 from gptoss_vllm.model.backend import ENV_VAR as BACKEND_ENV
+from gptoss_vllm.serve.core_split import BIND_ENV
 
 PHASES = ("loading", "prefill", "decode")
 MXFP4_BYTES_PER_VALUE = 17 / 32  # 32 4-bit values and one E8M0 scale byte per block
@@ -49,14 +51,33 @@ class Settings:
     batches: tuple[int, ...] = (1, 4, 16)
     prompt_tokens: int = 128
     output_tokens: int = 128
-    kv_cache_gib: float = 1.0  # VLLM_CPU_KVCACHE_SPACE: 1 GiB holds ~21k tokens of gpt-oss-20b
+    kv_cache_gib: int = 0  # VLLM_CPU_KVCACHE_SPACE (whole GiB); 0: what ``context`` needs (at least 1)
+    context: int = 0  # max_model_len; 0: what the prompts need
     stock: bool = True  # also run stock vLLM (plugins off) on the same checkpoint
+    profile_tokens: int = 32  # batch-1 decode steps the step profile averages over (0: no profile)
     timeout_s: float = 1800.0  # per child
 
     @property
+    def longest(self) -> int:
+        """The longest sequence the bench runs (a prompt and its outputs)."""
+        return max(max(self.prefill_lengths) + 1, self.prompt_tokens + self.output_tokens)
+
+    @property
     def max_model_len(self) -> int:
-        longest = max(max(self.prefill_lengths) + 1, self.prompt_tokens + self.output_tokens)
-        return -(-longest // 256) * 256
+        return self.context or -(-self.longest // 256) * 256
+
+    def resolved(self, config: dict[str, Any]) -> Settings:
+        """With the KV cache sized for the context (vLLM refuses a max_model_len its cache cannot hold)."""
+        limit = config.get("max_position_embeddings", self.max_model_len)
+        if self.max_model_len > limit:
+            raise BenchError(
+                f"--context {self.max_model_len} is past the {self.preset} preset's {limit} positions"
+            )
+        if self.max_model_len < self.longest:
+            raise BenchError(f"--context {self.max_model_len} is shorter than the bench's longest sequence "
+                             f"({self.longest} tokens): raise it, or shorten --prefill or the decode lengths")  # fmt: skip
+        need = kv_bytes_per_token(config) * self.max_model_len * 1.05  # and vLLM's block rounding
+        return replace(self, kv_cache_gib=self.kv_cache_gib or max(1, math.ceil(need / 2**30)))
 
 
 @dataclass
@@ -101,6 +122,11 @@ def decode_bytes_per_token(config: dict[str, Any]) -> dict[str, float]:
     }
 
 
+def kv_bytes_per_token(config: dict[str, Any]) -> int:
+    """KV cache bytes per token in bf16 as vLLM's CPU cache holds it (every layer a full-length cache)."""
+    return config["num_hidden_layers"] * 2 * config["num_key_value_heads"] * config["head_dim"] * 2
+
+
 # --------------------------------------------------------------------------------------------- checkpoint
 def checkpoint_bytes(config: dict[str, Any]) -> float:
     """About what the preset's checkpoint takes on disk."""
@@ -116,7 +142,7 @@ def ensure_checkpoint(preset: str) -> Path:
     from gptoss_vllm.checkpoints.config import build_config
 
     out = cache_root() / "models" / preset
-    if not (out / "config.json").exists():
+    if not (out / ".gptoss-vllm-source").exists():  # written once a build is whole
         need = checkpoint_bytes(build_config(preset)) * 1.05
         out.parent.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(out.parent).free
@@ -135,6 +161,13 @@ def ensure_checkpoint(preset: str) -> Path:
 
 
 # --------------------------------------------------------------------------------------------- children
+def omp_threads_bind() -> str:
+    """The cores each engine's worker computes on: ``VLLM_CPU_OMP_THREADS_BIND`` where set, else every core this
+    process may use. vLLM's ``auto`` keeps one core for its front end and engine core, which offline only
+    schedule between steps (about 1% of a batch-1 decode step): on 2 cores it would halve the worker's."""
+    return os.environ.get(BIND_ENV) or ",".join(map(str, sorted(os.sched_getaffinity(0))))
+
+
 def backends_here() -> list[str]:
     """The plugin's backends this CPU runs: ``cpu`` everywhere, ``native`` where ``auto`` picks it (AMX)."""
     from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUExpertsMxfp4
@@ -186,12 +219,13 @@ def run_child(impl: str, backend: str, checkpoint: Path, settings: Settings, wor
     result, phase_file, log_path = (work / f"{impl}-{backend}.{s}" for s in ("result.json", "phase", "log"))
     spec.write_text(json.dumps({"checkpoint": str(checkpoint), "settings": asdict(settings), "result": str(result),
                                 "phase": str(phase_file)}))  # fmt: skip
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": f"{settings.kv_cache_gib:g}"}
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_gib), BIND_ENV: omp_threads_bind()}
     if impl == "stock_vllm":
         env["VLLM_PLUGINS"] = "__none__"  # vLLM loads only the plugins named here: none of ours
         env.pop(BACKEND_ENV, None)
     else:
         env[BACKEND_ENV] = backend
+        env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # the step profile's hooks go to the worker pickled
     run = Run(impl, backend)
     peaks, anon_peaks = dict.fromkeys(PHASES, 0), dict.fromkeys(PHASES, 0)
     by_role: dict[str, int] = {}
@@ -280,9 +314,29 @@ def _child(spec_path: str) -> None:
             whole = timed(prompts(batch, s.prompt_tokens), s.output_tokens)
             decode_s = max(whole - first, 1e-9)
             measured[f"decode_b{batch}_tok_s"] = round(batch * (s.output_tokens - 1) / decode_s, 3)
+        if s.profile_tokens:
+            measured["decode_profile_b1"] = _profile_decode(
+                llm, prompts(1, s.prompt_tokens), s.profile_tokens
+            )
     finally:
         llm.llm_engine.engine_core.shutdown()  # its worker would outlive us with the whole model
     Path(spec["result"]).write_text(json.dumps(measured))
+
+
+def _profile_decode(llm: Any, prompt: list[dict[str, list[int]]], tokens: int) -> dict[str, float]:
+    """Mean seconds per batch-1 decode step of each part (``step_profile``), hooks on only while measured."""
+    from vllm import SamplingParams
+
+    from gptoss_vllm.bench import step_profile
+
+    llm.collective_rpc(step_profile.install)
+    try:
+        llm.generate(
+            prompt, SamplingParams(max_tokens=tokens + 2, ignore_eos=True, temperature=0.0), use_tqdm=False
+        )
+        return llm.collective_rpc(step_profile.collect)[0]
+    finally:
+        llm.collective_rpc(step_profile.remove)
 
 
 # --------------------------------------------------------------------------------------------- the bench
@@ -308,11 +362,13 @@ def rows(runs: list[Run], settings: Settings) -> list[dict[str, Any]]:
 
 
 def run_bench(settings: Settings, json_path: str | None = None, keep: Path | None = None) -> dict[str, Any]:
+    from gptoss_vllm.bench import step_profile
     from gptoss_vllm.bench.moe import probe_read_gbps
     from gptoss_vllm.bench.overhead import machine_info
 
     checkpoint = ensure_checkpoint(settings.preset)
     config = json.loads((checkpoint / "config.json").read_text())
+    settings = settings.resolved(config)
     read_gbps = probe_read_gbps()
     per_token = decode_bytes_per_token(config)
     backends = backends_here()
@@ -325,12 +381,21 @@ def run_bench(settings: Settings, json_path: str | None = None, keep: Path | Non
         runs.append(run_child(impl, backend, checkpoint, settings, work))
     stock = next((run for run in runs if run.impl == "stock_vllm"), None)
     report = {
-        "machine": {**machine_info(), "read_gbps": round(read_gbps, 1)},
+        "machine": {
+            **machine_info(),
+            "read_gbps": round(read_gbps, 1),
+            "omp_threads_bind": omp_threads_bind(),
+        },
         "preset": settings.preset,
         "settings": {**asdict(settings), "max_model_len": settings.max_model_len},
         "results": rows(runs, settings),
         "decode_bytes_per_token": {part: round(b) for part, b in per_token.items()},
         "roofline_decode_tok_s": round(read_gbps * 1e9 / sum(per_token.values()), 2),
+        "decode_profile_b1": {
+            f"{run.impl} {run.backend}": step_profile.summarize(run.measured["decode_profile_b1"], per_token)
+            for run in runs
+            if "decode_profile_b1" in run.measured
+        },
         "stock_vllm": "not run"
         if stock is None
         else (f"refused: {stock.refused}" if stock.refused else "ran"),
@@ -370,6 +435,16 @@ def format_table(report: dict[str, Any]) -> str:
             seen.add((row["impl"], row["backend"]))
             each = ", ".join(f"{role} {gb}" for role, gb in row["peak_rss_by_process_gb"].items())
             lines.append(f"peak RSS GB per process, {row['impl']} {row['backend']}: {each}")
+    for engine, profile in report.get("decode_profile_b1", {}).items():
+        parts = ", ".join(
+            f"{part} {p['ms']} ms ({p['share']:.0%}"
+            + (f", {p['read_gbps']} GB/s)" if "read_gbps" in p else ")")
+            for part, p in profile["parts"].items()
+        )
+        lines.append(
+            f"batch-1 decode step, {engine}: {profile['step_ms']} ms = {parts}; qkv/o linears "
+            f"{profile['attention_linears_ms']} ms of attention"
+        )
     lines.append(f"stock vLLM: {report['stock_vllm']}")
     lines.append(f"{report['preset']} on {report['machine']['cpu']} ({report['machine']['cores']} cores)")
     return "\n".join(lines)

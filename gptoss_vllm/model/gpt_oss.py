@@ -24,6 +24,7 @@ from gptoss_vllm.checkpoints.config import LAYER_TYPES
 from gptoss_vllm.checkpoints.layout import CheckpointLayoutError, LayoutChecker, checkpoint_specs
 from gptoss_vllm.model.backend import announce, resolve_for_vllm
 from gptoss_vllm.model.moe import MXFP4MoEBlock
+from gptoss_vllm.model.resident import no_second_copies, released_as_consumed
 
 log = logging.getLogger("vllm." + __name__)  # under vLLM's logger: its handler, level and format
 
@@ -88,6 +89,7 @@ class GptOssForCausalLM(vllm_gpt_oss.GptOssForCausalLM):
             self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
         self.moe_backend = backend
         self._mxfp4_checkpoint = _is_mxfp4(config)
+        no_second_copies(self)
 
     # ----------------------------------------------------------------- weights
     def _layout_checker(self) -> LayoutChecker:
@@ -109,7 +111,7 @@ class GptOssForCausalLM(vllm_gpt_oss.GptOssForCausalLM):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         checker = self._layout_checker()
-        checked = checker.stream(weights)
+        checked = checker.stream(released_as_consumed(weights))
         if self.moe_backend == "native":
             loaded = set(super().load_weights(checked))
         else:

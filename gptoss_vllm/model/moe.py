@@ -56,15 +56,19 @@ class MXFP4Experts(nn.Module):
         self.backend = backend
         e, h, i = num_experts, hidden_size, self.local_intermediate
 
-        def buffer(*shape: int, dtype: torch.dtype) -> nn.Parameter:
-            return nn.Parameter(torch.zeros(*shape, dtype=dtype), requires_grad=False)
+        def buffer(*shape: int, dtype: torch.dtype, fill=torch.empty) -> nn.Parameter:
+            param = nn.Parameter(fill(*shape, dtype=dtype), requires_grad=False)
+            param.dummy_weight_value = 0  # what vLLM's dummy loader writes into these integer tensors
+            return param
 
+        # Blocks and scales uninitialised: zero-filling gpt-oss-20b's 10 GB took ~28 s of loading, and the
+        # layout checker fails a load that leaves any of them unwritten.
         self.gate_up_blocks = buffer(e, 2 * i, h // 32, 16, dtype=torch.uint8)
         self.gate_up_scales = buffer(e, 2 * i, h // 32, dtype=torch.uint8)
-        self.gate_up_bias = buffer(e, 2 * i, dtype=torch.float32)
+        self.gate_up_bias = buffer(e, 2 * i, dtype=torch.float32, fill=torch.zeros)
         self.down_blocks = buffer(e, h, i // 32, 16, dtype=torch.uint8)
         self.down_scales = buffer(e, h, i // 32, dtype=torch.uint8)
-        self.down_bias = buffer(e, h, dtype=torch.float32)
+        self.down_bias = buffer(e, h, dtype=torch.float32, fill=torch.zeros)
         self.packed = False  # blocks/scales in the cpu kernel's layout instead of the checkpoint's
 
     def pack_for_backend(self) -> None:

@@ -96,7 +96,8 @@ def ensure_builtin_model(model: str) -> None:
     with open(out.parent / f".{preset}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two pools on one node must not write the same directory
         stamp = out / ".gptoss-vllm-source"
-        if not (out / "config.json").exists() or not stamp.exists() or stamp.read_text() != source:
+        whole = (out / "config.json").exists() and any(out.glob("*.safetensors")) and stamp.exists()
+        if not whole or stamp.read_text() != source:
             log.info("building the %s checkpoint into %s", preset, out)
             build_preset(preset, out, force=True)
             stamp.write_text(source)
