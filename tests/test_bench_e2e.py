@@ -78,8 +78,11 @@ def test_tiny_run_writes_every_field(tmp_path):
         # The tree's RSS (engine core and worker): a real engine holds at least its torch and vLLM.
         assert 0 < row["load_peak_anon_gb"] <= row["load_peak_rss_gb"] <= row["peak_rss_gb"]
         assert row["load_peak_rss_gb"] > 0.3 and row["decode_peak_rss_gb"] > 0.3
-        each = row["peak_rss_by_process_gb"]  # the engine's processes, each at its own peak
-        assert {"front_end", "EngineCore", "Worker"} <= set(each) and max(each.values()) <= row["peak_rss_gb"]
+        each = row["peak_rss_by_process_gb"]  # per phase, the engine's processes, each at its own peak
+        assert set(each) == {"loading", "prefill", "decode"}
+        assert {"front_end", "EngineCore", "Worker"} <= set(each["loading"])
+        assert max(max(roles.values()) for roles in each.values()) <= row["peak_rss_gb"]
+        assert 0 < row["load_peak_worker_rss_gb"] == each["loading"]["Worker"] < row["load_peak_rss_gb"]
     stock = report["stock_vllm"]
     stock_rows = [r for r in report["results"] if r["impl"] == "stock_vllm"]
     # Stock vLLM runs MXFP4 experts on a CPU only with AMX; elsewhere it refuses, and its reason is recorded.

@@ -88,7 +88,8 @@ class Run:
     backend: str
     measured: dict[str, Any] = field(default_factory=dict)
     peak_rss_gb: dict[str, float] = field(default_factory=dict)
-    peak_by_process_gb: dict[str, float] = field(default_factory=dict)  # each process's own peak RSS
+    peak_by_process_gb: dict[str, dict[str, float]] = field(default_factory=dict)  # phase -> process -> its
+    # own peak RSS (the worker holds the model; the front end and engine core hold vLLM's Python)
     peak_anon_gb: dict[str, float] = field(default_factory=dict)  # RSS less file-backed pages (the mmap'd
     # checkpoint is counted in RSS while it is read, and the kernel can drop it)
     refused: str | None = None
@@ -228,7 +229,7 @@ def run_child(impl: str, backend: str, checkpoint: Path, settings: Settings, wor
         env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # the step profile's hooks go to the worker pickled
     run = Run(impl, backend)
     peaks, anon_peaks = dict.fromkeys(PHASES, 0), dict.fromkeys(PHASES, 0)
-    by_role: dict[str, int] = {}
+    by_role: dict[str, dict[str, int]] = {phase: {} for phase in PHASES}
     with open(log_path, "w") as log:
         child = subprocess.Popen(
             [sys.executable, "-m", "gptoss_vllm.bench.e2e", str(spec)],
@@ -239,7 +240,7 @@ def run_child(impl: str, backend: str, checkpoint: Path, settings: Settings, wor
         while child.poll() is None:
             phase = phase_file.read_text().strip() if phase_file.exists() else "loading"
             if phase in peaks:
-                rss, anon = _tree_memory(proc, by_role)
+                rss, anon = _tree_memory(proc, by_role[phase])
                 peaks[phase], anon_peaks[phase] = max(peaks[phase], rss), max(anon_peaks[phase], anon)
             if time.monotonic() > deadline:
                 os.killpg(child.pid, 9)
@@ -250,7 +251,11 @@ def run_child(impl: str, backend: str, checkpoint: Path, settings: Settings, wor
             time.sleep(0.2)
     run.peak_rss_gb = {phase: round(peak / 1e9, 2) for phase, peak in peaks.items() if peak}
     run.peak_anon_gb = {phase: round(peak / 1e9, 2) for phase, peak in anon_peaks.items() if peak}
-    run.peak_by_process_gb = {role: round(peak / 1e9, 2) for role, peak in sorted(by_role.items())}
+    run.peak_by_process_gb = {
+        phase: {role: round(peak / 1e9, 2) for role, peak in sorted(roles.items())}
+        for phase, roles in by_role.items()
+        if roles
+    }
     text = log_path.read_text(errors="replace")
     if child.returncode == 0 and result.exists():
         run.measured = json.loads(result.read_text())
@@ -356,6 +361,7 @@ def rows(runs: list[Run], settings: Settings) -> list[dict[str, Any]]:
             row["decode_peak_rss_gb"] = run.peak_rss_gb.get("decode")
             row["load_peak_anon_gb"] = run.peak_anon_gb.get("loading")
             row["peak_rss_by_process_gb"] = run.peak_by_process_gb
+            row["load_peak_worker_rss_gb"] = run.peak_by_process_gb.get("loading", {}).get("Worker")
             row["load_s"] = run.measured["load_s"]
             out.append(row)
     return out
@@ -417,11 +423,17 @@ def format_table(report: dict[str, Any]) -> str:
         "decode tok/s",
         *(f"pp{length} tok/s" for length in s["prefill_lengths"]),
     ]
-    head += ["load s", "load RSS GB", "load anon GB", "decode RSS GB"]
+    head += ["load s", "load RSS GB", "load anon GB", "worker load GB", "decode RSS GB"]
     lines = ["  ".join(f"{h:>13}" for h in head)]
     for row in report["results"]:
         cells = [row["impl"], row["backend"], row["batch"], row["decode_tok_s"], *(row[k] for k in prefill)]
-        cells += [row["load_s"], row["load_peak_rss_gb"], row["load_peak_anon_gb"], row["decode_peak_rss_gb"]]
+        cells += [
+            row["load_s"],
+            row["load_peak_rss_gb"],
+            row["load_peak_anon_gb"],
+            row["load_peak_worker_rss_gb"],
+        ]
+        cells += [row["decode_peak_rss_gb"]]
         lines.append("  ".join(f"{c!s:>13}" for c in cells))
     per_token = report["decode_bytes_per_token"]
     parts = ", ".join(f"{part} {b / 1e9:.3f}" for part, b in per_token.items())
@@ -433,7 +445,10 @@ def format_table(report: dict[str, Any]) -> str:
     for row in report["results"]:
         if (row["impl"], row["backend"]) not in seen:
             seen.add((row["impl"], row["backend"]))
-            each = ", ".join(f"{role} {gb}" for role, gb in row["peak_rss_by_process_gb"].items())
+            each = "; ".join(
+                f"{phase} " + ", ".join(f"{role} {gb}" for role, gb in roles.items())
+                for phase, roles in row["peak_rss_by_process_gb"].items()
+            )
             lines.append(f"peak RSS GB per process, {row['impl']} {row['backend']}: {each}")
     for engine, profile in report.get("decode_profile_b1", {}).items():
         parts = ", ".join(
