@@ -86,6 +86,7 @@ def _bench_e2e(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         kv_cache_gib=args.kv_cache_gib,
         context=args.context,
         stock=not args.no_stock,
+        llama_cpp=not args.no_llama_cpp,
     )
     if settings.output_tokens < 2:
         parser.error("--output-tokens: must be >= 2 (decode is timed after the first token)")
@@ -625,6 +626,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="VLLM_CPU_KVCACHE_SPACE of each engine, whole GiB (default: what --context needs, at "
                      "least 1)")  # fmt: skip
     e2e.add_argument("--no-stock", action="store_true", help="skip stock vLLM's run")
+    e2e.add_argument("--no-llama-cpp", action="store_true",
+                     help="skip llama.cpp's run (its first run builds it and converts the checkpoint to GGUF)")  # fmt: skip
     e2e.set_defaults(handler=_bench_e2e, subparser=e2e)
     routing = bench_sub.add_parser(
         "routing",

@@ -174,3 +174,36 @@ def test_an_engine_killed_for_memory_names_what_to_change(tmp_path):
     assert isinstance(error, BenchError), error
     assert "killed" in str(error) and "--kv-cache-gib" in str(error) and "memcap" in str(error), error
     assert str(tmp_path / "gptoss_vllm-cpu.log") in str(error)
+
+
+@pytest.mark.slow
+def test_llama_cpp_rows_on_the_tiny_shape(tmp_path):
+    """llama.cpp beside ours on the same tiny weights. Its build takes minutes, so this runs only where a full
+    ``bench e2e`` has built it into the cache (the user's cache: the tiny checkpoint and its GGUF go there too)."""
+    from gptoss_vllm.bench import llama_cpp
+
+    if llama_cpp.built() is None:
+        pytest.skip(
+            f"llama.cpp is not built for this CPU in {llama_cpp.home()}: `gptoss-vllm bench e2e` builds it"
+        )
+    path = tmp_path / "e2e.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "gptoss_vllm.cli", "bench", "e2e", "--preset", "tiny", "--prefill", "32,64",
+         "--batches", "1,3", "--prompt-tokens", "16", "--output-tokens", "6", "--no-stock", "--json", str(path),
+         "--keep", str(tmp_path / "keep")],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(path.read_text())
+    rows = [r for r in report["results"] if r["impl"] == "llama_cpp"]
+    assert [r["batch"] for r in rows] == [1, 3] and {r["backend"] for r in rows} == {"ggml-cpu"}
+    for row in rows:
+        for key in ("decode_tok_s", "prefill32_tok_s", "prefill64_tok_s", "tg6_tok_s", "peak_rss_gb"):
+            assert row[key] > 0, (key, row)
+        assert {"llama-bench"} <= set(row["peak_rss_by_process_gb"]["prefill"])
+        assert {"llama-batched-bench"} <= set(row["peak_rss_by_process_gb"]["decode"])
+    assert rows[1]["decode_tok_s"] != rows[0]["decode_tok_s"]  # one figure per batch, from batched-bench
+    assert llama_cpp.gguf_path(
+        llama_cpp.home().parent.parent / "models" / "tiny"
+    ).exists()  # kept for next time
+    assert "llama_cpp" in done.stdout

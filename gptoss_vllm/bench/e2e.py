@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from tqdm import tqdm
 from gptoss_vllm.model.backend import ENV_VAR as BACKEND_ENV
 from gptoss_vllm.serve.core_split import BIND_ENV
 
-PHASES = ("loading", "prefill", "decode")
+PHASES = ("convert", "loading", "prefill", "decode")  # convert: llama.cpp's GGUF conversion, when it runs
 MXFP4_BYTES_PER_VALUE = 17 / 32  # 32 4-bit values and one E8M0 scale byte per block
 
 
@@ -54,6 +55,7 @@ class Settings:
     kv_cache_gib: int = 0  # VLLM_CPU_KVCACHE_SPACE (whole GiB); 0: what ``context`` needs (at least 1)
     context: int = 0  # max_model_len; 0: what the prompts need
     stock: bool = True  # also run stock vLLM (plugins off) on the same checkpoint
+    llama_cpp: bool = True  # also run llama.cpp on the same weights (built and converted into the cache once)
     profile_tokens: int = 32  # batch-1 decode steps the step profile averages over (0: no profile)
     timeout_s: float = 1800.0  # per child
 
@@ -180,7 +182,10 @@ def _role(member: psutil.Process, root: psutil.Process) -> str:
     """Which of the engine's processes ``member`` is: the ``LLM`` front end, or the title vLLM gives it."""
     from gptoss_vllm.bench.overhead import process_title
 
-    if member.pid == root.pid:
+    if member.pid == root.pid:  # the ``LLM`` process, or a tool of its own (llama.cpp's)
+        with contextlib.suppress(psutil.Error):
+            if not member.name().startswith("python"):
+                return member.name()
         return "front_end"
     title = process_title(member)
     return next((role for role in ("EngineCore", "Worker") if role in title), "other")
@@ -214,8 +219,56 @@ def _refusal(log: str) -> str:
     return lines[-1][:400] if lines else "the engine exited without a word"
 
 
+def watch(
+    run: Run,
+    argv: list[str],
+    log_path: Path,
+    phase: Callable[[], str],
+    timeout_s: float,
+    env: dict[str, str] | None = None,
+    stdout: Path | None = None,
+    lower: str = "",
+) -> int:
+    """Run ``argv`` in a session of its own, its tree's RSS sampled into ``run``'s peaks under the phase that
+    ``phase()`` names (kept where ``run`` already has a higher one); returns its exit status. ``stdout`` goes to
+    its own file where given (a tool's figures), else with stderr into ``log_path``. A child past ``timeout_s``,
+    or killed (the OOM killer, a memcap), raises ``BenchError`` saying what to change (``lower``: a flag)."""
+    what = f"{run.impl} ({run.backend})"
+    by_role = {p: {} for p in PHASES}
+    peaks, anon_peaks = dict.fromkeys(PHASES, 0), dict.fromkeys(PHASES, 0)
+    with open(log_path, "a") as log, open(stdout or os.devnull, "w") as out:
+        child = subprocess.Popen(
+            argv, stdout=out if stdout else log, stderr=log, env=env, start_new_session=True
+        )
+        proc = psutil.Process(child.pid)
+        deadline = time.monotonic() + timeout_s
+        while child.poll() is None:
+            now = phase()
+            if now in peaks:
+                rss, anon = _tree_memory(proc, by_role[now])
+                peaks[now], anon_peaks[now] = max(peaks[now], rss), max(anon_peaks[now], anon)
+            if time.monotonic() > deadline:
+                os.killpg(child.pid, 9)
+                child.wait()
+                raise BenchError(f"{what} ran past {timeout_s:.0f} s; its log: {log_path}")
+            time.sleep(0.2)
+    for p in PHASES:
+        if peaks[p]:
+            run.peak_rss_gb[p] = max(run.peak_rss_gb.get(p, 0), round(peaks[p] / 1e9, 2))
+            run.peak_anon_gb[p] = max(run.peak_anon_gb.get(p, 0), round(anon_peaks[p] / 1e9, 2))
+        roles = run.peak_by_process_gb.setdefault(p, {}) if by_role[p] else {}
+        for role, peak in sorted(by_role[p].items()):
+            roles[role] = max(roles.get(role, 0), round(peak / 1e9, 2))
+    if child.returncode in (-9, 137):
+        raise BenchError(
+            f"{what} was killed (out of memory?) at {max(peaks.values()) / 1e9:.1f} GB of RSS: {lower}"
+            f"stop what else holds memory, or raise the memcap; its log: {log_path}"
+        )
+    return child.returncode
+
+
 def run_child(impl: str, backend: str, checkpoint: Path, settings: Settings, work: Path) -> Run:
-    """One implementation in a child process, its tree's RSS sampled per phase."""
+    """One vLLM implementation in a child process, its tree's RSS sampled per phase."""
     spec = work / f"{impl}-{backend}.spec.json"
     result, phase_file, log_path = (work / f"{impl}-{backend}.{s}" for s in ("result.json", "phase", "log"))
     spec.write_text(json.dumps({"checkpoint": str(checkpoint), "settings": asdict(settings), "result": str(result),
@@ -228,49 +281,69 @@ def run_child(impl: str, backend: str, checkpoint: Path, settings: Settings, wor
         env[BACKEND_ENV] = backend
         env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # the step profile's hooks go to the worker pickled
     run = Run(impl, backend)
-    peaks, anon_peaks = dict.fromkeys(PHASES, 0), dict.fromkeys(PHASES, 0)
-    by_role: dict[str, dict[str, int]] = {phase: {} for phase in PHASES}
-    with open(log_path, "w") as log:
-        child = subprocess.Popen(
-            [sys.executable, "-m", "gptoss_vllm.bench.e2e", str(spec)],
-            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-        )  # fmt: skip
-        proc = psutil.Process(child.pid)
-        deadline = time.monotonic() + settings.timeout_s
-        while child.poll() is None:
-            phase = phase_file.read_text().strip() if phase_file.exists() else "loading"
-            if phase in peaks:
-                rss, anon = _tree_memory(proc, by_role[phase])
-                peaks[phase], anon_peaks[phase] = max(peaks[phase], rss), max(anon_peaks[phase], anon)
-            if time.monotonic() > deadline:
-                os.killpg(child.pid, 9)
-                child.wait()
-                raise BenchError(
-                    f"{impl} ({backend}) ran past {settings.timeout_s:.0f} s; its log: {log_path}"
-                )
-            time.sleep(0.2)
-    run.peak_rss_gb = {phase: round(peak / 1e9, 2) for phase, peak in peaks.items() if peak}
-    run.peak_anon_gb = {phase: round(peak / 1e9, 2) for phase, peak in anon_peaks.items() if peak}
-    run.peak_by_process_gb = {
-        phase: {role: round(peak / 1e9, 2) for role, peak in sorted(roles.items())}
-        for phase, roles in by_role.items()
-        if roles
-    }
-    text = log_path.read_text(errors="replace")
-    if child.returncode == 0 and result.exists():
+    log_path.write_text("")
+    returncode = watch(
+        run,
+        [sys.executable, "-m", "gptoss_vllm.bench.e2e", str(spec)],
+        log_path,
+        lambda: phase_file.read_text().strip() if phase_file.exists() else "loading",
+        settings.timeout_s,
+        env=env,
+        lower="lower --kv-cache-gib, ",
+    )
+    if returncode == 0 and result.exists():
         run.measured = json.loads(result.read_text())
         return run
-    if child.returncode in (-9, 137):
-        raise BenchError(
-            f"{impl} ({backend}) was killed (out of memory?) at {max(peaks.values()) / 1e9:.1f} GB of RSS: lower "
-            f"--kv-cache-gib, stop what else holds memory, or raise the memcap; its log: {log_path}"
-        )
+    text = log_path.read_text(errors="replace")
     if impl == "stock_vllm":
         run.refused = _refusal(text)
         return run
-    raise BenchError(
-        f"{impl} ({backend}) failed (exit {child.returncode}): {_refusal(text)}; its log: {log_path}"
-    )
+    raise BenchError(f"{impl} ({backend}) failed (exit {returncode}): {_refusal(text)}; its log: {log_path}")
+
+
+def run_llama_cpp(checkpoint: Path, settings: Settings, work: Path) -> Run:
+    """llama.cpp on the same checkpoint (converted once to GGUF, MXFP4 experts): prefill and tg with
+    ``llama-bench``, decode per batch with ``llama-batched-bench``, at the worker's thread count."""
+    from gptoss_vllm.bench import llama_cpp
+
+    run = Run("llama_cpp", "ggml-cpu")
+    log_path = work / "llama_cpp.log"
+    log_path.write_text("")
+    try:
+        llama_cpp.build()
+        gguf = llama_cpp.gguf_path(checkpoint)
+        if not gguf.exists():
+            need = sum(f.stat().st_size for f in checkpoint.glob("*.safetensors")) * 1.05
+            gguf.parent.mkdir(parents=True, exist_ok=True)
+            free = shutil.disk_usage(gguf.parent).free
+            if free < need:
+                raise BenchError(
+                    f"converting {checkpoint.name} to GGUF needs about {need / 1e9:.1f} GB in {gguf.parent}, "
+                    f"which has {free / 1e9:.1f} GB free: free some, or point GPTOSS_VLLM_CACHE at a larger disk"
+                )
+            partial = gguf.with_suffix(".partial")
+            if watch(run, llama_cpp.convert_command(checkpoint, partial), log_path, lambda: "convert",
+                     settings.timeout_s):  # fmt: skip
+                raise BenchError(
+                    f"llama.cpp's convert_hf_to_gguf.py failed on {checkpoint}; its log: {log_path}"
+                )
+            partial.rename(gguf)
+    except llama_cpp.LlamaCppError as exc:
+        raise BenchError(str(exc)) from exc
+    threads = len(omp_threads_bind().split(","))
+    commands = llama_cpp.bench_commands(gguf, threads, settings)
+    start = time.perf_counter()
+    for name, phase, parse in (
+        ("llama_bench", "prefill", llama_cpp.parse_llama_bench),
+        ("batched_bench", "decode", llama_cpp.parse_batched_bench),
+    ):
+        out = work / f"llama_cpp.{name}.out"
+        if watch(run, commands[name], log_path, lambda phase=phase: phase, settings.timeout_s, stdout=out):
+            raise BenchError(f"llama.cpp's {name} failed: see {log_path} and {out}")
+        run.measured.update(parse(out.read_text()))
+    run.measured["bench_s"] = round(time.perf_counter() - start, 1)
+    run.measured["threads"] = threads
+    return run
 
 
 def _child(spec_path: str) -> None:
@@ -362,7 +435,10 @@ def rows(runs: list[Run], settings: Settings) -> list[dict[str, Any]]:
             row["load_peak_anon_gb"] = run.peak_anon_gb.get("loading")
             row["peak_rss_by_process_gb"] = run.peak_by_process_gb
             row["load_peak_worker_rss_gb"] = run.peak_by_process_gb.get("loading", {}).get("Worker")
-            row["load_s"] = run.measured["load_s"]
+            row["load_s"] = run.measured.get("load_s")
+            row.update(
+                {key: value for key, value in run.measured.items() if re.fullmatch(r"tg\d+_tok_s", key)}
+            )
             out.append(row)
     return out
 
@@ -382,9 +458,13 @@ def run_bench(settings: Settings, json_path: str | None = None, keep: Path | Non
     work.mkdir(parents=True, exist_ok=True)
     plan = [("gptoss_vllm", backend) for backend in backends]
     plan += [("stock_vllm", "native")] if settings.stock else []
+    plan += [("llama_cpp", "ggml-cpu")] if settings.llama_cpp else []
     runs = []
     for impl, backend in tqdm(plan, desc="bench e2e", unit="engine"):
-        runs.append(run_child(impl, backend, checkpoint, settings, work))
+        if impl == "llama_cpp":
+            runs.append(run_llama_cpp(checkpoint, settings, work))
+        else:
+            runs.append(run_child(impl, backend, checkpoint, settings, work))
     stock = next((run for run in runs if run.impl == "stock_vllm"), None)
     report = {
         "machine": {
@@ -434,7 +514,7 @@ def format_table(report: dict[str, Any]) -> str:
             row["load_peak_worker_rss_gb"],
         ]
         cells += [row["decode_peak_rss_gb"]]
-        lines.append("  ".join(f"{c!s:>13}" for c in cells))
+        lines.append("  ".join(f"{'-' if c is None else c!s:>13}" for c in cells))
     per_token = report["decode_bytes_per_token"]
     parts = ", ".join(f"{part} {b / 1e9:.3f}" for part, b in per_token.items())
     lines.append(
@@ -450,6 +530,10 @@ def format_table(report: dict[str, Any]) -> str:
                 for phase, roles in row["peak_rss_by_process_gb"].items()
             )
             lines.append(f"peak RSS GB per process, {row['impl']} {row['backend']}: {each}")
+            tg = {key: value for key, value in row.items() if re.fullmatch(r"tg\d+_tok_s", key)}
+            if tg:
+                figures = ", ".join(f"{key[:-6]} {value} tok/s" for key, value in tg.items())
+                lines.append(f"llama-bench, {row['impl']}: {figures} (decode from an empty context)")
     for engine, profile in report.get("decode_profile_b1", {}).items():
         parts = ", ".join(
             f"{part} {p['ms']} ms ({p['share']:.0%}"
