@@ -207,3 +207,14 @@ def test_llama_cpp_rows_on_the_tiny_shape(tmp_path):
         llama_cpp.home().parent.parent / "models" / "tiny"
     ).exists()  # kept for next time
     assert "llama_cpp" in done.stdout
+
+
+def test_a_full_disk_names_the_folder_and_the_variable(tmp_path):
+    from gptoss_vllm.bench.e2e import BenchError, check_disk
+
+    check_disk(tmp_path, 1, "writing a byte")
+    with pytest.raises(BenchError, match="GPTOSS_VLLM_CACHE") as failed:
+        check_disk(tmp_path / "gguf", 1e18, "converting gpt-oss-20b to GGUF")  # an exabyte is free nowhere
+    assert str(tmp_path / "gguf") in str(failed.value) and "converting gpt-oss-20b to GGUF" in str(
+        failed.value
+    )

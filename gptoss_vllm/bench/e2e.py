@@ -139,6 +139,17 @@ def checkpoint_bytes(config: dict[str, Any]) -> float:
     return experts + per_token["attention"] + per_token["router"] + 2 * per_token["lm_head"] + layers * hidden
 
 
+def check_disk(folder: Path, need: float, what: str) -> None:
+    """Raise ``BenchError`` naming what to change unless ``folder`` has ``need`` bytes free."""
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise BenchError(
+            f"{what} needs about {need / 1e9:.1f} GB in {folder}, which has {free / 1e9:.1f} GB free: free some, "
+            "or point GPTOSS_VLLM_CACHE at a larger disk"
+        )
+
+
 def ensure_checkpoint(preset: str) -> Path:
     """The preset's checkpoint in the cache, built (with a progress bar) unless it is there."""
     from gptoss_vllm.cache import cache_root
@@ -146,14 +157,9 @@ def ensure_checkpoint(preset: str) -> Path:
 
     out = cache_root() / "models" / preset
     if not (out / ".gptoss-vllm-source").exists():  # written once a build is whole
-        need = checkpoint_bytes(build_config(preset)) * 1.05
-        out.parent.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(out.parent).free
-        if free < need:
-            raise BenchError(
-                f"building the {preset} checkpoint needs about {need / 1e9:.1f} GB in {out.parent}, which has "
-                f"{free / 1e9:.1f} GB free: free some, or point GPTOSS_VLLM_CACHE at a larger disk"
-            )
+        check_disk(
+            out.parent, checkpoint_bytes(build_config(preset)) * 1.05, f"building the {preset} checkpoint"
+        )
     # In a process of its own: building leaves this one's heap large, and the engines need the memory.
     built = subprocess.run([sys.executable, "-m", "gptoss_vllm.bench.e2e", "--build", preset], check=False)
     if built.returncode:
@@ -314,13 +320,7 @@ def run_llama_cpp(checkpoint: Path, settings: Settings, work: Path) -> Run:
         gguf = llama_cpp.gguf_path(checkpoint)
         if not gguf.exists():
             need = sum(f.stat().st_size for f in checkpoint.glob("*.safetensors")) * 1.05
-            gguf.parent.mkdir(parents=True, exist_ok=True)
-            free = shutil.disk_usage(gguf.parent).free
-            if free < need:
-                raise BenchError(
-                    f"converting {checkpoint.name} to GGUF needs about {need / 1e9:.1f} GB in {gguf.parent}, "
-                    f"which has {free / 1e9:.1f} GB free: free some, or point GPTOSS_VLLM_CACHE at a larger disk"
-                )
+            check_disk(gguf.parent, need, f"converting {checkpoint.name} to GGUF")
             partial = gguf.with_suffix(".partial")
             if watch(run, llama_cpp.convert_command(checkpoint, partial), log_path, lambda: "convert",
                      settings.timeout_s):  # fmt: skip

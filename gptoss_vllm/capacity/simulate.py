@@ -1,0 +1,173 @@
+"""A discrete-event simulation of effort-routed pools of continuously batching replicas.
+
+What it models, and what it leaves out:
+
+- **A replica** is one engine with a service curve (``Curve``). It runs in steps: every running sequence gets
+  one token per step, and sequences admitted at a step's start are prefilled in it (their first token comes at
+  its end). A step takes ``tpot_s(decoding)`` plus ``prefill_s(tokens prefilled)``, as vLLM's chunked prefill
+  mixes both into one batch. At most ``max_num_seqs`` sequences run, and only while their prompts and outputs
+  fit the KV cache (reserved whole at admission, as vLLM does not preempt here); the rest wait, first come first
+  served.
+- **A pool** holds replicas and one queue, as Ray Serve's router does: a request goes to the replica with the
+  fewest ongoing requests while one has fewer than ``max_ongoing`` (its replicas' ``max_ongoing_requests``),
+  else it waits in the pool's queue.
+- **Spillover:** a request whose pool already queues more than ``queue_above`` goes to the spillover pool, as
+  the ingress does (``serve/ingress/admission.py``).
+- Left out: network and ingress time, preemption, prefix caching, replica start and stop.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from gptoss_vllm.capacity.curve import Curve
+
+
+@dataclass
+class Request:
+    """One request of the workload, and what happened to it."""
+
+    arrival_s: float
+    effort: str
+    prompt_tokens: int
+    output_tokens: int
+    pool: str = ""
+    first_token_s: float | None = None
+    done_s: float | None = None
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first_token_s is None else self.first_token_s - self.arrival_s
+
+    @property
+    def tpot_s(self) -> float | None:
+        """Mean seconds per output token after the first."""
+        if self.done_s is None or self.first_token_s is None or self.output_tokens < 2:
+            return None
+        return (self.done_s - self.first_token_s) / (self.output_tokens - 1)
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """A pool as the simulation sees it: which efforts, how many replicas of which curve, and its routing."""
+
+    name: str
+    efforts: tuple[str, ...]
+    replicas: int
+    curve: Curve
+    max_ongoing: int = 0  # per replica; 0: the curve's max_num_seqs
+    spill_to: str | None = None
+    queue_above: int = 0
+
+    @property
+    def ongoing_limit(self) -> int:
+        return self.max_ongoing or self.curve.max_num_seqs
+
+
+@dataclass
+class _Running:
+    request: Request
+    left: int  # tokens still to produce
+    prefilled: bool = False
+
+
+@dataclass
+class _Replica:
+    curve: Curve
+    waiting: deque[Request] = field(default_factory=deque)
+    running: list[_Running] = field(default_factory=list)
+    busy: bool = False
+    kv_used: int = 0
+    step: list[_Running] = field(default_factory=list)  # admitted in the step in progress
+
+    @property
+    def ongoing(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+
+class _Pool:
+    def __init__(self, spec: PoolSpec) -> None:
+        self.spec = spec
+        self.replicas = [_Replica(spec.curve) for _ in range(spec.replicas)]
+        self.queue: deque[Request] = deque()
+
+
+def simulate(requests: Iterable[Request], pools: list[PoolSpec]) -> list[Request]:
+    """Run ``requests`` (any order) through ``pools``; returns them with their times filled in (a request
+    that cannot ever fit a replica's KV cache keeps ``first_token_s`` None)."""
+    by_name = {spec.name: _Pool(spec) for spec in pools}
+    owner = {effort: by_name[spec.name] for spec in pools for effort in spec.efforts}
+    order = itertools.count()
+    events: list[tuple[float, int, str, object]] = []
+    todo = sorted(requests, key=lambda r: r.arrival_s)
+    for request in todo:
+        heapq.heappush(events, (request.arrival_s, next(order), "arrive", request))
+
+    def start_step(replica: _Replica, now: float) -> None:
+        curve = replica.curve
+        while replica.waiting and len(replica.running) < curve.max_num_seqs:
+            head = replica.waiting[0]
+            need = head.prompt_tokens + head.output_tokens
+            if need > curve.kv_capacity_tokens:
+                replica.waiting.popleft()  # never fits: left unserved
+                continue
+            if replica.kv_used + need > curve.kv_capacity_tokens:
+                break  # waits for room
+            replica.waiting.popleft()
+            replica.kv_used += need
+            replica.running.append(_Running(head, head.output_tokens))
+        if not replica.running:
+            replica.busy = False
+            return
+        new = [r for r in replica.running if not r.prefilled]
+        decoding = len(replica.running) - len(new)
+        duration = (curve.tpot_s(decoding) if decoding else 0.0) + (
+            curve.prefill_s(sum(r.request.prompt_tokens for r in new)) if new else 0.0
+        )
+        replica.busy = True
+        heapq.heappush(events, (now + duration, next(order), "step", replica))
+
+    def dispatch(pool: _Pool, now: float) -> None:
+        limit = pool.spec.ongoing_limit
+        while pool.queue:
+            replica = min(pool.replicas, key=lambda r: r.ongoing, default=None)
+            if replica is None or replica.ongoing >= limit:
+                return
+            replica.waiting.append(pool.queue.popleft())
+            if not replica.busy:
+                start_step(replica, now)
+
+    pool_of_replica = {id(r): pool for pool in by_name.values() for r in pool.replicas}
+    while events:
+        now, _, kind, item = heapq.heappop(events)
+        if kind == "arrive":
+            request = item
+            pool = owner[request.effort]
+            spill = pool.spec.spill_to
+            if spill and len(pool.queue) > pool.spec.queue_above:
+                pool = by_name[spill]
+            request.pool = pool.spec.name
+            pool.queue.append(request)
+            dispatch(pool, now)
+            continue
+        replica = item
+        done = []
+        for running in replica.running:
+            if not running.prefilled:
+                running.prefilled = True
+                running.request.first_token_s = now
+            running.left -= 1
+            if running.left <= 0:
+                running.request.done_s = now
+                done.append(running)
+        for running in done:
+            replica.running.remove(running)
+            replica.kv_used -= running.request.prompt_tokens + running.request.output_tokens
+        start_step(replica, now)
+        if done:
+            dispatch(pool_of_replica[id(replica)], now)
+    return todo
