@@ -6,6 +6,7 @@ Bad arguments exit with code 2 and a message naming the argument; runtime failur
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 import sys
@@ -68,6 +69,53 @@ def _bench_moe(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     print(format_table(report))
     if args.json:
         print(f"wrote {args.json}")
+    return 0
+
+
+def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from gptoss_vllm.capacity.curve import Curve, CurveError
+    from gptoss_vllm.capacity.plan import (
+        PlanError,
+        format_plan,
+        load_traffic,
+        plot_plan,
+        run_plan,
+        serving_fragment,
+    )
+    from gptoss_vllm.loadtest.slo import SloError, load_slo
+
+    _check_writable(parser, args.json)
+    if args.spill_queue_above < 0:
+        parser.error("--spill-queue-above: must be >= 0")
+    try:
+        curves = {Path(path).stem: Curve.load(path) for path in args.curves}
+    except CurveError as exc:
+        parser.error(f"--curves: {exc}")
+    try:
+        traffic = load_traffic(args.traffic)
+    except PlanError as exc:
+        parser.error(f"--traffic: {exc}")
+    try:
+        slo = load_slo(args.slo)
+    except SloError as exc:
+        parser.error(f"--slo: {exc}")
+    import yaml
+
+    report = run_plan(curves, traffic, slo, sorted(args.replicas), args.spill_queue_above, args.seed)
+    print(format_plan(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot_plan(report, args.plot)
+        print(f"wrote {args.plot}")
+    if args.fragment:
+        plan = next(iter(report["plans"].values()))
+        entry = plan["totals"][str(max(args.replicas))]
+        chosen = next(r for r in entry["layouts"] if r["layout"] == entry["recommended"])
+        fragment = serving_fragment(chosen, max_ongoing=plan["curve"]["max_num_seqs"])
+        Path(args.fragment).write_text(yaml.safe_dump(fragment, sort_keys=False))
+        print(f"wrote {args.fragment} ({entry['recommended']} at {max(args.replicas)} replicas)")
     return 0
 
 
@@ -595,6 +643,28 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the users' choices")
     lt.set_defaults(handler=_loadtest, subparser=lt)
 
+    plan = sub.add_parser(
+        "plan",
+        help="capacity plan: one shared pool vs effort pools (split, with spillover) at each total of replicas, "
+        "simulated from measured engine curves against a traffic description and SLOs",
+    )
+    plan.add_argument("--curves", nargs="+", required=True, metavar="FILE",
+                      help="engine curve JSON files (bench curves --json), one plan per curve")  # fmt: skip
+    plan.add_argument(
+        "--traffic", required=True, metavar="FILE", help="traffic description YAML (see README)"
+    )
+    plan.add_argument("--slo", metavar="FILE", default="loadtests/slo/gpu-20b.yaml",
+                      help="per-effort SLOs (default loadtests/slo/gpu-20b.yaml)")  # fmt: skip
+    plan.add_argument("--replicas", type=_positive_ints, default=[4, 16, 64], metavar="N,N",
+                      help="totals of replicas to plan for (default 4,16,64)")  # fmt: skip
+    plan.add_argument("--spill-queue-above", type=int, default=2, metavar="N",
+                      help="the spillover layouts' queue_above (default 2)")  # fmt: skip
+    plan.add_argument("--seed", type=int, default=0, help="the simulated arrivals' seed")
+    plan.add_argument("--json", metavar="FILE", help="also write the plan as JSON to FILE")
+    plan.add_argument("--plot", metavar="PNG", help="draw attainment against total replicas into PNG")
+    plan.add_argument("--fragment", metavar="YAML",
+                      help="write the recommendation at the largest total as a serving config's pools")  # fmt: skip
+    plan.set_defaults(handler=_plan, subparser=plan)
     bench = sub.add_parser("bench", help="benchmarks that print a table and write JSON")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
     moe = bench_sub.add_parser(

@@ -166,3 +166,52 @@ def test_traffic_errors_name_the_key(tmp_path):
     path.write_text("rate_rps: 1\nefforts: {low: 1}\nprompt_tokens: {low: [1, 2]}\noutput_tokens: {}\n")
     with pytest.raises(PlanError, match="output_tokens: no figure for effort"):
         load_traffic(path)
+
+
+def _plan_cli(*args: str):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "gptoss_vllm.cli", "plan", *args], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+
+
+def test_plan_cli_writes_the_table_json_plot_and_fragment(tmp_path):
+    import yaml
+
+    curve = Curve(8, 40000, ((1, 0.02), (8, 0.05)), ((64, 0.1), (256, 0.4)), "gpt-oss-20b", "a test curve")
+    (tmp_path / "gpu.json").write_text(json.dumps(curve.to_json()))
+    traffic = {"rate_rps_per_replica": 0.5, "duration_s": 120, "efforts": {"low": 0.6, "medium": 0.25, "high": 0.15},
+               "prompt_tokens": {e: [64, 256] for e in ("low", "medium", "high")},
+               "output_tokens": {"low": 40, "medium": 120, "high": 600}}  # fmt: skip
+    (tmp_path / "traffic.yaml").write_text(yaml.safe_dump(traffic))
+    out = {name: tmp_path / name for name in ("plan.json", "plan.png", "pools.yaml")}
+    done = _plan_cli("--curves", str(tmp_path / "gpu.json"), "--traffic", str(tmp_path / "traffic.yaml"),
+                     "--replicas", "2,4", "--json", str(out["plan.json"]), "--plot", str(out["plan.png"]),
+                     "--fragment", str(out["pools.yaml"]))  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out["plan.json"].read_text())
+    totals = report["plans"]["gpu"]["totals"]
+    assert set(totals) == {"2", "4"}
+    for total, entry in totals.items():
+        names = [r["layout"] for r in entry["layouts"]]
+        assert entry["recommended"] in names and names[0] == "shared"
+        for result in entry["layouts"]:
+            assert {"low", "medium", "high"} == set(result["efforts"])
+            assert sum(p["replicas"] for p in result["pools"]) == int(total)
+    # The per-replica rate: the 4-replica fleet is offered twice the 2-replica fleet's requests.
+    requests = {t: sum(f["requests"] for f in e["layouts"][0]["efforts"].values()) for t, e in totals.items()}
+    assert requests["4"] == pytest.approx(2 * requests["2"], rel=0.2)
+    assert out["plan.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert yaml.safe_load(out["pools.yaml"].read_text())["pools"]
+    assert "recommended" in done.stdout and "* " in done.stdout
+
+
+def test_plan_cli_names_the_bad_argument(tmp_path):
+    (tmp_path / "bad.json").write_text("{}")
+    done = _plan_cli("--curves", str(tmp_path / "bad.json"), "--traffic", str(tmp_path / "none.yaml"))
+    assert done.returncode == 2 and "--curves" in done.stderr and "max_num_seqs" in done.stderr, done.stderr
+    good = Curve(8, 100, ((1, 0.1),), ((1, 0.1),))
+    (tmp_path / "good.json").write_text(json.dumps(good.to_json()))
+    done = _plan_cli("--curves", str(tmp_path / "good.json"), "--traffic", str(tmp_path / "none.yaml"))
+    assert done.returncode == 2 and "--traffic" in done.stderr and "none.yaml" in done.stderr, done.stderr

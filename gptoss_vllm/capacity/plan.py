@@ -39,7 +39,10 @@ class PlanError(ValueError):
 
 class Traffic(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    rate_rps: float = Field(gt=0)
+    rate_rps: float | None = Field(default=None, gt=0)
+    rate_rps_per_replica: float | None = Field(
+        default=None, gt=0
+    )  # scales with the fleet: one load per replica
     shape: Literal["poisson", "steady"] = "poisson"
     duration_s: float = Field(default=600.0, gt=0)
     efforts: dict[Literal["low", "medium", "high"], float]
@@ -48,6 +51,8 @@ class Traffic(BaseModel):
 
     @model_validator(mode="after")
     def _every_effort_described(self) -> Traffic:
+        if (self.rate_rps is None) == (self.rate_rps_per_replica is None):
+            raise ValueError("rate_rps: give rate_rps or rate_rps_per_replica, one of them")
         if abs(sum(self.efforts.values()) - 1) > 1e-6 or any(v < 0 for v in self.efforts.values()):
             raise ValueError("efforts: the shares must be >= 0 and add up to 1")
         for key in ("prompt_tokens", "output_tokens"):
@@ -59,8 +64,16 @@ class Traffic(BaseModel):
                 raise ValueError(f"prompt_tokens.{effort}: [min, max] with 1 <= min <= max")
         return self
 
+    def at(self, replicas: int) -> Traffic:
+        """This traffic offered to a fleet of ``replicas`` (a per-replica rate grows with it)."""
+        if self.rate_rps_per_replica is None:
+            return self
+        return self.model_copy(update={"rate_rps": self.rate_rps_per_replica * replicas})
+
     def requests(self, seed: int = 0) -> list[Request]:
         """The arrivals of ``duration_s``, each with its effort and lengths (the same for every configuration)."""
+        if self.rate_rps is None:
+            raise PlanError("a per-replica rate needs the fleet's size first: Traffic.at(replicas)")
         rng = random.Random(seed)
         efforts = [e for e, share in self.efforts.items() if share]
         weights = [self.efforts[e] for e in efforts]
@@ -159,7 +172,7 @@ def _work(traffic: Traffic, curve: Curve, efforts: tuple[str, ...]) -> float:
         per_request = (
             curve.prefill_s((low + high) // 2) + traffic.output_tokens.get(e, 1) * curve.tpot_s(batch) / batch
         )
-        total += traffic.rate_rps * share * per_request
+        total += (traffic.rate_rps or 0) * share * per_request
     return total
 
 
@@ -231,3 +244,82 @@ def serving_fragment(result: dict[str, Any], max_ongoing: int) -> dict[str, Any]
             entry["spillover"] = {"to": names[i + 1], "queue_above": result["spill_queue_above"]}
         pools[name] = entry
     return {"pools": copy.deepcopy(pools)}
+
+
+def run_plan(
+    curves: dict[str, Curve],
+    traffic: Traffic,
+    slo: Slo | None,
+    totals: list[int],
+    spill_queue_above: int = 0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Every layout at every total of replicas, per curve, with the recommended one marked."""
+    from tqdm import tqdm
+
+    work = [(name, total, layout) for name, curve in curves.items() for total in totals
+            for layout in layouts(traffic.at(total), curve, total, spill_queue_above)]  # fmt: skip
+    plans: dict[str, dict[str, Any]] = {
+        name: {"curve": curves[name].to_json(), "totals": {}} for name in curves
+    }
+    for name, total, layout in tqdm(work, desc="plan", unit="layout"):
+        results = plans[name]["totals"].setdefault(str(total), {"layouts": []})["layouts"]
+        results.append(evaluate(traffic.at(total), curves[name], slo, layout, seed))
+    for plan in plans.values():
+        for entry in plan["totals"].values():
+            entry["recommended"] = best(entry["layouts"])["layout"]
+    return {"traffic": traffic.model_dump(), "slo": slo.model_dump() if slo else None, "plans": plans}
+
+
+def format_plan(report: dict[str, Any]) -> str:
+    lines = []
+    for name, plan in report["plans"].items():
+        lines.append(
+            f"curve {name} ({plan['curve']['model'] or 'model?'}, {plan['curve']['source'] or 'source?'})"
+        )
+        head = f"{'replicas':>8}  {'layout':<40}" + "".join(f"{e + ' att':>11}" for e in EFFORTS)
+        lines.append(head + f"{'goodput/s':>11}")
+        for total, entry in plan["totals"].items():
+            for result in entry["layouts"]:
+                mark = " *" if result["layout"] == entry["recommended"] else ""
+                cells = "".join(
+                    f"{result['efforts'][e]['attainment']:>11.1%}" if e in result["efforts"] else f"{'-':>11}"
+                    for e in EFFORTS
+                )
+                lines.append(
+                    f"{total:>8}  {result['layout'][:40]:<40}{cells}{result['goodput_rps']:>11.2f}{mark}"
+                )
+    lines.append("* the recommended layout: its worst effort fares best, then the most goodput")
+    return "\n".join(lines)
+
+
+def plot_plan(report: dict[str, Any], path: str | Path) -> None:
+    """A PNG per curve row: SLO attainment against total replicas, shared pool vs the best split, per effort."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plans = report["plans"]
+    figure, axes = plt.subplots(
+        len(plans), len(EFFORTS), figsize=(4 * len(EFFORTS), 3 * len(plans)), squeeze=False
+    )
+    for row, (name, plan) in enumerate(plans.items()):
+        totals = sorted(plan["totals"], key=int)
+        for col, effort in enumerate(EFFORTS):
+            ax = axes[row][col]
+            for label, pick in (
+                ("shared", lambda entry: next(r for r in entry["layouts"] if r["layout"] == "shared")),
+                ("best split", lambda entry: best([r for r in entry["layouts"] if r["layout"] != "shared"]
+                                                  or entry["layouts"])),
+            ):  # fmt: skip
+                ys = [pick(plan["totals"][t])["efforts"].get(effort, {}).get("attainment") for t in totals]
+                ax.plot([int(t) for t in totals], ys, marker="o", label=label)
+            ax.set_title(f"{name}: {effort}")
+            ax.set_xlabel("total replicas")
+            ax.set_ylabel("SLO attainment")
+            ax.set_ylim(0, 1.05)
+            ax.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    plt.close(figure)

@@ -82,7 +82,13 @@ class _Replica:
     running: list[_Running] = field(default_factory=list)
     busy: bool = False
     kv_used: int = 0
-    step: list[_Running] = field(default_factory=list)  # admitted in the step in progress
+    # The steps in progress: ``steps`` steps of ``step_s`` each from ``started_s`` (several only while the batch
+    # stays the same: decode only, until the first sequence ends); ``version`` voids a rescheduled end.
+    started_s: float = 0.0
+    step_s: float = 0.0
+    steps: int = 1
+    prefill: bool = False
+    version: int = 0
 
     @property
     def ongoing(self) -> int:
@@ -125,11 +131,28 @@ def simulate(requests: Iterable[Request], pools: list[PoolSpec]) -> list[Request
             return
         new = [r for r in replica.running if not r.prefilled]
         decoding = len(replica.running) - len(new)
-        duration = (curve.tpot_s(decoding) if decoding else 0.0) + (
+        replica.step_s = (curve.tpot_s(decoding) if decoding else 0.0) + (
             curve.prefill_s(sum(r.request.prompt_tokens for r in new)) if new else 0.0
         )
-        replica.busy = True
-        heapq.heappush(events, (now + duration, next(order), "step", replica))
+        replica.prefill = bool(new)
+        # Decode only: the batch holds until its first sequence ends or a request arrives (which cuts it short).
+        replica.steps = 1 if new else min(r.left for r in replica.running)
+        replica.started_s, replica.busy = now, True
+        replica.version += 1
+        heapq.heappush(
+            events, (now + replica.steps * replica.step_s, next(order), "step", (replica, replica.version))
+        )
+
+    def cut(replica: _Replica, now: float) -> None:
+        """A request joined a replica mid-way through decode-only steps: end them at the step under way."""
+        if not replica.busy or replica.steps == 1 or replica.step_s <= 0:
+            return
+        steps = min(int((now - replica.started_s) / replica.step_s) + 1, replica.steps)
+        if steps < replica.steps:
+            replica.steps = steps
+            replica.version += 1
+            end = replica.started_s + steps * replica.step_s
+            heapq.heappush(events, (end, next(order), "step", (replica, replica.version)))
 
     def dispatch(pool: _Pool, now: float) -> None:
         limit = pool.spec.ongoing_limit
@@ -138,7 +161,9 @@ def simulate(requests: Iterable[Request], pools: list[PoolSpec]) -> list[Request
             if replica is None or replica.ongoing >= limit:
                 return
             replica.waiting.append(pool.queue.popleft())
-            if not replica.busy:
+            if replica.busy:
+                cut(replica, now)
+            else:
                 start_step(replica, now)
 
     pool_of_replica = {id(r): pool for pool in by_name.values() for r in pool.replicas}
@@ -154,13 +179,15 @@ def simulate(requests: Iterable[Request], pools: list[PoolSpec]) -> list[Request
             pool.queue.append(request)
             dispatch(pool, now)
             continue
-        replica = item
+        replica, version = item
+        if version != replica.version:
+            continue  # an end moved earlier by ``cut``
         done = []
         for running in replica.running:
             if not running.prefilled:
                 running.prefilled = True
                 running.request.first_token_s = now
-            running.left -= 1
+            running.left -= replica.steps
             if running.left <= 0:
                 running.request.done_s = now
                 done.append(running)
