@@ -59,7 +59,7 @@ def test_tiny_run_writes_every_field(tmp_path):
     path, keep = tmp_path / "e2e.json", tmp_path / "keep"
     done = _bench(
         tmp_path, "--preset", "tiny", "--prefill", "32,64", "--batches", "1,3", "--prompt-tokens", "16",
-        "--output-tokens", "6", "--json", str(path), "--keep", str(keep),
+        "--output-tokens", "6", "--json", str(path), "--keep", str(keep), "--no-llama-cpp",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(path.read_text())
