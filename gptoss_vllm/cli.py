@@ -72,6 +72,36 @@ def _bench_moe(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     return 0
 
 
+def _bench_curves(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from gptoss_vllm.capacity.measure import MeasureError, run
+
+    _check_writable(parser, args.json)
+    if args.output_tokens < 2:
+        parser.error("--output-tokens: must be >= 2 (time per output token is taken after the first)")
+    try:
+        curve = run(
+            args.url, args.json, model=args.model, concurrency=args.concurrency, prompt_lengths=args.prompt_tokens,
+            output_tokens=args.output_tokens, effort=args.effort, max_num_seqs=args.max_num_seqs,
+            kv_capacity_tokens=args.kv_capacity_tokens,
+        )  # fmt: skip
+    except (MeasureError, OSError) as exc:
+        print(f"gptoss-vllm bench curves: {exc}", file=sys.stderr)
+        return 1
+    print(f"{'concurrency':>12}{'tpot s':>10}{'tok/s':>10}")
+    for point in curve["decode"]:
+        n, tpot = point["concurrency"], point["tpot_s"]
+        print(f"{n:>12}{tpot:>10.4f}{n / tpot:>10.1f}")
+    print(f"{'prompt tokens':>14}{'ttft s':>10}")
+    for point in curve["prefill"]:
+        print(f"{point['prompt_tokens']:>14}{point['ttft_s']:>10.3f}")
+    print(
+        f"max_num_seqs {curve['max_num_seqs']}, KV cache {curve['kv_capacity_tokens']} tokens ({curve['source']})"
+    )
+    if args.json:
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from gptoss_vllm.capacity.curve import Curve, CurveError
     from gptoss_vllm.capacity.plan import (
@@ -699,6 +729,27 @@ def build_parser() -> argparse.ArgumentParser:
     e2e.add_argument("--no-llama-cpp", action="store_true",
                      help="skip llama.cpp's run (its first run builds it and converts the checkpoint to GGUF)")  # fmt: skip
     e2e.set_defaults(handler=_bench_e2e, subparser=e2e)
+    curves = bench_sub.add_parser(
+        "curves",
+        help="one engine's service curve against a running OpenAI endpoint: time per output token against "
+        "concurrency, time to first token against prompt length, the engine's capacity (for `plan`)",
+    )
+    curves.add_argument("--url", required=True, help="the endpoint's base URL (a vLLM server, or the stack)")
+    curves.add_argument("--model", help="the served model's name (default: the first /v1/models lists)")
+    curves.add_argument("--effort", choices=["low", "medium", "high"],
+                        help="through the stack: the effort whose pool is measured")  # fmt: skip
+    curves.add_argument("--concurrency", type=_positive_ints, default=[1, 2, 4, 8], metavar="N,N",
+                        help="sequences decoding at once (default 1,2,4,8)")  # fmt: skip
+    curves.add_argument("--prompt-tokens", type=_positive_ints, default=[64, 256, 1024], metavar="N,N",
+                        help="prompt lengths of the prefill points (default 64,256,1024)")  # fmt: skip
+    curves.add_argument("--output-tokens", type=_positive_int, default=32,
+                        help="tokens per decode request (default 32)")  # fmt: skip
+    curves.add_argument("--max-num-seqs", type=_positive_int,
+                        help="the engine's max_num_seqs (default: the highest --concurrency)")  # fmt: skip
+    curves.add_argument("--kv-capacity-tokens", type=_positive_int,
+                        help="its KV cache's tokens (default: from vLLM's /metrics)")  # fmt: skip
+    curves.add_argument("--json", metavar="FILE", help="also write the curve as JSON to FILE")
+    curves.set_defaults(handler=_bench_curves, subparser=curves)
     routing = bench_sub.add_parser(
         "routing",
         help="effort pools vs one shared pool (same replicas, engines, model), one workload: TTFT per effort, "

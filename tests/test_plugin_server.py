@@ -161,3 +161,39 @@ def test_a_code_interpreter_request_renders_the_python_tool_beside_a_function(pl
     assert "namespace functions" in both and "type lookup = (_: {" in both
     alone = prompt([lookup])
     assert "## python" not in alone and "type lookup = (_: {" in alone
+
+
+def test_bench_curves_measures_the_server_and_plan_reads_it(plugin_server, tmp_path) -> None:
+    """``bench curves`` against this real vLLM server (tiny settings), then the curve through ``plan``."""
+    import json
+    import subprocess
+    import sys
+
+    from gptoss_vllm.capacity.curve import Curve
+
+    client, _ = plugin_server
+    url = str(client.base_url).rstrip("/").removesuffix("/v1")
+    path = tmp_path / "curve.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "gptoss_vllm.cli", "bench", "curves", "--url", url, "--concurrency", "1,3",
+         "--prompt-tokens", "16,128", "--output-tokens", "6", "--json", str(path)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    data = json.loads(path.read_text())
+    assert data["version"] == 1 and data["model"] == "tiny" and url in data["source"]
+    assert [p["concurrency"] for p in data["decode"]] == [1, 3] and all(
+        p["tpot_s"] > 0 for p in data["decode"]
+    )
+    assert [p["prompt_tokens"] for p in data["prefill"]] == [16, 128] and all(
+        p["ttft_s"] > 0 for p in data["prefill"]
+    )
+    assert data["max_num_seqs"] == 3  # the highest concurrency measured
+    assert data["kv_capacity_tokens"] >= 1024  # from vLLM's /metrics: the server holds a 1024-token context
+    curve = Curve.load(path)
+    assert curve.saturation_tokens_per_s() > 0
+    refused = subprocess.run(
+        [sys.executable, "-m", "gptoss_vllm.cli", "bench", "curves", "--url", "http://127.0.0.1:9"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert refused.returncode == 1 and "127.0.0.1:9" in refused.stderr, refused.stderr
