@@ -121,6 +121,10 @@ def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         curves = {Path(path).stem: Curve.load(path) for path in args.curves}
     except CurveError as exc:
         parser.error(f"--curves: {exc}")
+    if args.action == "validate":
+        return _plan_validate(args, parser, next(iter(curves.values())))
+    if not args.traffic:
+        parser.error("--traffic: required (a traffic description YAML)")
     try:
         traffic = load_traffic(args.traffic)
     except PlanError as exc:
@@ -146,6 +150,29 @@ def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         fragment = serving_fragment(chosen, max_ongoing=plan["curve"]["max_num_seqs"])
         Path(args.fragment).write_text(yaml.safe_dump(fragment, sort_keys=False))
         print(f"wrote {args.fragment} ({entry['recommended']} at {max(args.replicas)} replicas)")
+    return 0
+
+
+def _plan_validate(args: argparse.Namespace, parser: argparse.ArgumentParser, curve) -> int:
+    from gptoss_vllm.capacity.validate import format_validation, validate
+
+    if not args.against:
+        parser.error("--against: required by validate (bench routing's --json output)")
+    try:
+        routing = json.loads(Path(args.against).read_text())
+        for arm in ("effort-pools", "shared-pool"):
+            routing["arms"][arm]["efforts"]
+        routing["workload"]["efforts"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        parser.error(f"--against: {args.against} is not bench routing's JSON ({type(exc).__name__}: {exc})")
+    if args.overhead_tokens < 0 or args.tokens_per_word <= 0:
+        parser.error("--overhead-tokens must be >= 0 and --tokens-per-word > 0")
+    report = validate(routing, curve, overhead_tokens=args.overhead_tokens, tokens_per_word=args.tokens_per_word,
+                      seed=args.seed)  # fmt: skip
+    print(format_validation(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
     return 0
 
 
@@ -678,11 +705,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="capacity plan: one shared pool vs effort pools (split, with spillover) at each total of replicas, "
         "simulated from measured engine curves against a traffic description and SLOs",
     )
+    plan.add_argument("action", nargs="?", choices=["validate"],
+                      help="validate: replay bench routing's workload (--against) and compare with its arms")  # fmt: skip
     plan.add_argument("--curves", nargs="+", required=True, metavar="FILE",
                       help="engine curve JSON files (bench curves --json), one plan per curve")  # fmt: skip
-    plan.add_argument(
-        "--traffic", required=True, metavar="FILE", help="traffic description YAML (see README)"
-    )
+    plan.add_argument("--traffic", metavar="FILE", help="traffic description YAML (see README)")
+    plan.add_argument("--against", metavar="ROUTING_JSON", help="validate: bench routing's --json output")
+    plan.add_argument("--overhead-tokens", type=int, default=100,
+                      help="validate: prompt tokens besides the words (harmony's framing; default 100)")  # fmt: skip
+    plan.add_argument("--tokens-per-word", type=float, default=1.3, help="validate: default 1.3")
     plan.add_argument("--slo", metavar="FILE", default="loadtests/slo/gpu-20b.yaml",
                       help="per-effort SLOs (default loadtests/slo/gpu-20b.yaml)")  # fmt: skip
     plan.add_argument("--replicas", type=_positive_ints, default=[4, 16, 64], metavar="N,N",

@@ -215,3 +215,47 @@ def test_plan_cli_names_the_bad_argument(tmp_path):
     (tmp_path / "good.json").write_text(json.dumps(good.to_json()))
     done = _plan_cli("--curves", str(tmp_path / "good.json"), "--traffic", str(tmp_path / "none.yaml"))
     assert done.returncode == 2 and "--traffic" in done.stderr and "none.yaml" in done.stderr, done.stderr
+
+
+def test_plan_validate_replays_the_routing_workload_for_both_arms(tmp_path):
+    """bench routing's JSON (its shape; the figures made up) against a curve: every figure of both arms."""
+    from gptoss_vllm.bench.routing import WORKLOAD
+
+    curve = Curve(
+        8, 20000, ((1, 0.05), (4, 0.08), (8, 0.12)), ((64, 0.5), (256, 1.6)), "gpt-oss-nano", "test"
+    )
+    (tmp_path / "curve.json").write_text(json.dumps(curve.to_json()))
+    efforts = {
+        e: {"requests": 10, "ttft_p50_s": 0.5, "ttft_p95_s": 1.5, "goodput_rps": 0.1}
+        for e in WORKLOAD["efforts"]
+    }
+    arm = {"efforts": efforts, "totals": {"requests": 30, "failures": 0, "output_tokens_per_s": 40.0}}
+    routing = {
+        "workload": WORKLOAD,
+        "users": 6,
+        "duration_s": 30,
+        "arms": {"effort-pools": arm, "shared-pool": arm},
+    }
+    (tmp_path / "routing.json").write_text(json.dumps(routing))
+    done = _plan_cli("validate", "--curves", str(tmp_path / "curve.json"), "--against", str(tmp_path / "routing.json"),
+                     "--json", str(tmp_path / "validate.json"))  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "validate.json").read_text())
+    assert set(report["arms"]) == {"effort-pools", "shared-pool"} and report["figures"] == 2 * (1 + 3 * 3)
+    for entry in report["arms"].values():
+        predicted = entry["predicted"]
+        assert (
+            set(predicted["efforts"]) == {"low", "medium", "high"}
+            and predicted["totals"]["output_tokens_per_s"] > 0
+        )
+        for row in entry["rows"]:
+            assert row["measured"] is not None and row["predicted"] is not None
+            assert row["within"] == (abs(row["predicted"] / row["measured"] - 1) <= 0.30)
+    # The pools arm routes high to deep alone: its low requests never wait behind 384-token outputs there.
+    pools, shared = report["arms"]["effort-pools"]["predicted"], report["arms"]["shared-pool"]["predicted"]
+    assert pools["efforts"]["low"]["requests"] > 0 and shared["efforts"]["low"]["requests"] > 0
+    assert "figures within 30%" in done.stdout
+    bad = _plan_cli(
+        "validate", "--curves", str(tmp_path / "curve.json"), "--against", str(tmp_path / "curve.json")
+    )
+    assert bad.returncode == 2 and "--against" in bad.stderr, bad.stderr

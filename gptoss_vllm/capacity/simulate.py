@@ -21,7 +21,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from gptoss_vllm.capacity.curve import Curve
@@ -102,9 +102,14 @@ class _Pool:
         self.queue: deque[Request] = deque()
 
 
-def simulate(requests: Iterable[Request], pools: list[PoolSpec]) -> list[Request]:
+def simulate(
+    requests: Iterable[Request],
+    pools: list[PoolSpec],
+    follow: Callable[[Request], Request | None] | None = None,
+) -> list[Request]:
     """Run ``requests`` (any order) through ``pools``; returns them with their times filled in (a request
-    that cannot ever fit a replica's KV cache keeps ``first_token_s`` None)."""
+    that cannot ever fit a replica's KV cache keeps ``first_token_s`` None). ``follow``, for a closed loop of
+    users, gives the request a user sends once one of theirs is done (or None), with its arrival time set."""
     by_name = {spec.name: _Pool(spec) for spec in pools}
     owner = {effort: by_name[spec.name] for spec in pools for effort in spec.efforts}
     order = itertools.count()
@@ -194,6 +199,10 @@ def simulate(requests: Iterable[Request], pools: list[PoolSpec]) -> list[Request
         for running in done:
             replica.running.remove(running)
             replica.kv_used -= running.request.prompt_tokens + running.request.output_tokens
+            following = follow(running.request) if follow else None
+            if following is not None:
+                todo.append(following)
+                heapq.heappush(events, (following.arrival_s, next(order), "arrive", following))
         start_step(replica, now)
         if done:
             dispatch(pool_of_replica[id(replica)], now)

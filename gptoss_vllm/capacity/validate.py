@@ -1,0 +1,122 @@
+"""``gptoss-vllm plan validate``: ``bench routing``'s workload replayed through the simulator, each arm's
+predicted figures beside the measured ones.
+
+The replay is a closed loop as the load test is: ``users`` users, each sending its next request once the last
+is done and a think time has passed, efforts drawn from the workload's mix, outputs of the workload's fixed
+lengths (``ignore_eos``), for the bench's duration. Prompts are chat messages of ``prompt_words`` words; the
+engine sees them inside harmony's system and user framing: ``overhead_tokens + words x tokens_per_word``.
+Both arms' pools come from ``bench routing``'s own ``arm_configs`` (replicas, ``max_ongoing_requests``,
+spillover), every replica on the one measured curve. Goodput counts a request whose first token came within
+its effort's TTFT bound, as the bench does.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from gptoss_vllm.capacity.curve import Curve
+from gptoss_vllm.capacity.simulate import PoolSpec, Request, simulate
+
+FIGURES = ("ttft_p50_s", "ttft_p95_s", "goodput_rps")
+WITHIN = 0.30  # a prediction within 30% of the measured figure counts as right
+
+
+def _pools(arm: dict[str, Any], curve: Curve) -> list[PoolSpec]:
+    specs = []
+    for name, pool in arm["pools"].items():
+        spill = pool.get("spillover") or {}
+        specs.append(PoolSpec(name, tuple(pool["efforts"]), int(pool.get("replicas") or 1), curve,
+                              max_ongoing=int(pool.get("max_ongoing_requests", 0)), spill_to=spill.get("to"),
+                              queue_above=int(spill.get("queue_above", 0))))  # fmt: skip
+    return specs
+
+
+def replay(
+    routing: dict[str, Any],
+    arm: dict[str, Any],
+    curve: Curve,
+    ttft_bounds: dict[str, float],
+    overhead_tokens: int = 100,
+    tokens_per_word: float = 1.3,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """One arm's load test, simulated: per effort requests, TTFT p50/p95 and goodput; output tokens/s."""
+    workload, users, duration = routing["workload"], int(routing["users"]), float(routing["duration_s"])
+    rng = random.Random(seed)
+    efforts, weights = zip(*workload["efforts"].items(), strict=True)
+    words, think = workload["prompt_words"], workload.get("think_time_s", {"min": 0.0, "max": 0.0})
+
+    def request(at: float) -> Request | None:
+        if at >= duration:
+            return None
+        effort = rng.choices(efforts, weights)[0]
+        prompt = overhead_tokens + round(rng.randint(int(words["min"]), int(words["max"])) * tokens_per_word)
+        return Request(at, effort, prompt, int(workload["output_tokens"][effort]))
+
+    def follow(done: Request) -> Request | None:
+        return request(done.done_s + rng.uniform(float(think["min"]), float(think["max"])))
+
+    first = [request(rng.uniform(0, 0.1)) for _ in range(users)]
+    served = simulate([r for r in first if r], _pools(arm, curve), follow)
+    # TTFT of every request whose first token came within the run; throughput of the streams that ended in it.
+    started = [r for r in served if r.first_token_s is not None and r.first_token_s <= duration]
+    finished = [r for r in served if r.done_s is not None and r.done_s <= duration]
+    out: dict[str, Any] = {"efforts": {}, "totals": {}}
+    for effort in efforts:
+        mine = sorted(r.ttft_s for r in started if r.effort == effort)
+        if not mine:
+            continue
+        good = sum(t <= ttft_bounds.get(effort, float("inf")) for t in mine)
+        out["efforts"][effort] = {
+            "requests": len(mine),
+            "ttft_p50_s": mine[len(mine) // 2],
+            "ttft_p95_s": mine[min(len(mine) - 1, int(0.95 * len(mine)))],
+            "goodput_rps": good / duration,
+        }
+    out["totals"]["output_tokens_per_s"] = sum(r.output_tokens for r in finished) / duration
+    return out
+
+
+def compare(predicted: dict[str, Any], measured: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every figure of one arm: predicted, measured, their ratio, and whether it lands within 30%."""
+    rows = []
+    pairs = [("throughput", "output_tokens_per_s", predicted["totals"], measured["totals"])]
+    for effort in measured["efforts"]:
+        for figure in FIGURES:
+            pairs.append((effort, figure, predicted["efforts"].get(effort, {}), measured["efforts"][effort]))
+    for scope, figure, p, m in pairs:
+        got, want = p.get(figure), m.get(figure)
+        ratio = got / want if got is not None and want else None
+        rows.append({"scope": scope, "figure": figure, "predicted": got, "measured": want, "ratio": ratio,
+                     "within": ratio is not None and abs(ratio - 1) <= WITHIN})  # fmt: skip
+    return rows
+
+
+def validate(routing: dict[str, Any], curve: Curve, **options: Any) -> dict[str, Any]:
+    from gptoss_vllm.bench.routing import ARMS, arm_configs
+    from gptoss_vllm.observability.rules import SLOS
+    from gptoss_vllm.serve.config import load_config
+
+    bounds = {effort: slo.ttft_bound_s for effort, slo in SLOS.items()}
+    configs = arm_configs(load_config(None))
+    arms = {}
+    for arm in ARMS:
+        predicted = replay(routing, configs[arm], curve, bounds, **options)
+        arms[arm] = {"predicted": predicted, "rows": compare(predicted, routing["arms"][arm])}
+    rows = [row for arm in arms.values() for row in arm["rows"]]
+    return {"arms": arms, "within": sum(r["within"] for r in rows), "figures": len(rows), "options": options}
+
+
+def format_validation(report: dict[str, Any]) -> str:
+    lines = [f"{'arm':<14}{'scope':<12}{'figure':<22}{'predicted':>11}{'measured':>11}{'ratio':>8}"]
+    for arm, entry in report["arms"].items():
+        for row in entry["rows"]:
+            cells = [
+                f"{v:>11.3f}" if v is not None else f"{'-':>11}" for v in (row["predicted"], row["measured"])
+            ]
+            ratio = f"{row['ratio']:>8.2f}" if row["ratio"] is not None else f"{'-':>8}"
+            mark = "" if row["within"] else "  off"
+            lines.append(f"{arm:<14}{row['scope']:<12}{row['figure']:<22}{''.join(cells)}{ratio}{mark}")
+    lines.append(f"{report['within']} of {report['figures']} figures within {WITHIN:.0%} of the measured")
+    return "\n".join(lines)
