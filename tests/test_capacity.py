@@ -233,7 +233,7 @@ def test_plan_validate_replays_the_routing_workload_for_both_arms(tmp_path):
     routing = {
         "workload": WORKLOAD,
         "users": 6,
-        "duration_s": 30,
+        "duration_s": 120,
         "arms": {"effort-pools": arm, "shared-pool": arm},
     }
     (tmp_path / "routing.json").write_text(json.dumps(routing))

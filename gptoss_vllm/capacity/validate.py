@@ -59,12 +59,11 @@ def replay(
 
     first = [request(rng.uniform(0, 0.1)) for _ in range(users)]
     served = simulate([r for r in first if r], _pools(arm, curve), follow)
-    # TTFT of every request whose first token came within the run; throughput of the streams that ended in it.
-    started = [r for r in served if r.first_token_s is not None and r.first_token_s <= duration]
+    # As the load test counts: the streams that ended within the run (a sample is taken when a stream ends).
     finished = [r for r in served if r.done_s is not None and r.done_s <= duration]
     out: dict[str, Any] = {"efforts": {}, "totals": {}}
     for effort in efforts:
-        mine = sorted(r.ttft_s for r in started if r.effort == effort)
+        mine = sorted(r.ttft_s for r in finished if r.effort == effort)
         if not mine:
             continue
         good = sum(t <= ttft_bounds.get(effort, float("inf")) for t in mine)
