@@ -24,6 +24,22 @@ def test_each_cpu_pool_gets_its_own_equal_slice_of_the_cores():
     assert _binds(config) == {"fast": None, "deep": None}  # a copy: the given config is left as it was
 
 
+def test_each_replica_of_a_fixed_pool_gets_its_own_slice():
+    from gptoss_vllm.serve.core_split import replica_bind
+
+    two = parse_config(serving_config(pools__fast__replicas=2))
+    assert _binds(split_cores(two, [0, 1, 2])) == {"fast": "0|1", "deep": "2"}
+    data = serving_config(pools__fast__replicas=2, pools__fast__efforts=["low", "medium", "high"])
+    data["pools"]["fast"].pop("spillover", None)
+    del data["pools"]["deep"]
+    assert _binds(split_cores(parse_config(data), [0, 1])) == {
+        "fast": "0|1"
+    }  # one pool, two replicas: split too
+    assert _binds(split_cores(two, [0, 1])) == {"fast": None, "deep": None}  # three replicas, two cores
+    assert [replica_bind("0|1", rank) for rank in (0, 1, 2)] == ["0", "1", "0"]
+    assert replica_bind("2,3", 1) == "2,3"  # one slice (or a user's binding): every replica's
+
+
 def test_pools_that_bind_themselves_use_gpus_or_span_ranks_are_left_to_vllm():
     own = serving_config(pools__fast__env={BIND_ENV: "nobind"})
     assert _binds(split_cores(parse_config(own), [0, 1, 2, 3])) == {"fast": "nobind", "deep": None}

@@ -24,6 +24,7 @@ from gptoss_vllm.cache import cache_root
 from gptoss_vllm.observability.targets import MetricsEndpoint
 from gptoss_vllm.observability.tracing import engine_tracing_env
 from gptoss_vllm.serve.config import BUILTIN_PREFIX, PoolConfig
+from gptoss_vllm.serve.core_split import BIND_ENV, replica_bind
 from gptoss_vllm.serve.pool.answer_channel import (
     AnswerChannel,
     AnswerItem,
@@ -116,13 +117,19 @@ class PoolServer:
 
         config = PoolConfig.model_validate(pool)
         ensure_builtin_model(config.model)
+        context = serve.get_replica_context()
+        bind = os.environ.get(BIND_ENV, "")
+        tp = config.engine_args.get("tensor_parallel_size", config.engine_args.get("tensor-parallel-size", 1))
+        if "|" in bind and int(tp) == 1:
+            # split_cores gave each replica of this pool its own cores: take this replica's (vLLM would read
+            # the list as one per tensor-parallel rank, and every replica would take the first).
+            os.environ[BIND_ENV] = replica_bind(bind, getattr(context.rank, "local_rank", 0) or 0)
         args = parse_server_args(server_argv(config, model_name))
         tracing = engine_tracing_env()
         if tracing:
             os.environ.update(tracing)  # vLLM's exporter reads the protocol from the environment
             args.otlp_traces_endpoint = tracing["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
         self._pool_name = pool_name
-        context = serve.get_replica_context()
         self._replica_id = context.replica_id.unique_id
         self._stack = contextlib.AsyncExitStack()
         self._engine = await self._stack.enter_async_context(
