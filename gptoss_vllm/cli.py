@@ -45,14 +45,14 @@ def _quantize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
-def _check_writable(parser: argparse.ArgumentParser, json_path: str | None) -> None:
-    """A bench's --json file must be writable before the bench spends its minutes."""
+def _check_writable(parser: argparse.ArgumentParser, json_path: str | None, flag: str = "--json") -> None:
+    """A bench's output file must be writable before the bench spends its minutes."""
     if json_path:
         try:
             with open(json_path, "a"):
                 pass
         except OSError as exc:
-            parser.error(f"--json: cannot write {json_path}: {exc.strerror}")
+            parser.error(f"{flag}: cannot write {json_path}: {exc.strerror}")
 
 
 def _check_keep(parser: argparse.ArgumentParser, keep: str | None) -> None:
@@ -82,7 +82,7 @@ def _bench_curves(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         curve = run(
             args.url, args.json, model=args.model, concurrency=args.concurrency, prompt_lengths=args.prompt_tokens,
             output_tokens=args.output_tokens, effort=args.effort, max_num_seqs=args.max_num_seqs,
-            kv_capacity_tokens=args.kv_capacity_tokens,
+            kv_capacity_tokens=args.kv_capacity_tokens, replicas=args.replicas,
         )  # fmt: skip
     except (MeasureError, OSError) as exc:
         print(f"gptoss-vllm bench curves: {exc}", file=sys.stderr)
@@ -118,11 +118,13 @@ def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.spill_queue_above < 0:
         parser.error("--spill-queue-above: must be >= 0")
     try:
-        curves = {Path(path).stem: Curve.load(path) for path in args.curves}
+        curves = {Path(path).stem: Curve.load(path) for path in args.curves or []}
     except CurveError as exc:
         parser.error(f"--curves: {exc}")
     if args.action == "validate":
-        return _plan_validate(args, parser, next(iter(curves.values())))
+        return _plan_validate(args, parser, next(iter(curves.values()), None))
+    if not curves:
+        parser.error("--curves: required (engine curve JSON files, from bench curves --json)")
     if not args.traffic:
         parser.error("--traffic: required (a traffic description YAML)")
     try:
@@ -135,7 +137,7 @@ def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(f"--slo: {exc}")
     import yaml
 
-    report = run_plan(curves, traffic, slo, sorted(args.replicas), args.spill_queue_above, args.seed)
+    report = run_plan(curves, traffic, slo, sorted(args.replicas), args.spill_queue_above, args.seed or 0)
     print(format_plan(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
@@ -154,6 +156,7 @@ def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _plan_validate(args: argparse.Namespace, parser: argparse.ArgumentParser, curve) -> int:
+    from gptoss_vllm.capacity.curve import Curve, CurveError
     from gptoss_vllm.capacity.validate import format_validation, validate
 
     if not args.against:
@@ -167,8 +170,17 @@ def _plan_validate(args: argparse.Namespace, parser: argparse.ArgumentParser, cu
         parser.error(f"--against: {args.against} is not bench routing's JSON ({type(exc).__name__}: {exc})")
     if args.overhead_tokens < 0 or args.tokens_per_word <= 0:
         parser.error("--overhead-tokens must be >= 0 and --tokens-per-word > 0")
+    if curve is None:
+        if "curve" not in routing:
+            parser.error(
+                f"--curves: required, as {args.against} holds no curve (bench routing ran without --curves)"
+            )
+        try:
+            curve = Curve.from_json(routing["curve"], f"{args.against}: curve")
+        except CurveError as exc:
+            parser.error(f"--against: {exc}")
     report = validate(routing, curve, overhead_tokens=args.overhead_tokens, tokens_per_word=args.tokens_per_word,
-                      seed=args.seed)  # fmt: skip
+                      hidden_tokens=args.hidden_tokens, seed=args.seed)  # fmt: skip
     print(format_validation(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
@@ -316,7 +328,9 @@ def _bench_routing(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     from gptoss_vllm.bench.routing import format_table, run_bench
 
     report = Path(args.report) if args.report else None
-    result = run_bench(args.users, args.duration, report, args.json)
+    _check_writable(parser, args.json)
+    _check_writable(parser, args.curves, "--curves")
+    result = run_bench(args.users, args.duration, report, args.json, args.curves)
     print(format_table(result))
     if args.json:
         print(f"wrote {args.json}")
@@ -707,20 +721,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.add_argument("action", nargs="?", choices=["validate"],
                       help="validate: replay bench routing's workload (--against) and compare with its arms")  # fmt: skip
-    plan.add_argument("--curves", nargs="+", required=True, metavar="FILE",
-                      help="engine curve JSON files (bench curves --json), one plan per curve")  # fmt: skip
+    plan.add_argument("--curves", nargs="+", metavar="FILE",
+                      help="engine curve JSON files (bench curves --json), one plan per curve; validate: the "
+                      "curve of the routing run's machine (default: the one bench routing --curves measured)")  # fmt: skip
     plan.add_argument("--traffic", metavar="FILE", help="traffic description YAML (see README)")
     plan.add_argument("--against", metavar="ROUTING_JSON", help="validate: bench routing's --json output")
     plan.add_argument("--overhead-tokens", type=int, default=100,
                       help="validate: prompt tokens besides the words (harmony's framing; default 100)")  # fmt: skip
     plan.add_argument("--tokens-per-word", type=float, default=1.3, help="validate: default 1.3")
+    plan.add_argument("--hidden-tokens", type=_non_negative_int, default=3,
+                      help="validate: tokens a chat stream makes before its first visible delta (harmony's "
+                      "<|channel|>analysis<|message|>; default 3)")  # fmt: skip
     plan.add_argument("--slo", metavar="FILE", default="loadtests/slo/gpu-20b.yaml",
                       help="per-effort SLOs (default loadtests/slo/gpu-20b.yaml)")  # fmt: skip
     plan.add_argument("--replicas", type=_positive_ints, default=[4, 16, 64], metavar="N,N",
                       help="totals of replicas to plan for (default 4,16,64)")  # fmt: skip
     plan.add_argument("--spill-queue-above", type=int, default=2, metavar="N",
                       help="the spillover layouts' queue_above (default 2)")  # fmt: skip
-    plan.add_argument("--seed", type=int, default=0, help="the simulated arrivals' seed")
+    plan.add_argument("--seed", type=_non_negative_int,
+                      help="the simulated arrivals' seed (default 0); validate: the load test's (default: the "
+                      "one the routing JSON records)")  # fmt: skip
     plan.add_argument("--json", metavar="FILE", help="also write the plan as JSON to FILE")
     plan.add_argument("--plot", metavar="PNG", help="draw attainment against total replicas into PNG")
     plan.add_argument("--fragment", metavar="YAML",
@@ -779,6 +799,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the engine's max_num_seqs (default: the highest --concurrency)")  # fmt: skip
     curves.add_argument("--kv-capacity-tokens", type=_positive_int,
                         help="its KV cache's tokens (default: from vLLM's /metrics)")  # fmt: skip
+    curves.add_argument("--replicas", type=_positive_int, default=1,
+                        help="replicas behind the endpoint (the --effort pool's): each is loaded alike, figures "
+                        "per replica (default 1)")  # fmt: skip
     curves.add_argument("--json", metavar="FILE", help="also write the curve as JSON to FILE")
     curves.set_defaults(handler=_bench_curves, subparser=curves)
     routing = bench_sub.add_parser(
@@ -794,6 +817,9 @@ def build_parser() -> argparse.ArgumentParser:
     routing.add_argument(
         "--report", metavar="DIR", help="keep each arm's load-test report and serve log here"
     )
+    routing.add_argument("--curves", metavar="FILE",
+                         help="also measure the shared pool's curve after its load test (bench curves, every "
+                         "replica loaded alike) into FILE and the JSON, for plan validate")  # fmt: skip
     routing.set_defaults(handler=_bench_routing, subparser=routing)
     overhead = bench_sub.add_parser(
         "overhead",

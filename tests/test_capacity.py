@@ -259,3 +259,16 @@ def test_plan_validate_replays_the_routing_workload_for_both_arms(tmp_path):
         "validate", "--curves", str(tmp_path / "curve.json"), "--against", str(tmp_path / "curve.json")
     )
     assert bad.returncode == 2 and "--against" in bad.stderr, bad.stderr
+    # bench routing --curves embeds the curve it measured: validate reads it when --curves is not given.
+    no_curve = _plan_cli("validate", "--against", str(tmp_path / "routing.json"))
+    assert no_curve.returncode == 2 and "--curves" in no_curve.stderr and "holds no curve" in no_curve.stderr
+    routing["curve"] = curve.to_json()
+    (tmp_path / "embedded.json").write_text(json.dumps(routing))
+    embedded = _plan_cli("validate", "--against", str(tmp_path / "embedded.json"), "--json",
+                         str(tmp_path / "embedded-report.json"))  # fmt: skip
+    assert embedded.returncode == 0, embedded.stderr[-2000:]
+    assert json.loads((tmp_path / "embedded-report.json").read_text())["arms"] == report["arms"]
+    routing["curve"] = {**curve.to_json(), "decode": []}
+    (tmp_path / "broken.json").write_text(json.dumps(routing))
+    broken = _plan_cli("validate", "--against", str(tmp_path / "broken.json"))
+    assert broken.returncode == 2 and "decode has no points" in broken.stderr, broken.stderr

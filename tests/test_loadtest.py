@@ -120,3 +120,27 @@ def test_bench_routing_arms_have_the_same_replicas_and_concurrency():
     )
     assert {p.model for p in arms["shared-pool"].pools.values()} == {p.model for p in effort.pools.values()}
     assert pool.engine_args == effort.pools["fast"].engine_args == effort.pools["deep"].engine_args
+
+
+def test_users_draw_the_same_requests_in_every_run_and_differ_from_each_other():
+    """The n-th user's requests come from its own seeded generator (loadtest/draws.py): a rerun, or plan
+    validate's replay, sends the same ones."""
+    from gptoss_vllm.bench.routing import WORKLOAD
+    from gptoss_vllm.loadtest.draws import next_request, think_time, user_rng
+    from gptoss_vllm.loadtest.profiles import Profile
+
+    profile = Profile.model_validate(WORKLOAD)
+
+    def sequence(seed: int, user: int) -> list[tuple[str, str, float]]:
+        rng = user_rng(seed, user)
+        out = []
+        for _ in range(30):
+            draw = next_request(rng, profile)
+            out.append((draw.effort, draw.prompt, think_time(rng, profile)))
+        return out
+
+    assert sequence(0, 1) == sequence(0, 1)
+    assert sequence(0, 1) != sequence(0, 2) and sequence(0, 1) != sequence(1, 1)
+    for effort, text, think in sequence(0, 3):
+        words = len(text.split(": ", 1)[1].split())
+        assert effort in WORKLOAD["efforts"] and 8 <= words <= 40 and 0.0 <= think <= 0.2

@@ -192,6 +192,15 @@ def test_bench_curves_measures_the_server_and_plan_reads_it(plugin_server, tmp_p
     assert data["kv_capacity_tokens"] >= 1024  # from vLLM's /metrics: the server holds a 1024-token context
     curve = Curve.load(path)
     assert curve.saturation_tokens_per_s() > 0
+    # A pool of two replicas (this one server stands for it): twice the streams, figures per replica.
+    pooled = subprocess.run(
+        [sys.executable, "-m", "gptoss_vllm.cli", "bench", "curves", "--url", url, "--concurrency", "2",
+         "--prompt-tokens", "16", "--output-tokens", "4", "--replicas", "2", "--json", str(tmp_path / "pool.json")],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert pooled.returncode == 0, pooled.stderr[-2000:]
+    pool = json.loads((tmp_path / "pool.json").read_text())
+    assert "2 replicas loaded alike" in pool["source"] and [p["concurrency"] for p in pool["decode"]] == [2]
     refused = subprocess.run(
         [sys.executable, "-m", "gptoss_vllm.cli", "bench", "curves", "--url", "http://127.0.0.1:9"],
         capture_output=True, text=True, timeout=120,

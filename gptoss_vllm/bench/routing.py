@@ -5,6 +5,10 @@ Arm ``effort-pools`` is the embedded default (``fast`` serves low and medium, ``
 Output lengths are fixed per effort (vLLM's ``ignore_eos``) to mimic gpt-oss: low short, high long. Each arm
 runs the real CLI (``gptoss-vllm serve``) and the real load test (``gptoss-vllm loadtest``), one after the
 other, and the figures of both land in one table and one JSON.
+
+With ``curves_path``, the shared arm's stack is also measured by ``bench curves`` once its load test is done,
+every replica loaded alike (``capacity/measure.py``): the curve ``plan validate`` replays this run on, taken
+on the same machine, through the same serving path, with the same neighbours on the cores.
 """
 
 from __future__ import annotations
@@ -64,8 +68,31 @@ def _slo_file(directory: Path) -> Path:
     return path
 
 
+def _measure_curve(url: str, pool: dict[str, Any], max_num_seqs: int, path: str) -> dict[str, Any]:
+    """The shared pool's curve, per replica, at the concurrencies and prompt lengths this workload reaches.
+    ``max_num_seqs``: the most any arm's router sends one replica (the engines' own limit is higher)."""
+    from gptoss_vllm.capacity.measure import run
+
+    ongoing, replicas = int(pool["max_ongoing_requests"]), int(pool["replicas"])
+    concurrency = sorted({1, 2, max(1, ongoing // 2), ongoing})
+    # The stack's /metrics is the service's, not vLLM's: the KV bound is what this pool could ever hold at once
+    # (max_model_len per admitted request), which never binds this workload's short requests.
+    max_model_len = int(pool.get("engine_args", {}).get("max_model_len", 4096))
+    print(
+        f"[shared-pool] measuring its curve ({replicas} replicas loaded alike) ...",
+        file=sys.stderr,
+        flush=True,
+    )
+    return run(url, path, concurrency=concurrency, prompt_lengths=[64, 128, 256], output_tokens=32,
+               max_num_seqs=max_num_seqs, kv_capacity_tokens=max_model_len * max_num_seqs, replicas=replicas)  # fmt: skip
+
+
 def run_bench(
-    users: int, duration_s: float, report_dir: Path | None = None, json_path: str | None = None
+    users: int,
+    duration_s: float,
+    report_dir: Path | None = None,
+    json_path: str | None = None,
+    curves_path: str | None = None,
 ) -> dict:
     from gptoss_vllm.bench.process import start_stack
 
@@ -75,7 +102,7 @@ def run_bench(
     (work / "workload.yaml").write_text(yaml.safe_dump(WORKLOAD))
     slo = _slo_file(work)
     configs = arm_configs(load_config(None))
-    arms = {}
+    arms, curve = {}, None
     for arm in ARMS:
         config_path = work / f"{arm}.yaml"
         config_path.write_text(yaml.safe_dump(configs[arm]))
@@ -96,6 +123,9 @@ def run_bench(
             if finished.returncode not in (0, 1):  # 1: an objective missed, which is a figure here
                 raise RuntimeError(f"[{arm}] the load test failed (exit {finished.returncode})")
             arms[arm] = json.loads((out / "summary.json").read_text())
+            if curves_path and arm == "shared-pool":
+                most = max(p["max_ongoing_requests"] for c in configs.values() for p in c["pools"].values())
+                curve = _measure_curve(stack.url, configs[arm]["pools"]["shared"], most, curves_path)
         finally:
             stack.stop()
     effort, shared = arms["effort-pools"], arms["shared-pool"]
@@ -104,11 +134,14 @@ def run_bench(
         "workload": WORKLOAD,
         "users": users,
         "duration_s": duration_s,
+        "seed": 0,  # the load test's (its default): plan validate replays its users' draws
         "arms": arms,
         "low_ttft_p95_ratio_shared_over_effort": (low_shared / low_effort) if low_effort and low_shared else None,
         "throughput_ratio_effort_over_shared": _ratio(effort["totals"]["output_tokens_per_s"], shared["totals"]["output_tokens_per_s"]),
         "goodput_ratio_effort_over_shared": _ratio(_goodput(effort), _goodput(shared)),
     }  # fmt: skip
+    if curve is not None:
+        result["curve"] = curve
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
     return result

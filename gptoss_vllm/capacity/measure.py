@@ -9,6 +9,10 @@ The same command runs against a vLLM server on a GPU and against the stack here.
   median over them of (last token - first token) / (tokens - 1).
 - **Prefill:** one request alone at each prompt length, one output token; its time to first token (the best of
   two).
+- **A pool of several replicas** (``replicas`` > 1): each figure is taken with every replica loaded alike,
+  ``c x replicas`` streams at a concurrency ``c`` and ``replicas`` prefills at once, and recorded per replica.
+  Where replicas share a machine (CPU cores, memory bandwidth, the serving processes) that is the curve a
+  replica has under load, which one replica alone does not show.
 - **Capacity:** ``max_num_seqs`` as given, else the highest concurrency measured (the curve holds up to there);
   the KV cache's tokens as given, else from vLLM's ``vllm:cache_config_info`` (blocks x block size) on
   ``/metrics``.
@@ -85,6 +89,7 @@ async def measure(
     effort: str | None = None,
     max_num_seqs: int | None = None,
     kv_capacity_tokens: int | None = None,
+    replicas: int = 1,
     progress: bool = True,
 ) -> Curve:
     from tqdm import tqdm
@@ -108,7 +113,7 @@ async def measure(
             runs = await asyncio.gather(
                 *(
                     _stream(client, model, _prompt(rng, decode_prompt), output_tokens, effort)
-                    for _ in range(c)
+                    for _ in range(c * replicas)
                 )
             )
             tpots = [(last - first) / (n - 1) for first, last, n in runs if n > 1]
@@ -120,8 +125,10 @@ async def measure(
         for length in prompt_lengths:
             ttfts = []
             for _ in range(2):
-                ttft, _last, _n = await _stream(client, model, _prompt(rng, length), 1, effort)
-                ttfts.append(ttft)
+                runs = await asyncio.gather(
+                    *(_stream(client, model, _prompt(rng, length), 1, effort) for _ in range(replicas))
+                )
+                ttfts.append(statistics.median(ttft for ttft, _last, _n in runs))
                 bar.update()
             prefill.append((length, round(min(ttfts), 5)))
         bar.close()
@@ -140,7 +147,9 @@ async def measure(
         decode=tuple(decode),
         prefill=tuple(prefill),
         model=model,
-        source=f"bench curves against {url}" + (f" (effort {effort})" if effort else ""),
+        source=f"bench curves against {url}"
+        + (f" (effort {effort})" if effort else "")
+        + (f", {replicas} replicas loaded alike" if replicas > 1 else ""),
     )
 
 

@@ -1,10 +1,13 @@
 """``gptoss-vllm plan validate``: ``bench routing``'s workload replayed through the simulator, each arm's
 predicted figures beside the measured ones.
 
-The replay is a closed loop as the load test is: ``users`` users, each sending its next request once the last
-is done and a think time has passed, efforts drawn from the workload's mix, outputs of the workload's fixed
-lengths (``ignore_eos``), for the bench's duration. Prompts are chat messages of ``prompt_words`` words; the
-engine sees them inside harmony's system and user framing: ``overhead_tokens + words x tokens_per_word``.
+The replay is the load test's own: ``users`` users, each drawing its efforts, prompts and think times from the
+same seeded generator as its Locust user (``loadtest/draws.py``), sending its next request once the last is done
+and a think time has passed, outputs of the workload's fixed lengths (``ignore_eos``), for the bench's duration.
+Prompts are chat messages of ``prompt_words`` words; the engine sees them inside harmony's system and user
+framing: ``overhead_tokens + words x tokens_per_word``. A chat stream's first visible delta comes after
+``hidden_tokens`` tokens the client never sees (harmony's ``<|channel|>analysis<|message|>``), so a TTFT as
+the load test measures it is the first token plus that many of the request's own decode steps.
 Both arms' pools come from ``bench routing``'s own ``arm_configs`` (replicas, ``max_ongoing_requests``,
 spillover), every replica on the one measured curve. Goodput counts a request whose first token came within
 its effort's TTFT bound, as the bench does.
@@ -39,31 +42,41 @@ def replay(
     ttft_bounds: dict[str, float],
     overhead_tokens: int = 100,
     tokens_per_word: float = 1.3,
-    seed: int = 0,
+    hidden_tokens: int = 3,
+    seed: int | None = None,
 ) -> dict[str, Any]:
-    """One arm's load test, simulated: per effort requests, TTFT p50/p95 and goodput; output tokens/s."""
-    workload, users, duration = routing["workload"], int(routing["users"]), float(routing["duration_s"])
-    rng = random.Random(seed)
-    efforts, weights = zip(*workload["efforts"].items(), strict=True)
-    words, think = workload["prompt_words"], workload.get("think_time_s", {"min": 0.0, "max": 0.0})
+    """One arm's load test, simulated: per effort requests, TTFT p50/p95 and goodput; output tokens/s.
+    ``seed``: the load test's (default: the one ``routing`` records, else 0)."""
+    from gptoss_vllm.loadtest.draws import next_request, think_time, user_rng
+    from gptoss_vllm.loadtest.profiles import Profile
 
-    def request(at: float) -> Request | None:
+    profile = Profile.model_validate(routing["workload"])
+    users, duration = int(routing["users"]), float(routing["duration_s"])
+    seed = int(routing.get("seed", 0)) if seed is None else seed
+    rngs = [user_rng(seed, n) for n in range(users)]
+    user_of: dict[int, int] = {}
+
+    def request(user: int, at: float) -> Request | None:
         if at >= duration:
             return None
-        effort = rng.choices(efforts, weights)[0]
-        prompt = overhead_tokens + round(rng.randint(int(words["min"]), int(words["max"])) * tokens_per_word)
-        return Request(at, effort, prompt, int(workload["output_tokens"][effort]))
+        draw = next_request(rngs[user], profile)
+        prompt_tokens = overhead_tokens + round(draw.words * tokens_per_word)
+        sent = Request(at, draw.effort, prompt_tokens, profile.output_tokens[draw.effort])
+        user_of[id(sent)] = user
+        return sent
 
     def follow(done: Request) -> Request | None:
-        return request(done.done_s + rng.uniform(float(think["min"]), float(think["max"])))
+        user = user_of[id(done)]
+        return request(user, done.done_s + think_time(rngs[user], profile))
 
-    first = [request(rng.uniform(0, 0.1)) for _ in range(users)]
+    starts = random.Random(seed)
+    first = [request(n, starts.uniform(0, 0.1)) for n in range(users)]
     served = simulate([r for r in first if r], _pools(arm, curve), follow)
     # As the load test counts: the streams that ended within the run (a sample is taken when a stream ends).
     finished = [r for r in served if r.done_s is not None and r.done_s <= duration]
     out: dict[str, Any] = {"efforts": {}, "totals": {}}
-    for effort in efforts:
-        mine = sorted(r.ttft_s for r in finished if r.effort == effort)
+    for effort in profile.efforts:
+        mine = sorted(r.ttft_s + hidden_tokens * (r.tpot_s or 0.0) for r in finished if r.effort == effort)
         if not mine:
             continue
         good = sum(t <= ttft_bounds.get(effort, float("inf")) for t in mine)

@@ -11,27 +11,16 @@ from __future__ import annotations
 
 import itertools
 import json
-import random
 import time
 from typing import Any, ClassVar
 
 from locust import HttpUser, between, task
 
+from gptoss_vllm.loadtest.draws import next_request, think_time, user_rng
 from gptoss_vllm.loadtest.profiles import Profile
 from gptoss_vllm.loadtest.samples import Sample
 
-_WORDS = (
-    "cluster", "latency", "replica", "token", "budget", "stream", "effort", "router", "queue", "kernel",
-    "expert", "memory", "throughput", "service", "request", "answer", "window", "cache", "prefix", "model",
-)  # fmt: skip
-
-
 _user_numbers = itertools.count()
-
-
-def prompt(rng: random.Random, words: int) -> str:
-    body = " ".join(rng.choice(_WORDS) for _ in range(max(1, words)))
-    return f"Summarise these notes in one sentence: {body}"
 
 
 class OpenAIChatUser(HttpUser):
@@ -48,18 +37,16 @@ class OpenAIChatUser(HttpUser):
 
     def on_start(self) -> None:
         # The n-th user of a run draws the same efforts and prompts in every run with the same seed.
-        self._rng = random.Random(f"{self.seed}-{next(_user_numbers)}")
-        think = self.profile.think_time_s
-        self.wait_time = lambda: self._rng.uniform(think.min, think.max)
+        self._rng = user_rng(self.seed, next(_user_numbers))
+        self.wait_time = lambda: think_time(self._rng, self.profile)
 
     @task
     def chat(self) -> None:
-        efforts, weights = zip(*self.profile.efforts.items(), strict=True)
-        effort = self._rng.choices(efforts, weights)[0]
-        words = self._rng.randint(int(self.profile.prompt_words.min), int(self.profile.prompt_words.max))
+        draw = next_request(self._rng, self.profile)
+        effort = draw.effort
         body: dict[str, Any] = {
             "model": self.model,
-            "messages": [{"role": "user", "content": prompt(self._rng, words)}],
+            "messages": [{"role": "user", "content": draw.prompt}],
             "reasoning_effort": effort,
             "max_tokens": self.profile.output_tokens[effort],
             "stream": True,
