@@ -117,6 +117,8 @@ def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     _check_writable(parser, args.json)
     if args.spill_queue_above < 0:
         parser.error("--spill-queue-above: must be >= 0")
+    if not args.load > 0:
+        parser.error(f"--load: must be > 0, got {args.load:g}")
     try:
         curves = {Path(path).stem: Curve.load(path) for path in args.curves or []}
     except CurveError as exc:
@@ -128,7 +130,7 @@ def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if not args.traffic:
         parser.error("--traffic: required (a traffic description YAML)")
     try:
-        traffic = load_traffic(args.traffic)
+        traffic = load_traffic(args.traffic).scaled(args.load)
     except PlanError as exc:
         parser.error(f"--traffic: {exc}")
     try:
@@ -738,6 +740,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="totals of replicas to plan for (default 4,16,64)")  # fmt: skip
     plan.add_argument("--spill-queue-above", type=int, default=2, metavar="N",
                       help="the spillover layouts' queue_above (default 2)")  # fmt: skip
+    plan.add_argument("--load", type=float, default=1.0, metavar="F",
+                      help="the traffic's rate times F (default 1.0; 1.2: a fifth more than described)")  # fmt: skip
     plan.add_argument("--seed", type=_non_negative_int,
                       help="the simulated arrivals' seed (default 0); validate: the load test's (default: the "
                       "one the routing JSON records)")  # fmt: skip

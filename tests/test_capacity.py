@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from pathlib import Path
 
 import pytest
 
@@ -272,3 +273,34 @@ def test_plan_validate_replays_the_routing_workload_for_both_arms(tmp_path):
     (tmp_path / "broken.json").write_text(json.dumps(routing))
     broken = _plan_cli("validate", "--against", str(tmp_path / "broken.json"))
     assert broken.returncode == 2 and "decode has no points" in broken.stderr, broken.stderr
+
+
+def test_the_shipped_planning_files_give_the_readme_answer(tmp_path):
+    """The published GPU curve and the planning traffic load; with headroom one shared pool meets every effort's
+    SLO, and past the knee it misses them all while a split with spillover keeps low effort served."""
+    from gptoss_vllm.capacity.plan import load_traffic
+
+    root = Path(__file__).resolve().parents[1] / "loadtests"
+    curve = Curve.load(root / "curves" / "gpt-oss-120b-h100-tp2.json")
+    assert curve.model == "gpt-oss-120b" and "InferenceMAX" in curve.source
+    for name in ("chat", "mixed", "reasoning", "cpu-nano"):
+        load_traffic(root / "traffic" / f"{name}.yaml")
+    Curve.load(root / "curves" / "gpt-oss-nano-cpu-2core.json")
+    results = {}
+    for load in ("1.0", "1.2"):
+        out = tmp_path / f"plan-{load}.json"
+        done = _plan_cli("--curves", str(root / "curves" / "gpt-oss-120b-h100-tp2.json"), "--traffic",
+                         str(root / "traffic" / "mixed.yaml"), "--replicas", "4", "--load", load, "--json", str(out))  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        entry = next(iter(json.loads(out.read_text())["plans"].values()))["totals"]["4"]
+        results[load] = {r["layout"]: r for r in entry["layouts"]}
+        if load == "1.0":
+            assert entry["recommended"] == "shared"
+    assert results["1.0"]["shared"]["min_attainment"] >= 0.99
+    hot_shared = results["1.2"]["shared"]
+    hot_spill = results["1.2"]["spill low+medium x2 | high x2"]
+    assert hot_shared["min_attainment"] < 0.95
+    assert hot_spill["efforts"]["low"]["attainment"] > hot_shared["efforts"]["low"]["attainment"] + 0.2
+    bad = _plan_cli("--curves", str(root / "curves" / "gpt-oss-120b-h100-tp2.json"), "--traffic",
+                    str(root / "traffic" / "mixed.yaml"), "--load", "0")  # fmt: skip
+    assert bad.returncode == 2 and "--load" in bad.stderr, bad.stderr

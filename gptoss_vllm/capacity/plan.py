@@ -64,6 +64,11 @@ class Traffic(BaseModel):
                 raise ValueError(f"prompt_tokens.{effort}: [min, max] with 1 <= min <= max")
         return self
 
+    def scaled(self, load: float) -> Traffic:
+        """This traffic with its rate times ``load`` (what if it grows by a fifth: 1.2)."""
+        rates = {k: getattr(self, k) * load for k in ("rate_rps", "rate_rps_per_replica") if getattr(self, k)}
+        return self.model_copy(update=rates)
+
     def at(self, replicas: int) -> Traffic:
         """This traffic offered to a fleet of ``replicas`` (a per-replica rate grows with it)."""
         if self.rate_rps_per_replica is None:
