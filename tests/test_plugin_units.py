@@ -6,6 +6,7 @@ import importlib.metadata
 
 import pytest
 import torch
+from torch import nn
 
 from gptoss_vllm.checkpoints.config import build_config
 from gptoss_vllm.checkpoints.layout import CheckpointLayoutError, LayoutChecker, checkpoint_specs
@@ -263,3 +264,37 @@ def test_checkpoint_pages_are_dropped_once_each_tensor_is_consumed(tmp_path) -> 
         # Dropped pages read back from the file, unchanged; a tensor that is not file-mapped is left alone.
         for name, tensor in consumed:
             assert torch.equal(tensor, anon_copy if name == "anon" else tensors[name])
+
+
+@pytest.mark.parametrize("tokens", [1, 4, 64])
+def test_bf16_linears_take_vllms_packed_kernel_on_this_cpu(tokens: int, monkeypatch) -> None:
+    """model/cpu_gemm.py: a bf16 linear is packed for vLLM's weight_packed_linear (its oneDNN copy never made,
+    the original dropped) and computes what F.linear does; a shape the kernel cannot take, or
+    GPTOSS_VLLM_CPU_GEMM=onednn, leaves the layer to vLLM."""
+    from gptoss_vllm.model.cpu_gemm import CpuGemmError, pack_for_cpu, packed_kernel_fits
+
+    def layer(n: int, k: int) -> nn.Module:
+        m = nn.Module()
+        g = torch.Generator().manual_seed(n + k)
+        m.weight = nn.Parameter((torch.randn(n, k, generator=g) * 0.05).bfloat16(), requires_grad=False)
+        m.bias = nn.Parameter(torch.randn(n, generator=g).bfloat16(), requires_grad=False)
+        return m
+
+    probe = layer(96, 128)
+    if not packed_kernel_fits(probe):
+        pytest.skip("this CPU has neither AVX-512 BF16 nor AMX: vLLM's packed kernel does not run here")
+    x = torch.randn(tokens, 128).bfloat16()
+    expected = torch.nn.functional.linear(x.float(), probe.weight.float(), probe.bias.float())
+    assert pack_for_cpu(probe)
+    assert probe.weight.numel() == 0 and probe.bias.dtype == torch.float32
+    got = probe.cpu_linear(x, probe.weight, probe.bias)
+    assert got.shape == (tokens, 96) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2)
+    odd = layer(90, 128)  # rows not a whole number of the kernel's 32-row blocks
+    assert not pack_for_cpu(odd) and odd.weight.shape == (90, 128) and not hasattr(odd, "cpu_linear")
+    monkeypatch.setenv("GPTOSS_VLLM_CPU_GEMM", "onednn")
+    kept = layer(96, 128)
+    assert not pack_for_cpu(kept) and kept.weight.shape == (96, 128)
+    monkeypatch.setenv("GPTOSS_VLLM_CPU_GEMM", "fast")
+    with pytest.raises(CpuGemmError, match="GPTOSS_VLLM_CPU_GEMM='fast': use one of packed, onednn"):
+        pack_for_cpu(layer(96, 128))

@@ -23,6 +23,7 @@ from vllm.model_executor.models.utils import maybe_prefix
 from gptoss_vllm.checkpoints.config import LAYER_TYPES
 from gptoss_vllm.checkpoints.layout import CheckpointLayoutError, LayoutChecker, checkpoint_specs
 from gptoss_vllm.model.backend import announce, resolve_for_vllm
+from gptoss_vllm.model.cpu_gemm import pack_linears
 from gptoss_vllm.model.moe import MXFP4MoEBlock
 from gptoss_vllm.model.resident import no_second_copies, released_as_consumed
 
@@ -90,6 +91,9 @@ class GptOssForCausalLM(vllm_gpt_oss.GptOssForCausalLM):
         self.moe_backend = backend
         self._mxfp4_checkpoint = _is_mxfp4(config)
         no_second_copies(self)
+        packed = pack_linears(self)
+        if packed:
+            log.info("gpt-oss: %d bf16 linears on vLLM's packed CPU kernel (model/cpu_gemm.py)", packed)
 
     # ----------------------------------------------------------------- weights
     def _layout_checker(self) -> LayoutChecker:

@@ -25,6 +25,8 @@ from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
 from vllm.platforms import current_platform
 
+from gptoss_vllm.model.cpu_gemm import pack_for_cpu
+
 _MADV_DONTNEED = 4
 _PAGE = mmap.PAGESIZE
 
@@ -95,7 +97,8 @@ class GemmOnlyMethod(UnquantizedEmbeddingMethod):
     """An untied lm_head on CPU: the GEMM's packed weight only (vLLM's CPU GEMM never reads the original)."""
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        dispatch_cpu_unquantized_gemm(layer, remove_weight=True)
+        if not pack_for_cpu(layer):  # vLLM's packed kernel where it fits (model/cpu_gemm.py), else oneDNN's
+            dispatch_cpu_unquantized_gemm(layer, remove_weight=True)
 
 
 def no_second_copies(model: nn.Module) -> None:
