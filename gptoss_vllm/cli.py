@@ -181,8 +181,13 @@ def _plan_validate(args: argparse.Namespace, parser: argparse.ArgumentParser, cu
             curve = Curve.from_json(routing["curve"], f"{args.against}: curve")
         except CurveError as exc:
             parser.error(f"--against: {exc}")
-    report = validate(routing, curve, overhead_tokens=args.overhead_tokens, tokens_per_word=args.tokens_per_word,
-                      hidden_tokens=args.hidden_tokens, seed=args.seed)  # fmt: skip
+    if "configs" not in routing:  # written before bench routing recorded its arms' configs: today's
+        from gptoss_vllm.bench.routing import arm_configs
+        from gptoss_vllm.serve.config import load_config
+
+        routing["configs"] = arm_configs(load_config(None))
+    report = validate(routing, curve, routing["configs"], overhead_tokens=args.overhead_tokens,
+                      tokens_per_word=args.tokens_per_word, hidden_tokens=args.hidden_tokens, seed=args.seed)  # fmt: skip
     print(format_validation(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

@@ -135,6 +135,7 @@ def run_bench(
         "users": users,
         "duration_s": duration_s,
         "seed": 0,  # the load test's (its default): plan validate replays its users' draws
+        "configs": configs,  # each arm's serving config, as plan validate replays them
         "arms": arms,
         "low_ttft_p95_ratio_shared_over_effort": (low_shared / low_effort) if low_effort and low_shared else None,
         "throughput_ratio_effort_over_shared": _ratio(effort["totals"]["output_tokens_per_s"], shared["totals"]["output_tokens_per_s"]),

@@ -8,8 +8,8 @@ Prompts are chat messages of ``prompt_words`` words; the engine sees them inside
 framing: ``overhead_tokens + words x tokens_per_word``. A chat stream's first visible delta comes after
 ``hidden_tokens`` tokens the client never sees (harmony's ``<|channel|>analysis<|message|>``), so a TTFT as
 the load test measures it is the first token plus that many of the request's own decode steps.
-Both arms' pools come from ``bench routing``'s own ``arm_configs`` (replicas, ``max_ongoing_requests``,
-spillover), every replica on the one measured curve. Goodput counts a request whose first token came within
+Both arms' pools come from the serving configs ``bench routing`` ran (replicas, ``max_ongoing_requests``,
+spillover; the JSON's ``configs``), every replica on the one measured curve. Goodput counts a request whose first token came within
 its effort's TTFT bound, as the bench does.
 """
 
@@ -105,15 +105,16 @@ def compare(predicted: dict[str, Any], measured: dict[str, Any]) -> list[dict[st
     return rows
 
 
-def validate(routing: dict[str, Any], curve: Curve, **options: Any) -> dict[str, Any]:
-    from gptoss_vllm.bench.routing import ARMS, arm_configs
+def validate(
+    routing: dict[str, Any], curve: Curve, configs: dict[str, dict[str, Any]], **options: Any
+) -> dict[str, Any]:
+    """Every arm of ``routing`` replayed on ``curve``; ``configs``: each arm's serving config (the routing JSON's
+    ``configs``, which ``bench routing`` writes)."""
     from gptoss_vllm.observability.rules import SLOS
-    from gptoss_vllm.serve.config import load_config
 
     bounds = {effort: slo.ttft_bound_s for effort, slo in SLOS.items()}
-    configs = arm_configs(load_config(None))
     arms = {}
-    for arm in ARMS:
+    for arm in routing["arms"]:
         predicted = replay(routing, configs[arm], curve, bounds, **options)
         arms[arm] = {"predicted": predicted, "rows": compare(predicted, routing["arms"][arm])}
     rows = [row for arm in arms.values() for row in arm["rows"]]
