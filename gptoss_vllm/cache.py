@@ -8,9 +8,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from gptoss_vllm import envs
+
 
 def cache_root() -> Path:
-    explicit = os.environ.get("GPTOSS_VLLM_CACHE")
+    explicit = envs.CACHE.get()
     if explicit:
         return Path(explicit)
     return Path(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))) / "gptoss-vllm"

@@ -14,13 +14,15 @@ import os
 import signal
 import sys
 
-EXIT_WITH_PARENT_ENV = "GPTOSS_VLLM_EXIT_WITH_PARENT"
+from gptoss_vllm import envs
+
+EXIT_WITH_PARENT_ENV = envs.EXIT_WITH_PARENT.name
 _PR_SET_PDEATHSIG = 1
 
 
 def exit_with_parent_if_requested() -> bool:
     """In a multiprocessing child with the variable set: SIGKILL when the parent exits. True when armed."""
-    if os.environ.get(EXIT_WITH_PARENT_ENV) != "1" or not sys.platform.startswith("linux"):
+    if not envs.EXIT_WITH_PARENT.get() or not sys.platform.startswith("linux"):
         return False
     parent = multiprocessing.parent_process()
     if parent is None:

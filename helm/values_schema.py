@@ -99,7 +99,7 @@ def chart_schema() -> dict[str, Any]:
             "terminationMarginSeconds": INT0,
             "metricsPort": {
                 **PORT,
-                "description": "GPTOSS_METRICS_PORT: first port of every replica's metrics",
+                "description": "GPTOSS_VLLM_METRICS_PORT: first port of every replica's metrics",
             },
             "metricsPortCount": {**INT1, "maximum": 64},
             "extraEnv": K8S_LIST,
@@ -215,13 +215,17 @@ def chart_schema() -> dict[str, Any]:
                     "tls": K8S_LIST,
                     "maxBodyBytes": {
                         "anyOf": [{"type": "integer", "minimum": 1024}, {"const": ""}],
-                        "description": "GPTOSS_MAX_BODY_BYTES; empty: computed from the pools' max_model_len",
+                        "description": "GPTOSS_VLLM_MAX_BODY_BYTES; empty: computed from the pools' max_model_len",
                     },
-                    "maxHeaderBytes": {**INT1, "minimum": 1024, "description": "GPTOSS_MAX_HEADER_BYTES"},
+                    "maxHeaderBytes": {
+                        **INT1,
+                        "minimum": 1024,
+                        "description": "GPTOSS_VLLM_MAX_HEADER_BYTES",
+                    },
                     "bodyTimeoutSeconds": {
                         "type": "number",
                         "exclusiveMinimum": 0,
-                        "description": "GPTOSS_BODY_TIMEOUT_S",
+                        "description": "GPTOSS_VLLM_BODY_TIMEOUT_S",
                     },
                     "bodyShape": body_shape_schema(),
                 }

@@ -18,7 +18,7 @@ from tests.support.engines import run_offline_batch
 
 TINY_SEED = 7
 # The stacks' processes inherit it (serve keeps a token it finds); tests present it to GET /metrics/targets.
-MONITORING_TOKEN = os.environ.setdefault("GPTOSS_MONITORING_TOKEN", secrets.token_urlsafe(18))
+MONITORING_TOKEN = os.environ.setdefault("GPTOSS_VLLM_MONITORING_TOKEN", secrets.token_urlsafe(18))
 
 
 # Fixtures that start a vLLM engine, Ray or a stack, and the markers a test that uses one (itself or through

@@ -73,7 +73,7 @@ def _wait_ready(cluster: Cluster, timeout_s: float) -> dict:
 
 def _ingress_samples(cluster: Cluster) -> dict[tuple[str, frozenset], float]:
     """Every ingress replica's exposition summed, found as Prometheus finds them (the cluster's monitoring token)."""
-    token = cluster.spec.head.env["GPTOSS_MONITORING_TOKEN"]
+    token = cluster.spec.head.env["GPTOSS_VLLM_MONITORING_TOKEN"]
     return target_samples(cluster.serve_url, "ingress", monitoring_token=token)
 
 

@@ -342,7 +342,7 @@ def test_ray_cluster_shape():
         assert env["OTEL_EXPORTER_OTLP_PROTOCOL"] == "grpc"
         assert env["OTEL_SERVICE_NAME"] == "gptoss-vllm"
         assert env["OTEL_TRACES_SAMPLER"] == "parentbased_always_on"
-        assert env["GPTOSS_METRICS_PORT"] == "9500"
+        assert env["GPTOSS_VLLM_METRICS_PORT"] == "9500"
         assert "api-keys" not in {m["name"] for m in container["volumeMounts"]}  # the ingress is on the head
     head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert {"name": "api-keys", "mountPath": "/etc/gptoss/api-keys", "readOnly": True} in head["volumeMounts"]
@@ -377,13 +377,13 @@ def test_monitoring_objects():
     (sd,) = scrape["spec"]["httpSDConfigs"]
     assert sd["url"] == f"http://demo-gptoss-vllm.{NAMESPACE}.svc:8000/metrics/targets"
     # GET /metrics/targets answers only the bearer of the monitoring token: the chart's Secret, whose key the
-    # head's Ray container (where the ingress runs) gets as GPTOSS_MONITORING_TOKEN; no worker does.
+    # head's Ray container (where the ingress runs) gets as GPTOSS_VLLM_MONITORING_TOKEN; no worker does.
     token = {"name": "demo-gptoss-vllm-monitoring", "key": "token"}
     assert sd["authorization"] == {"type": "Bearer", "credentials": token}
     secret = secrets_by_name(objects)["demo-gptoss-vllm-monitoring"]
     assert len(base64.b64decode(secret["data"]["token"])) >= 32
     for container in ray_containers(objects):
-        found = env_of(container).get("GPTOSS_MONITORING_TOKEN")
+        found = env_of(container).get("GPTOSS_VLLM_MONITORING_TOKEN")
         expected = {"secretKeyRef": token} if container["name"] == "ray-head" else None
         assert found == expected, container["name"]
     assert {"action": "replace", "targetLabel": "namespace", "replacement": NAMESPACE} in scrape["spec"][
@@ -429,7 +429,7 @@ def test_monitoring_token_from_an_existing_secret():
     for container in ray_containers(objects):
         env = env_of(container)
         assert env.get("SCRAPE_TOKEN") == ({"secretKeyRef": ref} if container["name"] == "ray-head" else None)
-        assert "GPTOSS_MONITORING_TOKEN" not in env
+        assert "GPTOSS_VLLM_MONITORING_TOKEN" not in env
 
 
 # -- secure defaults -------------------------------------------------------------------------------------------
@@ -692,13 +692,13 @@ def test_proxy_gate_env_and_serving_config():
         assert (
             env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == "gptoss_vllm.serve.proxy.callback:middlewares"
         )
-        assert env["GPTOSS_MAX_HEADER_BYTES"] == "32768"
-        assert env["GPTOSS_BODY_TIMEOUT_S"] == "30"
+        assert env["GPTOSS_VLLM_MAX_HEADER_BYTES"] == "32768"
+        assert env["GPTOSS_VLLM_BODY_TIMEOUT_S"] == "30"
         # Empty: the server computes the body limit from the largest pool's max_model_len.
-        assert "GPTOSS_MAX_BODY_BYTES" not in env
+        assert "GPTOSS_VLLM_MAX_BODY_BYTES" not in env
         # The body shape bounds: the serving config's defaults, on every proxy.
         names = ("DEPTH", "OBJECT_MEMBERS", "ARRAY_ITEMS", "STRING_BYTES", "WORD_BYTES")
-        assert [env[f"GPTOSS_MAX_JSON_{name}"] for name in names] == [
+        assert [env[f"GPTOSS_VLLM_MAX_JSON_{name}"] for name in names] == [
             "64", "10000", "262144", "1048576", "32768"
         ]  # fmt: skip
     ingress = serve_app(objects)["args"]["serve"]["ingress"]
@@ -711,13 +711,18 @@ def test_proxy_gate_env_and_serving_config():
     }
     assert shape == BodyShape().model_dump()
     assert ingress == {"max_header_bytes": 32768, "body_timeout_s": 30, "body_shape": shape}
-    assert "GPTOSS_MAX_BODY_BYTES" not in env_of(pods(render(TOGGLES["pvc"]))["download"]["containers"][0])
+    assert "GPTOSS_VLLM_MAX_BODY_BYTES" not in env_of(
+        pods(render(TOGGLES["pvc"]))["download"]["containers"][0]
+    )
 
     objects = render(TOGGLES["proxy-limits"])
     for container in ray_containers(objects):
         env = env_of(container)
-        assert (env["GPTOSS_MAX_BODY_BYTES"], env["GPTOSS_MAX_HEADER_BYTES"]) == ("8388608", "16384")
-        assert env["GPTOSS_BODY_TIMEOUT_S"] == "12.5"
+        assert (env["GPTOSS_VLLM_MAX_BODY_BYTES"], env["GPTOSS_VLLM_MAX_HEADER_BYTES"]) == (
+            "8388608",
+            "16384",
+        )
+        assert env["GPTOSS_VLLM_BODY_TIMEOUT_S"] == "12.5"
     config = declared_config(objects)
     assert (config.ingress.max_body_bytes, config.ingress.max_header_bytes) == (8388608, 16384)
     assert config.ingress.body_timeout_s == 12.5
@@ -734,7 +739,7 @@ def test_the_response_store_from_values_with_its_secrets():
     config = declared_config(render())
     assert config.response_store.backend == "embedded" and config.response_store.ttl_s == 30 * 86400
     for container in ray_containers(render()):
-        assert "GPTOSS_RESPONSE_STORE_PASSWORD" not in env_of(container)
+        assert "GPTOSS_VLLM_RESPONSE_STORE_PASSWORD" not in env_of(container)
     objects = render(TOGGLES["redis-store"])
     config = declared_config(objects)
     store = config.response_store
@@ -748,11 +753,11 @@ def test_the_response_store_from_values_with_its_secrets():
         env = {e["name"]: e for e in container["env"]}
         mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
         if container["name"] == "ray-head":
-            password = env["GPTOSS_RESPONSE_STORE_PASSWORD"]
+            password = env["GPTOSS_VLLM_RESPONSE_STORE_PASSWORD"]
             assert password["valueFrom"]["secretKeyRef"] == {"name": "redis-auth", "key": "password"}
             assert mounts["response-store-ca"] == "/etc/gptoss/response-store-ca"
         else:
-            assert "GPTOSS_RESPONSE_STORE_PASSWORD" not in env and "response-store-ca" not in mounts
+            assert "GPTOSS_VLLM_RESPONSE_STORE_PASSWORD" not in env and "response-store-ca" not in mounts
     assert {role for role, names in read.items() if "redis-ca" in names or "redis-auth" in names} == {
         "head/ray-head"
     }

@@ -49,7 +49,7 @@ def test_metrics_port_env(monkeypatch):
     monkeypatch.setenv(targets.PORT_ENV, "9500")
     assert targets._port_candidates()[:2] == [9500, 9501]
     monkeypatch.setenv(targets.PORT_ENV, "nine")
-    with pytest.raises(ValueError, match="GPTOSS_METRICS_PORT='nine'"):
+    with pytest.raises(ValueError, match="GPTOSS_VLLM_METRICS_PORT='nine'"):
         targets._port_candidates()
 
 

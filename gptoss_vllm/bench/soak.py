@@ -32,6 +32,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
+from gptoss_vllm import envs
 from gptoss_vllm.bench.overhead import machine_info, process_title
 from gptoss_vllm.serve.app_names import APP_NAME, pool_app_name
 from gptoss_vllm.serve.config import load_config
@@ -263,7 +264,7 @@ def run_soak(settings: Settings, json_path: str | None = None, keep: Path | None
     (work / "serve.yaml").write_text(yaml.safe_dump(config))
     token = secrets.token_urlsafe(18)
     print("starting the stack (embedded default, API keys) ...", flush=True)
-    stack = start_stack(work / "serve.yaml", work / "serve.log", env={"GPTOSS_MONITORING_TOKEN": token})
+    stack = start_stack(work / "serve.yaml", work / "serve.log", env={envs.MONITORING_TOKEN.name: token})
     try:
         procs = stack_processes(stack.proc.pid)
         traffic = _Traffic(stack.url, random.Random(settings.seed))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from gptoss_vllm import envs
 from gptoss_vllm.cache import cache_root
 
 SOURCE = Path(__file__).parent / "csrc" / "mxfp4_moe.cpp"
@@ -36,7 +37,7 @@ def _compiler() -> str:
         raise KernelBuildError(
             f"the gpt-oss CPU MoE kernel is compiled on first use, but no C++ compiler ({cxx!r}) is on PATH: "
             "install one (Debian/Ubuntu: apt-get install g++) or set CXX, "
-            "or run with GPTOSS_VLLM_MOE_BACKEND=reference (slow)"
+            f"or run with {envs.MOE_BACKEND.name}=reference (slow)"
         )
     return path
 
@@ -80,6 +81,6 @@ def load_kernel() -> None:
         except Exception as exc:  # compiler errors arrive as RuntimeError/CalledProcessError
             raise KernelBuildError(
                 f"building the gpt-oss CPU MoE kernel in {build_dir} failed: {exc}. "
-                "Set GPTOSS_VLLM_MOE_BACKEND=reference to run without it."
+                f"Set {envs.MOE_BACKEND.name}=reference to run without it."
             ) from exc
         _loaded = True

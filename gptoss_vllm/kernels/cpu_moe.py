@@ -9,19 +9,18 @@ has (AVX-512 with VNNI and BF16, AVX2, portable); ``GPTOSS_VLLM_CPU_ISA=avx512|a
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from gptoss_vllm import envs
 from gptoss_vllm.kernels.build import load_kernel
 
-ISA_ENV = "GPTOSS_VLLM_CPU_ISA"
+ISA_ENV = envs.CPU_ISA.name
 ISAS = {"portable": 0, "avx2": 1, "avx512": 2}  # avx512: F, BW, VNNI and BF16
 
 
 def requested_isa() -> int:
     """The ISA cap from the environment (-1: the best the CPU has)."""
-    name = os.environ.get(ISA_ENV, "auto").strip().lower()
+    name = envs.CPU_ISA.get().lower()
     if name in ("", "auto"):
         return -1
     if name not in ISAS:
@@ -64,7 +63,7 @@ def mxfp4_moe(
     load_kernel()
     return torch.ops.gptoss_vllm_cpu.mxfp4_moe(
         x, topk_ids, topk_weights, w13_blocks, w13_scales, w13_bias, w2_blocks, w2_scales, w2_bias,
-        alpha, limit, requested_isa(),
+        alpha, limit, requested_isa(), envs.CPU_GEMM_MIN_TOKENS.get(),
     )  # fmt: skip
 
 

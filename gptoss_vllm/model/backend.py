@@ -11,11 +11,12 @@
 from __future__ import annotations
 
 import logging
-import os
 import platform
 from dataclasses import dataclass
 
-ENV_VAR = "GPTOSS_VLLM_MOE_BACKEND"
+from gptoss_vllm import envs
+
+ENV_VAR = envs.MOE_BACKEND.name
 BACKENDS = ("native", "cpu", "reference")
 CHOICES = ("auto", *BACKENDS)
 
@@ -85,9 +86,7 @@ def unavailable_reason(backend: str, p: Platform) -> str | None:
 
 def choose_backend(p: Platform, requested: str | None = None) -> str:
     """Resolve ``requested`` (or the environment, or auto) to a backend that runs on ``p``."""
-    requested = (
-        requested if requested is not None else os.environ.get(ENV_VAR, "auto")
-    ).strip().lower() or "auto"
+    requested = (requested if requested is not None else envs.MOE_BACKEND.get()).strip().lower() or "auto"
     if requested not in CHOICES:
         raise BackendUnavailableError(
             f"{ENV_VAR}={requested!r} is not a gpt-oss MoE backend; choose one of {', '.join(CHOICES)}"

@@ -14,14 +14,14 @@ the original weight is dropped as vLLM drops it for its own packed paths.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.platforms import current_platform
 
-ENV_VAR = "GPTOSS_VLLM_CPU_GEMM"
+from gptoss_vllm import envs
+
+ENV_VAR = envs.CPU_GEMM.name
 CHOICES = ("packed", "onednn")
 _BLOCK = 32  # the packed layout's row block, and the K granule of its kernel
 
@@ -31,7 +31,7 @@ class CpuGemmError(ValueError):
 
 
 def requested() -> str:
-    choice = os.environ.get(ENV_VAR, "packed").strip().lower() or "packed"
+    choice = envs.CPU_GEMM.get().lower()
     if choice not in CHOICES:
         raise CpuGemmError(f"{ENV_VAR}={choice!r}: use one of {', '.join(CHOICES)}")
     return choice

@@ -1,7 +1,7 @@
 """Every replica's metrics endpoint, and how Prometheus finds them all.
 
 Each replica process (the ingress and every pool replica) serves its own prometheus-client registry on its
-own port: ephemeral by default, or the first free port from ``GPTOSS_METRICS_PORT`` upwards (Kubernetes, where
+own port: ephemeral by default, or the first free port from ``GPTOSS_VLLM_METRICS_PORT`` upwards (Kubernetes, where
 a PodMonitor names the port). It announces ``host:port`` and its labels (``component``, ``pool``, ``replica``,
 ``app``) to one named Ray actor every few seconds; the ingress serves that list in Prometheus' HTTP service
 discovery format at ``/metrics/targets`` (to the bearer of the monitoring token only). A replica that stops
@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import re
 import threading
 import time
@@ -25,13 +24,15 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 from prometheus_client import REGISTRY, CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
+from gptoss_vllm import envs
+
 log = logging.getLogger("ray.serve")
 
 ACTOR_NAME = "gptoss-metrics-targets"
 ACTOR_NAMESPACE = "gptoss-vllm"
 HEARTBEAT_S = 5.0
 TTL_S = 20.0
-PORT_ENV = "GPTOSS_METRICS_PORT"
+PORT_ENV = envs.METRICS_PORT.name
 PORT_TRIES = 16
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]{0,63}$")
 _ADDRESS = re.compile(r"^[A-Za-z0-9.:\[\]-]{1,100}:[0-9]{1,5}$")
@@ -79,7 +80,7 @@ def targets_actor() -> Any:
 
 
 def _port_candidates() -> list[int]:
-    base = os.environ.get(PORT_ENV)
+    base = envs.METRICS_PORT.raw()
     if not base:
         return [0]
     try:

@@ -15,6 +15,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from gptoss_vllm import envs
 from gptoss_vllm.cache import cache_root
 from gptoss_vllm.serve.body_shape import ShapeLimits
 
@@ -328,7 +329,7 @@ class ResponseStoreConfig(_Strict):
     path: str | None = Field(default=None, description="embedded: the SQLite file; default in the cache")
     url: str | None = Field(default=None, description="redis: redis://host:6379/0, or rediss:// for TLS")
     password_env: str = Field(
-        default="GPTOSS_RESPONSE_STORE_PASSWORD", description="redis: the variable holding its password"
+        default=envs.RESPONSE_STORE_PASSWORD.name, description="redis: the variable holding its password"
     )
     tls_ca_file: str | None = Field(default=None, description="redis over TLS: the CA bundle to trust")
     key_prefix: str = Field(default="gptoss:", min_length=1, description="redis: prefix of every key")
@@ -402,7 +403,7 @@ class IngressConfig(_Strict):
         "(x-forwarded-for); unset: the connection's peer",
     )
     monitoring_token_env: str = Field(
-        default="GPTOSS_MONITORING_TOKEN",
+        default=envs.MONITORING_TOKEN.name,
         description="Environment variable with the bearer token that GET /metrics/targets requires",
     )
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
+from gptoss_vllm import envs
 from gptoss_vllm.serve.config import ServeConfig
 
 log = logging.getLogger(__name__)
@@ -179,9 +180,7 @@ def proxy_environment(config: ServeConfig) -> dict[str, str]:
     env = gate_env(
         config.body_limit(), ingress.max_header_bytes, ingress.body_timeout_s, ingress.body_shape.limits()
     )
-    env[ingress.monitoring_token_env] = os.environ.get(ingress.monitoring_token_env) or secrets.token_urlsafe(
-        24
-    )
+    env[ingress.monitoring_token_env] = envs.lookup(ingress.monitoring_token_env) or secrets.token_urlsafe(24)
     return env
 
 
@@ -268,7 +267,7 @@ def run(
         wait_until_ready(config, listen, ready_timeout_s, failed, stop, deployed)
         print(f"\n{READY_LINE} {listen.url}  (model '{config.model_name}', pools: {', '.join(config.pools)})")
         if prometheus_port is not None:
-            token = os.environ.get(config.ingress.monitoring_token_env)
+            token = envs.lookup(config.ingress.monitoring_token_env)
             prometheus = LocalPrometheus(listen.url, prometheus_port, monitoring_token=token)
             prometheus.wait_ready()
             print(f"Prometheus (metrics, recording rules, alerts) at {prometheus.url}")

@@ -37,9 +37,9 @@ def test_the_prestop_hook_waits_for_a_long_stream_to_finish(stack):
     # The chart's hook as a pod runs it, scanning the metrics ports of this machine's replicas.
     env = {
         **os.environ,
-        "GPTOSS_METRICS_PORT": str(stack.metrics_port),
-        "GPTOSS_METRICS_PORT_COUNT": str(METRICS_PORT_COUNT),
-        "GPTOSS_DRAIN_POLL_S": "0.5",
+        "GPTOSS_VLLM_METRICS_PORT": str(stack.metrics_port),
+        "GPTOSS_VLLM_METRICS_PORT_COUNT": str(METRICS_PORT_COUNT),
+        "GPTOSS_VLLM_DRAIN_POLL_S": "0.5",
     }
     wait_for_in_flight(stack.url, {"deep": 0})
     (replica,) = replica_processes("deep")

@@ -38,15 +38,17 @@ def test_serve_command_argument_errors(tmp_path):
 def test_serve_hands_its_ray_the_proxy_gate_and_a_monitoring_token(monkeypatch):
     from gptoss_vllm.serve.launcher import proxy_environment
 
-    monkeypatch.delenv("GPTOSS_MONITORING_TOKEN", raising=False)
+    monkeypatch.delenv("GPTOSS_VLLM_MONITORING_TOKEN", raising=False)
     config = parse_config(serving_config(ingress={"max_header_bytes": 4096, "body_timeout_s": 7}))
     env = proxy_environment(config)
     assert env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == "gptoss_vllm.serve.proxy.callback:middlewares"
-    assert env["GPTOSS_MAX_BODY_BYTES"] == str(config.body_limit())
-    assert (env["GPTOSS_MAX_HEADER_BYTES"], env["GPTOSS_BODY_TIMEOUT_S"]) == ("4096", "7")
-    assert len(env["GPTOSS_MONITORING_TOKEN"]) >= 24 and env != proxy_environment(config)  # fresh each time
-    monkeypatch.setenv("GPTOSS_MONITORING_TOKEN", "operator-chosen")
-    assert proxy_environment(config)["GPTOSS_MONITORING_TOKEN"] == "operator-chosen"
+    assert env["GPTOSS_VLLM_MAX_BODY_BYTES"] == str(config.body_limit())
+    assert (env["GPTOSS_VLLM_MAX_HEADER_BYTES"], env["GPTOSS_VLLM_BODY_TIMEOUT_S"]) == ("4096", "7")
+    assert len(env["GPTOSS_VLLM_MONITORING_TOKEN"]) >= 24 and env != proxy_environment(
+        config
+    )  # fresh each time
+    monkeypatch.setenv("GPTOSS_VLLM_MONITORING_TOKEN", "operator-chosen")
+    assert proxy_environment(config)["GPTOSS_VLLM_MONITORING_TOKEN"] == "operator-chosen"
 
 
 def test_the_ready_message_shows_a_python_tool_call_where_a_pool_offers_python():

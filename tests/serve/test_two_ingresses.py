@@ -52,7 +52,7 @@ def stack(tiny_checkpoint_dirs, tmp_path_factory):
     (root / "serve.yaml").write_text(yaml.safe_dump(config))
     try:
         running = start_stack(
-            root / "serve.yaml", root / "serve.log", env={"GPTOSS_RESPONSE_STORE_PASSWORD": PASSWORD}
+            root / "serve.yaml", root / "serve.log", env={"GPTOSS_VLLM_RESPONSE_STORE_PASSWORD": PASSWORD}
         )
     except BaseException:
         redis.stop()

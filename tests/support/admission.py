@@ -35,7 +35,7 @@ POLL_S = 0.25
 def monitoring_headers(token: str | None = None) -> dict[str, str]:
     """What GET /metrics/targets requires: ``token``, or the monitoring token the stacks of this session
     were given."""
-    return {"Authorization": f"Bearer {token or os.environ['GPTOSS_MONITORING_TOKEN']}"}
+    return {"Authorization": f"Bearer {token or os.environ['GPTOSS_VLLM_MONITORING_TOKEN']}"}
 
 
 def _exposition(address: str) -> Samples:

@@ -114,8 +114,8 @@ def start_shared_stack(root: Path, otlp_endpoint: str) -> RunningStack:
     config_path.write_text(yaml.safe_dump(config))
     env = {
         "GPTOSS_VLLM_CACHE": str(fresh_cache(root / "cache")),
-        "GPTOSS_RESPONSE_STORE_PASSWORD": STORE_PASSWORD,
-        "GPTOSS_METRICS_PORT": str(metrics_port),
+        "GPTOSS_VLLM_RESPONSE_STORE_PASSWORD": STORE_PASSWORD,
+        "GPTOSS_VLLM_METRICS_PORT": str(metrics_port),
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": otlp_endpoint,
         "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
         "OTEL_BSP_SCHEDULE_DELAY": "200",

@@ -46,16 +46,9 @@ constexpr uint8_t kPadScale = 127;  // scale of padding blocks (1.0; their codes
 constexpr int kRows = 4;           // weight rows decoded together on the fp32 paths
 constexpr int kPrefetchBytes = 8192;  // software prefetch distance on each row stream, into L2 (past page ends)
 constexpr int kTileRows = 512;     // rows decoded per GEMM tile: oneDNN repacks every tile, so few large calls
-constexpr int kGemmMinTokens = 24;  // from this many tokens per expert, decode tiles and use ATen's GEMM (measured crossover)
-
-// GPTOSS_VLLM_CPU_GEMM_MIN_TOKENS overrides the crossover; 0 turns the GEMM path off, which makes every
-// token's result independent of how many other tokens share its expert (batch invariance).
-int64_t gemm_min_tokens() {
-  const char* env = std::getenv("GPTOSS_VLLM_CPU_GEMM_MIN_TOKENS");
-  if (env == nullptr || *env == '\0') return kGemmMinTokens;
-  const long value = std::strtol(env, nullptr, 10);
-  return value <= 0 ? INT64_MAX : value;
-}
+// From this many tokens per expert the kernel decodes tiles and uses ATen's GEMM; the caller passes it
+// (GPTOSS_VLLM_CPU_GEMM_MIN_TOKENS, default 24: the measured crossover). <= 0 turns the GEMM path off, which
+// makes every token's result independent of how many other tokens share its expert (batch invariance).
 
 inline int64_t padded(int64_t k) { return (k + kSuper - 1) / kSuper * kSuper; }
 
@@ -482,7 +475,7 @@ int64_t best_isa() {
 at::Tensor mxfp4_moe(const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
                      const at::Tensor& w13_blocks, const at::Tensor& w13_scales, const at::Tensor& w13_bias,
                      const at::Tensor& w2_blocks, const at::Tensor& w2_scales, const at::Tensor& w2_bias,
-                     double alpha, double limit, int64_t isa_request) {
+                     double alpha, double limit, int64_t isa_request, int64_t gemm_min_tokens) {
   TORCH_CHECK(x.dim() == 2 && topk_ids.dim() == 2 && topk_ids.size(0) == x.size(0), "mxfp4_moe: bad x/topk shapes");
   TORCH_CHECK(w13_blocks.scalar_type() == at::kByte && w2_blocks.scalar_type() == at::kByte, "blocks must be uint8");
   TORCH_CHECK(w13_blocks.dim() == 4 && w13_blocks.size(3) == kSuperBytes && w2_blocks.dim() == 4 &&
@@ -517,7 +510,7 @@ at::Tensor mxfp4_moe(const at::Tensor& x, const at::Tensor& topk_ids, const at::
   std::vector<int64_t> order(num_tokens * top_k), fill(count.begin(), count.end() - 1);
   for (int64_t i = 0; i < num_tokens * top_k; ++i) order[fill[id[i]]++] = i;
 
-  const int64_t gemm_min = gemm_min_tokens();
+  const int64_t gemm_min = gemm_min_tokens <= 0 ? INT64_MAX : gemm_min_tokens;
   const float* xp = xf.data_ptr<float>();
   const float* wp = tw.data_ptr<float>();
   float* outp = out.data_ptr<float>();
@@ -599,7 +592,7 @@ TORCH_LIBRARY(gptoss_vllm_cpu, m) {
   m.def(
       "mxfp4_moe(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor w13_blocks, Tensor w13_scales, "
       "Tensor w13_bias, Tensor w2_blocks, Tensor w2_scales, Tensor w2_bias, float alpha, float limit, "
-      "int isa) -> Tensor");
+      "int isa, int gemm_min_tokens) -> Tensor");
   m.def("mxfp4_prepack(Tensor blocks, Tensor scales) -> (Tensor, Tensor)");
   m.def("best_isa() -> int", &best_isa);
 }

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from gptoss_vllm import envs
 from gptoss_vllm.serve.config import Auth
 
 log = logging.getLogger("ray.serve")
@@ -85,7 +86,7 @@ class KeyRing:
     def _load(self) -> dict[bytes, str]:
         keys: dict[bytes, str] = {}
         if self._auth.api_keys_env:
-            value = os.environ.get(self._auth.api_keys_env, "")
+            value = envs.lookup(self._auth.api_keys_env) or ""
             keys.update(_parse_entries(value.split(","), f"environment variable {self._auth.api_keys_env}"))
         if self._auth.api_keys_file:
             path = self._auth.api_keys_file

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import hmac
 import logging
-import os
 
+from gptoss_vllm import envs
 from gptoss_vllm.serve.ingress.keys import bearer_token
 
 log = logging.getLogger("ray.serve")
@@ -16,7 +16,7 @@ class MonitoringToken:
     """The token from ``$env``; without one, the route is off (and the log says how to turn it on)."""
 
     def __init__(self, env: str) -> None:
-        self._token = os.environ.get(env, "").strip().encode() or None
+        self._token = (envs.lookup(env) or "").strip().encode() or None
         if self._token is None:
             log.warning("GET /metrics/targets is off: set $%s to the token Prometheus sends", env)
 

@@ -5,12 +5,12 @@ Ray Serve's proxy loads ASGI middlewares from ``RAY_SERVE_HTTP_PROXY_CALLBACK_IM
 
 - drops Ray Serve's per-request control headers (``x-request-timeout-seconds``, ``x-request-disconnect-disabled``,
   the session-affinity header): a client must not lift its own timeout or disconnect handling;
-- answers 431 to headers over ``GPTOSS_MAX_HEADER_BYTES``, 413 to a body over ``GPTOSS_MAX_BODY_BYTES`` (at once
+- answers 431 to headers over ``GPTOSS_VLLM_MAX_HEADER_BYTES``, 413 to a body over ``GPTOSS_VLLM_MAX_BODY_BYTES`` (at once
   when ``Content-Length`` says so, when the limit is passed otherwise), 408 to a body that is not whole within
-  ``GPTOSS_BODY_TIMEOUT_S``; the body is read here, asynchronously, and handed on whole, so a stalled or trickling
+  ``GPTOSS_VLLM_BODY_TIMEOUT_S``; the body is read here, asynchronously, and handed on whole, so a stalled or trickling
   upload never holds an ingress slot;
 - answers 400 to a body over its shape bounds (nesting depth, members per object, items per array, string
-  length: :mod:`gptoss_vllm.serve.body_shape`, ``GPTOSS_MAX_JSON_*``), naming the bound and the JSON path, before
+  length: :mod:`gptoss_vllm.serve.body_shape`, ``GPTOSS_VLLM_MAX_JSON_*``), naming the bound and the JSON path, before
   anything parses it;
 - has the answers Ray's proxy makes itself (:mod:`.ray_errors`) (its ``text/plain`` 503 at the ingress's queue bound, 408, 500)
   rewritten into OpenAI's error shape.

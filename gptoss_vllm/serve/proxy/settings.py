@@ -7,24 +7,25 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from gptoss_vllm import envs
 from gptoss_vllm.serve.body_shape import ShapeLimits
 
 CALLBACK = "gptoss_vllm.serve.proxy.callback:middlewares"
 CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
-MAX_BODY_ENV = "GPTOSS_MAX_BODY_BYTES"
-MAX_HEADER_ENV = "GPTOSS_MAX_HEADER_BYTES"
-BODY_TIMEOUT_ENV = "GPTOSS_BODY_TIMEOUT_S"
+MAX_BODY_ENV = envs.MAX_BODY_BYTES.name
+MAX_HEADER_ENV = envs.MAX_HEADER_BYTES.name
+BODY_TIMEOUT_ENV = envs.BODY_TIMEOUT_S.name
 # The shape of a JSON body (gptoss_vllm.serve.body_shape), by ShapeLimits field.
 SHAPE_ENV = {
-    "max_depth": "GPTOSS_MAX_JSON_DEPTH",
-    "max_object_members": "GPTOSS_MAX_JSON_OBJECT_MEMBERS",
-    "max_array_items": "GPTOSS_MAX_JSON_ARRAY_ITEMS",
-    "max_string_bytes": "GPTOSS_MAX_JSON_STRING_BYTES",
-    "max_word_bytes": "GPTOSS_MAX_JSON_WORD_BYTES",
+    "max_depth": envs.MAX_JSON_DEPTH.name,
+    "max_object_members": envs.MAX_JSON_OBJECT_MEMBERS.name,
+    "max_array_items": envs.MAX_JSON_ARRAY_ITEMS.name,
+    "max_string_bytes": envs.MAX_JSON_STRING_BYTES.name,
+    "max_word_bytes": envs.MAX_JSON_WORD_BYTES.name,
 }
-DEFAULT_MAX_BODY_BYTES = (1 << 20) + 32 * 131072  # the serving config's default for a 128k-token context
-DEFAULT_MAX_HEADER_BYTES = 32768
-DEFAULT_BODY_TIMEOUT_S = 30.0
+DEFAULT_MAX_BODY_BYTES = envs.MAX_BODY_BYTES.default  # the serving config's default for a 128k-token context
+DEFAULT_MAX_HEADER_BYTES = envs.MAX_HEADER_BYTES.default
+DEFAULT_BODY_TIMEOUT_S = envs.BODY_TIMEOUT_S.default
 # Ray Serve's per-request controls (ray.serve._private.constants), and its session-affinity header.
 CONTROL_HEADERS = frozenset({b"x-request-timeout-seconds", b"x-request-disconnect-disabled"})
 SESSION_HEADER_ENV = "RAY_SERVE_SESSION_ID_HEADER_KEY"
@@ -35,7 +36,7 @@ class GateError(ValueError):
 
 
 def env_number(name: str, default: float, kind: type, environ: Mapping[str, str] | None = None) -> Any:
-    raw = (os.environ if environ is None else environ).get(name, "").strip()
+    raw = (envs.lookup(name, environ) or "").strip()
     if not raw:
         return kind(default)
     try:

@@ -1,5 +1,5 @@
 """preStop hook of every Ray pod: wait until this pod's replicas have no request in flight, so that a rollout
-(or a scale-down) does not cut a stream. Reads the pod's own metrics endpoints (GPTOSS_METRICS_PORT and the
+(or a scale-down) does not cut a stream. Reads the pod's own metrics endpoints (GPTOSS_VLLM_METRICS_PORT and the
 ports above it): vLLM's running/waiting requests and the ingress's in-flight requests (background responses
 included). The endpoints listen on the node's address, which Ray uses, not on loopback: the hook asks at the
 pod's IP (POD_IP, from the downward API) and at the address Ray finds for the node. Returns once they are all
@@ -11,9 +11,9 @@ import socket
 import time
 import urllib.request
 
-FIRST = int(os.environ.get("GPTOSS_METRICS_PORT", "9500"))
-COUNT = int(os.environ.get("GPTOSS_METRICS_PORT_COUNT", "16"))
-POLL_S = float(os.environ.get("GPTOSS_DRAIN_POLL_S", "5"))
+FIRST = int(os.environ.get("GPTOSS_VLLM_METRICS_PORT", "9500"))
+COUNT = int(os.environ.get("GPTOSS_VLLM_METRICS_PORT_COUNT", "16"))
+POLL_S = float(os.environ.get("GPTOSS_VLLM_DRAIN_POLL_S", "5"))
 BUSY = re.compile(
     r"^(vllm:num_requests_running|vllm:num_requests_waiting|gptoss_in_flight_requests)(\{[^}]*\})? (\S+)$"
 )

@@ -354,9 +354,9 @@ token is a file, on workers only and only while they download (model.source hf).
 */}}
 {{- define "gptoss.env" -}}
 {{- $v := .root.Values -}}
-- name: GPTOSS_METRICS_PORT
+- name: GPTOSS_VLLM_METRICS_PORT
   value: {{ $v.metricsPort | quote }}
-- name: GPTOSS_METRICS_PORT_COUNT
+- name: GPTOSS_VLLM_METRICS_PORT_COUNT
   value: {{ $v.metricsPortCount | quote }}
 - name: HOME
   value: /home/gptoss
@@ -380,33 +380,33 @@ token is a file, on workers only and only while they download (model.source hf).
 - name: RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH
   value: gptoss_vllm.serve.proxy.callback:middlewares
 {{- if ne (toString $v.ingress.maxBodyBytes) "" }}
-- name: GPTOSS_MAX_BODY_BYTES
+- name: GPTOSS_VLLM_MAX_BODY_BYTES
   value: {{ int64 $v.ingress.maxBodyBytes | quote }}
 {{- end }}
-- name: GPTOSS_MAX_HEADER_BYTES
+- name: GPTOSS_VLLM_MAX_HEADER_BYTES
   value: {{ int64 $v.ingress.maxHeaderBytes | quote }}
-- name: GPTOSS_BODY_TIMEOUT_S
+- name: GPTOSS_VLLM_BODY_TIMEOUT_S
   value: {{ float64 $v.ingress.bodyTimeoutSeconds | toString | quote }}
-- name: GPTOSS_MAX_JSON_DEPTH
+- name: GPTOSS_VLLM_MAX_JSON_DEPTH
   value: {{ int64 $v.ingress.bodyShape.maxDepth | quote }}
-- name: GPTOSS_MAX_JSON_OBJECT_MEMBERS
+- name: GPTOSS_VLLM_MAX_JSON_OBJECT_MEMBERS
   value: {{ int64 $v.ingress.bodyShape.maxObjectMembers | quote }}
-- name: GPTOSS_MAX_JSON_ARRAY_ITEMS
+- name: GPTOSS_VLLM_MAX_JSON_ARRAY_ITEMS
   value: {{ int64 $v.ingress.bodyShape.maxArrayItems | quote }}
-- name: GPTOSS_MAX_JSON_STRING_BYTES
+- name: GPTOSS_VLLM_MAX_JSON_STRING_BYTES
   value: {{ int64 $v.ingress.bodyShape.maxStringBytes | quote }}
-- name: GPTOSS_MAX_JSON_WORD_BYTES
+- name: GPTOSS_VLLM_MAX_JSON_WORD_BYTES
   value: {{ int64 $v.ingress.bodyShape.maxWordBytes | quote }}
 {{- /* The ingress's own secrets (it runs on the head only): the monitoring token, the store's password. */}}
 {{- if and (not .worker) (include "gptoss.monitoringToken" .root) }}
-- name: {{ dig "ingress" "monitoring_token_env" "GPTOSS_MONITORING_TOKEN" $v.serve }}
+- name: {{ dig "ingress" "monitoring_token_env" "GPTOSS_VLLM_MONITORING_TOKEN" $v.serve }}
   valueFrom:
     secretKeyRef:
       name: {{ include "gptoss.monitoringTokenSecret" .root }}
       key: {{ $v.monitoring.tokenSecret.key }}
 {{- end }}
 {{- if and (not .worker) (eq $v.responseStore.backend "redis") $v.responseStore.passwordSecret.name }}
-- name: GPTOSS_RESPONSE_STORE_PASSWORD
+- name: GPTOSS_VLLM_RESPONSE_STORE_PASSWORD
   valueFrom:
     secretKeyRef:
       name: {{ $v.responseStore.passwordSecret.name }}

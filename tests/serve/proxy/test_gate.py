@@ -180,10 +180,10 @@ def test_settings_come_from_the_environment_and_bad_ones_name_the_variable(monke
     for name, value in gate_env(4096, 8192, 2.5, ShapeLimits(10, 20, 30, 4000, 300)).items():
         monkeypatch.setenv(name, value)
     assert ProxyGate(_App()).shape == ShapeLimits(10, 20, 30, 4000, 300)
-    monkeypatch.setenv("GPTOSS_MAX_JSON_DEPTH", "0")
-    with pytest.raises(GateError, match="GPTOSS_MAX_JSON_DEPTH='0' must be positive"):
+    monkeypatch.setenv("GPTOSS_VLLM_MAX_JSON_DEPTH", "0")
+    with pytest.raises(GateError, match="GPTOSS_VLLM_MAX_JSON_DEPTH='0' must be positive"):
         ProxyGate(_App())
-    monkeypatch.setenv("GPTOSS_MAX_JSON_DEPTH", "10")
-    monkeypatch.setenv("GPTOSS_MAX_BODY_BYTES", "lots")
-    with pytest.raises(GateError, match="GPTOSS_MAX_BODY_BYTES='lots'"):
+    monkeypatch.setenv("GPTOSS_VLLM_MAX_JSON_DEPTH", "10")
+    monkeypatch.setenv("GPTOSS_VLLM_MAX_BODY_BYTES", "lots")
+    with pytest.raises(GateError, match="GPTOSS_VLLM_MAX_BODY_BYTES='lots'"):
         ProxyGate(_App())

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import sqlite3
 import threading
 import time
@@ -28,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from gptoss_vllm import envs
 from gptoss_vllm.serve.config import ResponseStoreConfig
 
 log = logging.getLogger("ray.serve")
@@ -304,6 +304,6 @@ class RedisStore(ResponseStore):
 def open_store(config: ResponseStoreConfig, on_evict: EvictionCallback | None = None) -> ResponseStore:
     """The configured backend; Redis's password comes from ``config.password_env`` (never the config)."""
     if config.backend == "redis":
-        password = os.environ.get(config.password_env) or None
+        password = envs.lookup(config.password_env) or None
         return RedisStore(config, on_evict, password=password)
     return EmbeddedStore(config, on_evict)

@@ -36,7 +36,7 @@ def make_store(request, tmp_path, redis_server, monkeypatch):
     """Builds stores of one backend (all on the same data, as two ingress processes would be)."""
     evictions: list[tuple[str, int]] = []
     prefix = f"test-{request.node.name}-{time.monotonic_ns()}:"
-    monkeypatch.setenv("GPTOSS_RESPONSE_STORE_PASSWORD", PASSWORD)
+    monkeypatch.setenv("GPTOSS_VLLM_RESPONSE_STORE_PASSWORD", PASSWORD)
 
     def make(**settings):
         if request.param == "embedded":
@@ -118,7 +118,7 @@ def test_a_store_that_cannot_be_reached_raises_store_unavailable(tmp_path, redis
     stopped = start_redis(tmp_path)
     stopped.stop()
     gone = RedisStore(ResponseStoreConfig(backend="redis", url=stopped.url, timeout_s=0.5))
-    monkeypatch.delenv("GPTOSS_RESPONSE_STORE_PASSWORD", raising=False)
+    monkeypatch.delenv("GPTOSS_VLLM_RESPONSE_STORE_PASSWORD", raising=False)
     unauthenticated = open_store(ResponseStoreConfig(backend="redis", url=redis_server.url))
 
     async def failures(store):
