@@ -3,7 +3,10 @@
 
 Every dashboard has a Prometheus data source variable and the ``namespace`` and ``pool`` query variables (multi,
 with All as ``.*``); every query filters ``namespace=~"$namespace"`` and, where the series has one, the pool.
-The SLO numbers come from ``gptoss_vllm.observability.rules`` (the one place they live).
+The SLO numbers and alert thresholds come from ``gptoss_vllm.observability.rules`` (the one place they live), and a
+query reads a recording rule of it wherever one records the series (rates over 5 minutes, ``instance`` and
+``replica`` summed away, as kubernetes-mixin's dashboards read its rules); histograms' quantiles, gauges per
+replica and vLLM's own series are read raw.
 ``dashboards.queries.panel_queries()`` lists every (dashboard, panel, expr) of the committed JSON.
 """
 
@@ -22,7 +25,12 @@ from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import common as common_models
 from grafana_foundation_sdk.models import dashboard as dashboard_models
 
-from gptoss_vllm.observability.rules import SCRAPE_COMPONENTS, SLOS, ttft_good_rate
+from gptoss_vllm.observability.rules import (
+    QUEUE_SATURATION_FOR,
+    QUEUE_SATURATION_RATIO,
+    SCRAPE_COMPONENTS,
+    SLOS,
+)
 
 DASHBOARDS_DIR = Path(__file__).resolve().parent
 TAGS = ["gptoss-vllm"]
@@ -150,10 +158,10 @@ def slo_by_effort() -> dashboard_builders.Dashboard:
     availability = min(slo.availability for slo in SLOS.values())
     error_budget = round(1 - availability, 9)
     ttft_target = min(slo.ttft_target for slo in SLOS.values())
-    streams = f"sum by (effort) (rate(gptoss_time_to_first_token_seconds_count{{{NS_POOL}}}[{RATE}]))"
-    good = ttft_good_rate(RATE, "effort", f"{NS_POOL}, ")
-    requests = f"sum by (effort) (rate(gptoss_requests_total{{{NS_POOL}}}[{RATE}]))"
-    errors = f'sum by (effort) (rate(gptoss_requests_total{{{NS_POOL}, status=~"5.."}}[{RATE}]))'
+    streams = f"sum by (effort) (gptoss:streams:rate5m{{{NS_POOL}}})"
+    good = f"sum by (effort) (gptoss:goodput:rate5m{{{NS_POOL}}})"
+    requests = f"sum by (effort) (gptoss:requests_by_status:rate5m{{{NS_POOL}}})"
+    errors = f'sum by (effort) (gptoss:requests_by_status:rate5m{{{NS_POOL}, status=~"5.."}})'
     return (
         new_dashboard(
             "gptoss-slo-by-effort",
@@ -198,7 +206,7 @@ def slo_by_effort() -> dashboard_builders.Dashboard:
                 "reqps",
                 [
                     target(
-                        f"sum by (effort, status) (rate(gptoss_requests_total{{{NS_POOL}}}[{RATE}]))",
+                        f"sum by (effort, status) (gptoss:requests_by_status:rate5m{{{NS_POOL}}})",
                         "{{effort}} {{status}}",
                     )
                 ],
@@ -247,7 +255,7 @@ def slo_by_effort() -> dashboard_builders.Dashboard:
                 "short",
                 [
                     target(
-                        f"sum by (effort, kind) (rate(gptoss_output_tokens_total{{{NS_POOL}}}[{RATE}]))",
+                        f"sum by (effort, kind) (gptoss:output_tokens:rate5m{{{NS_POOL}}})",
                         "{{effort}} {{kind}}",
                     )
                 ],
@@ -261,11 +269,11 @@ def slo_by_effort() -> dashboard_builders.Dashboard:
                 "short",
                 [
                     target(
-                        f"sum by (effort) (rate(gptoss_prompt_tokens_total{{{NS_POOL}}}[{RATE}]))",
+                        f"sum by (effort) (gptoss:prompt_tokens:rate5m{{{NS_POOL}}})",
                         "{{effort}} prompt tokens",
                     ),
                     target(
-                        f"sum by (effort) (rate(gptoss_budget_clamps_total{{{NS}}}[{RATE}]))",
+                        f"sum by (effort) (gptoss:budget_clamps:rate5m{{{NS}}})",
                         "{{effort}} clamps",
                     ),
                 ],
@@ -289,8 +297,8 @@ def pools_and_capacity() -> dashboard_builders.Dashboard:
                 "fires at 0 with a floor above 0, or with requests waiting), and starts from zero in the last hour.",
                 "short",
                 [
-                    target(f"max by (pool) (gptoss_pool_running_replicas{{{NS_POOL}}})", "{{pool}}"),
-                    target(f"max by (pool) (gptoss_pool_min_replicas{{{NS_POOL}}})", "{{pool}} floor"),
+                    target(f"max by (pool) (gptoss:pool_running_replicas:max{{{NS_POOL}}})", "{{pool}}"),
+                    target(f"max by (pool) (gptoss:pool_min_replicas:max{{{NS_POOL}}})", "{{pool}} floor"),
                     target(
                         f"max by (pool) (increase(gptoss_pool_cold_starts_total{{{NS_POOL}}}[1h]))",
                         "{{pool}} starts from zero (1 h)",
@@ -328,15 +336,11 @@ def pools_and_capacity() -> dashboard_builders.Dashboard:
         .with_panel(
             panel(
                 "Queue saturation by pool",
-                "Queue depth over its bound (GptossPoolQueueSaturated fires above 80% for 10 minutes).",
+                f"Queue depth over its bound (GptossPoolQueueSaturated fires above {QUEUE_SATURATION_RATIO:.0%} for "
+                f"{QUEUE_SATURATION_FOR}).",
                 "percentunit",
-                [
-                    target(
-                        f"max by (pool) (gptoss_queue_depth{{{NS_POOL}}} / (gptoss_queue_limit{{{NS_POOL}}} > 0))",
-                        "{{pool}}",
-                    )
-                ],
-                threshold=0.8,
+                [target(f"max by (pool) (gptoss:queue_depth:ratio_limit{{{NS_POOL}}})", "{{pool}}")],
+                threshold=QUEUE_SATURATION_RATIO,
             )
         )
         .with_panel(
@@ -344,7 +348,7 @@ def pools_and_capacity() -> dashboard_builders.Dashboard:
                 "In-flight requests by pool",
                 "Requests the ingress replicas have sent to the pool and not finished.",
                 "short",
-                [target(f"sum by (pool) (gptoss_in_flight_requests{{{NS_POOL}}})", "{{pool}}")],
+                [target(f"sum by (pool) (gptoss:in_flight_requests:sum{{{NS_POOL}}})", "{{pool}}")],
             )
         )
         .with_row(dashboard_builders.Row("Engines"))
@@ -380,8 +384,8 @@ def pools_and_capacity() -> dashboard_builders.Dashboard:
                 "reqps",
                 [
                     target(
-                        f'sum by (from_pool, to_pool) (\n  rate(gptoss_spillovers_total{{{NS}, from_pool=~"$pool"}}'
-                        f'[{RATE}])\n  or\n  rate(gptoss_spillovers_total{{{NS}, to_pool=~"$pool"}}[{RATE}])\n)',
+                        f'sum by (from_pool, to_pool) (\n  gptoss:spillovers:rate5m{{{NS}, from_pool=~"$pool"}}\n'
+                        f'  or\n  gptoss:spillovers:rate5m{{{NS}, to_pool=~"$pool"}}\n)',
                         "{{from_pool}} -> {{to_pool}}",
                     )
                 ],
@@ -394,7 +398,7 @@ def pools_and_capacity() -> dashboard_builders.Dashboard:
                 "reqps",
                 [
                     target(
-                        f"sum by (reason, pool) (rate(gptoss_rejections_total{{{NS_POOL}}}[{RATE}]))",
+                        f"sum by (reason, pool) (gptoss:rejections:rate5m{{{NS_POOL}}})",
                         "{{reason}} {{pool}}",
                     )
                 ],
@@ -407,7 +411,7 @@ def pools_and_capacity() -> dashboard_builders.Dashboard:
                 "reqps",
                 [
                     target(
-                        f"sum by (pool, status) (rate(gptoss_requests_total{{{NS_POOL}}}[{RATE}]))",
+                        f"sum by (pool, status) (gptoss:requests_by_status:rate5m{{{NS_POOL}}})",
                         "{{pool}} {{status}}",
                     )
                 ],

@@ -59,7 +59,10 @@ def test_every_panel_queries_prometheus_with_the_filters(name):
                 assert "[$__rate_interval]" in expr, f"{name}: {panel['title']!r}: {expr}"
             # Every series but the budget clamps (a counter by effort only) and the conversation store (shared by
             # every pool) has a pool label to filter on.
-            if "gptoss_budget_clamps_total" not in expr and "gptoss_response_store_" not in expr:
+            if not any(
+                s in expr
+                for s in ("gptoss_budget_clamps_total", "gptoss:budget_clamps", "gptoss_response_store_")
+            ):
                 assert '=~"$pool"' in expr, f"{name}: {panel['title']!r}: {expr}"
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -214,6 +215,11 @@ def traffic_group() -> dict:
                 "gptoss:output_tokens:rate5m",
                 "sum by (namespace, effort, pool, kind) (rate(gptoss_output_tokens_total[5m]))",
             ),
+            # Streamed requests whose first token went out (the TTFT histogram's count), the goodput's whole.
+            _record(
+                "gptoss:streams:rate5m",
+                "sum by (namespace, effort, pool) (rate(gptoss_time_to_first_token_seconds_count[5m]))",
+            ),
             _record(
                 "gptoss:prompt_tokens:rate5m",
                 "sum by (namespace, effort, pool) (rate(gptoss_prompt_tokens_total[5m]))",
@@ -277,50 +283,65 @@ def _window_text(severity: str) -> str:
     return " or ".join(f"{w.factor:g}x over {w.long} and {w.short}" for w in _windows(severity))
 
 
+@dataclass(frozen=True)
+class BurnSLI:
+    """One SLI the multi-window burn-rate alerts watch: the ratio it records, its objective, and the alert's text."""
+
+    alert: str  # the alert's name, before Fast/Slow
+    ratio_record: str  # recorded over every SLI window: ``<ratio_record><window>``
+    slo: str  # the ``slo`` label
+    objective: Callable[[EffortSLO], float]  # the share that must be good
+    summary: str  # with {effort} and {speed}
+    description: Callable[[EffortSLO, str], str]  # the SLO and the burn windows' text
+
+
+BURN_SLIS = (
+    BurnSLI(
+        "GptossErrorBudgetBurn",
+        "gptoss:request_errors:ratio_rate",
+        "availability",
+        lambda slo: slo.availability,
+        "gpt-oss {effort}-effort requests are burning the availability error budget ({speed} burn)",
+        lambda slo, burn: (
+            "{{ $value | humanizePercentage }} of {{ $labels.effort }}-effort requests in namespace "
+            f"{{{{ $labels.namespace }}}} failed with a 5xx (SLO {slo.availability:.1%} available, burn {burn})."
+        ),
+    ),
+    BurnSLI(
+        "GptossTTFTBudgetBurn",
+        "gptoss:ttft_slo_miss:ratio_rate",
+        "ttft",
+        lambda slo: slo.ttft_target,
+        "gpt-oss {effort}-effort streams are burning the time-to-first-token error budget ({speed} burn)",
+        lambda slo, burn: (
+            "{{ $value | humanizePercentage }} of {{ $labels.effort }}-effort streams in namespace "
+            f"{{{{ $labels.namespace }}}} waited more than {slo.ttft_bound_s:g} s for their first token (SLO "
+            f"{slo.ttft_target:.0%} within {slo.ttft_bound_s:g} s, burn {burn})."
+        ),
+    ),
+)
+
+
 def slo_alert_group(runbook_base: str) -> dict:
+    """A fast (page) and a slow (ticket) burn-rate alert per SLI of ``BURN_SLIS`` and effort."""
     rules = []
     speeds = {"page": "Fast", "ticket": "Slow"}
-    for effort, slo in SLOS.items():
-        budget = 1 - slo.availability
-        for severity, speed in speeds.items():
-            rules.append(
-                _alert(
-                    f"GptossErrorBudgetBurn{speed}",
-                    _burn_expr("gptoss:request_errors:ratio_rate", effort, budget, _windows(severity)),
-                    BURN_ALERT_FOR[severity],
-                    severity,
-                    summary=f"gpt-oss {effort}-effort requests are burning the availability error budget "
-                    f"({speed.lower()} burn)",
-                    description=(
-                        "{{ $value | humanizePercentage }} of {{ $labels.effort }}-effort requests in namespace "
-                        "{{ $labels.namespace }} failed with a 5xx (SLO "
-                        f"{slo.availability:.1%} available, burn {_window_text(severity)})."
-                    ),
-                    runbook_base=runbook_base,
-                    labels={"effort": effort, "slo": "availability"},
+    for sli in BURN_SLIS:
+        for effort, slo in SLOS.items():
+            budget = 1 - sli.objective(slo)
+            for severity, speed in speeds.items():
+                rules.append(
+                    _alert(
+                        f"{sli.alert}{speed}",
+                        _burn_expr(sli.ratio_record, effort, budget, _windows(severity)),
+                        BURN_ALERT_FOR[severity],
+                        severity,
+                        summary=sli.summary.format(effort=effort, speed=speed.lower()),
+                        description=sli.description(slo, _window_text(severity)),
+                        runbook_base=runbook_base,
+                        labels={"effort": effort, "slo": sli.slo},
+                    )
                 )
-            )
-    for effort, slo in SLOS.items():
-        budget = 1 - slo.ttft_target
-        for severity, speed in speeds.items():
-            rules.append(
-                _alert(
-                    f"GptossTTFTBudgetBurn{speed}",
-                    _burn_expr("gptoss:ttft_slo_miss:ratio_rate", effort, budget, _windows(severity)),
-                    BURN_ALERT_FOR[severity],
-                    severity,
-                    summary=f"gpt-oss {effort}-effort streams are burning the time-to-first-token error budget "
-                    f"({speed.lower()} burn)",
-                    description=(
-                        "{{ $value | humanizePercentage }} of {{ $labels.effort }}-effort streams in namespace "
-                        "{{ $labels.namespace }} waited more than "
-                        f"{slo.ttft_bound_s:g} s for their first token (SLO {slo.ttft_target:.0%} within "
-                        f"{slo.ttft_bound_s:g} s, burn {_window_text(severity)})."
-                    ),
-                    runbook_base=runbook_base,
-                    labels={"effort": effort, "slo": "ttft"},
-                )
-            )
     return {"name": "gptoss-slo-alerts", "rules": rules}
 
 
