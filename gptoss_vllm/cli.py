@@ -17,7 +17,7 @@ log = logging.getLogger("gptoss_vllm")
 
 
 def _make_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from gptoss_vllm.checkpoints.config import ConfigError, parse_override
+    from gptoss_vllm.checkpoints.config import ModelConfigError, parse_override
     from gptoss_vllm.presets import TRAINED_PRESETS, build_preset
 
     if args.preset in TRAINED_PRESETS and args.seed is not None:
@@ -25,7 +25,7 @@ def _make_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     try:
         overrides = dict(parse_override(item) for item in args.set)
         out = build_preset(args.preset, args.out, args.seed or 0, args.dtype, args.force, overrides)
-    except ConfigError as exc:
+    except ModelConfigError as exc:
         parser.error(f"{'--set' if args.set else '--preset'}: {exc}")
     except FileExistsError as exc:
         parser.error(f"--out: {exc}")
@@ -264,7 +264,7 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def _train_nano(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from gptoss_vllm.nano.evaluate import evaluate_weights, format_table
-    from gptoss_vllm.nano.train import CheckpointError, TrainSettings, asset_tensors, save_asset, train
+    from gptoss_vllm.nano.train import TrainSettings, TrainStateError, asset_tensors, save_asset, train
 
     out = Path(args.out)
     if out.exists() and not args.force:
@@ -276,7 +276,7 @@ def _train_nano(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     )
     try:
         result = train(settings, checkpoint_dir=checkpoints, checkpoint_every=args.checkpoint_every)
-    except CheckpointError as exc:
+    except TrainStateError as exc:
         parser.error(f"--checkpoint-dir: {exc}")
     if result.resumed_at:
         print(f"resumed from step {result.resumed_at} ({checkpoints})")

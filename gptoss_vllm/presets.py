@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from gptoss_vllm.checkpoints.builder import write_checkpoint
-from gptoss_vllm.checkpoints.config import ConfigError, build_config
+from gptoss_vllm.checkpoints.config import ModelConfigError, build_config
 
 TRAINED_PRESETS = ("nano",)
 
@@ -25,7 +25,9 @@ def build_preset(
     if preset not in TRAINED_PRESETS:
         return write_checkpoint(out, config, seed=seed, dtype=dtype, force=force, progress=progress)
     if overrides:
-        raise ConfigError(f"the {preset} preset is a trained model: its shape cannot be changed with --set")
+        raise ModelConfigError(
+            f"the {preset} preset is a trained model: its shape cannot be changed with --set"
+        )
     from gptoss_vllm.nano.asset import expanded_tensors
 
     return write_checkpoint(

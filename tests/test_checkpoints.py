@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from gptoss_vllm.checkpoints.builder import write_checkpoint
-from gptoss_vllm.checkpoints.config import ConfigError, build_config
+from gptoss_vllm.checkpoints.config import ModelConfigError, build_config
 from gptoss_vllm.checkpoints.layout import TensorSpec, checkpoint_specs
 from gptoss_vllm.checkpoints.safetensors_stream import write_streaming
 from gptoss_vllm.quant import mxfp4
@@ -124,7 +124,7 @@ def test_config_overrides_apply_and_stay_consistent() -> None:
     ],
 )
 def test_impossible_configs_are_rejected(overrides: dict, message: str) -> None:
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ModelConfigError, match=message):
         build_config("tiny", overrides)
 
 

@@ -230,7 +230,7 @@ def test_training_is_deterministic_and_learns(vocab):
 
 
 def test_a_stopped_training_resumes_from_its_checkpoint_to_the_same_model(tmp_path):
-    from gptoss_vllm.nano.train import CHECKPOINT_FILE, CheckpointError, TrainSettings, train
+    from gptoss_vllm.nano.train import CHECKPOINT_FILE, TrainSettings, TrainStateError, train
 
     settings = TrainSettings(seed=11, steps=6, batch_size=4, warmup=1, qat_fraction=0.5, threads=1)
     whole = train(settings, progress=False)
@@ -245,7 +245,7 @@ def test_a_stopped_training_resumes_from_its_checkpoint_to_the_same_model(tmp_pa
     ):
         assert torch.equal(a, b), name
     # Other settings than the checkpoint's are refused, naming what differs; on the command line, exit 2.
-    with pytest.raises(CheckpointError, match=r"batch_size 4 there, 8 now"):
+    with pytest.raises(TrainStateError, match=r"batch_size 4 there, 8 now"):
         train(dataclasses.replace(settings, batch_size=8), progress=False, checkpoint_dir=tmp_path)
     refused = subprocess.run(
         [sys.executable, "-m", "gptoss_vllm.cli", "train-nano", "--out", str(tmp_path / "nano.safetensors"),

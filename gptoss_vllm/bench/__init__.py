@@ -1,1 +1,5 @@
 """Benchmarks: commands that print figures and write JSON (never timing assertions in tests)."""
+
+
+class BenchmarkError(Exception):
+    """Every error of ``gptoss_vllm.bench``: a benchmark could not run or measure."""

@@ -11,12 +11,14 @@ from typing import Any
 
 import yaml
 
+from gptoss_vllm.bench import BenchmarkError
+
 # The chart of this checkout (the package is installed from it: `make venv`).
 CHART = Path(__file__).resolve().parents[2] / "helm" / "gptoss-vllm"
 NAMESPACE = "gptoss"
 
 
-class ChartError(RuntimeError):
+class ChartError(BenchmarkError, RuntimeError):
     """The chart could not be loaded or rendered (the message names the chart and Helm's own error)."""
 
 

@@ -34,6 +34,7 @@ from typing import Any
 import psutil
 from tqdm import tqdm
 
+from gptoss_vllm.bench import BenchmarkError
 from gptoss_vllm.model.backend import ENV_VAR as BACKEND_ENV
 from gptoss_vllm.serve.core_split import BIND_ENV
 
@@ -41,7 +42,7 @@ PHASES = ("convert", "loading", "prefill", "decode")  # convert: llama.cpp's GGU
 MXFP4_BYTES_PER_VALUE = 17 / 32  # 32 4-bit values and one E8M0 scale byte per block
 
 
-class BenchError(RuntimeError):
+class BenchError(BenchmarkError, RuntimeError):
     """The bench cannot go on; the message says what to change."""
 
 

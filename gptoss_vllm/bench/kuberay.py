@@ -42,6 +42,7 @@ import httpx
 import psutil
 import yaml
 
+from gptoss_vllm.bench import BenchmarkError
 from gptoss_vllm.bench.process import free_port, yield_cpu_to_caller
 from gptoss_vllm.serve.app_names import app_of
 
@@ -52,7 +53,7 @@ OBJECT_STORE_BYTES = 256 << 20
 GIB = 1 << 30
 
 
-class ClusterError(RuntimeError):
+class ClusterError(BenchmarkError, RuntimeError):
     """The emulated cluster could not be built or asked (the message says what, with the nodes' logs)."""
 
 

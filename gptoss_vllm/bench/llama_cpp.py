@@ -27,12 +27,14 @@ from typing import Any
 
 from tqdm import tqdm
 
+from gptoss_vllm.bench import BenchmarkError
+
 SDIST = "llama-cpp-python"
 SDIST_VERSION = "0.3.36"
 TOOLS = ("llama-bench", "llama-batched-bench")
 
 
-class LlamaCppError(RuntimeError):
+class LlamaCppError(BenchmarkError, RuntimeError):
     """A llama.cpp step failed; the message says which and where its log is."""
 
 

@@ -23,8 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gptoss_vllm.capacity import CapacityError
 
-class CurveError(ValueError):
+
+class CurveError(CapacityError, ValueError):
     """A curve file that cannot be used; the message names the file and the key."""
 
 

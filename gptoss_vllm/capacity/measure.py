@@ -30,10 +30,11 @@ from typing import Any
 
 import httpx
 
+from gptoss_vllm.capacity import CapacityError
 from gptoss_vllm.capacity.curve import Curve
 
 
-class MeasureError(RuntimeError):
+class MeasureError(CapacityError, RuntimeError):
     """The endpoint did not answer as a curve needs; the message says what it did."""
 
 

@@ -26,6 +26,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from gptoss_vllm.capacity import CapacityError
 from gptoss_vllm.capacity.curve import Curve
 from gptoss_vllm.capacity.simulate import PoolSpec, Request, simulate
 from gptoss_vllm.loadtest.slo import Slo, goodput_bounds
@@ -33,7 +34,7 @@ from gptoss_vllm.loadtest.slo import Slo, goodput_bounds
 EFFORTS = ("low", "medium", "high")
 
 
-class PlanError(ValueError):
+class PlanError(CapacityError, ValueError):
     """A traffic description that cannot be used; the message names the file and the key."""
 
 

@@ -12,14 +12,17 @@ from typing import Any
 
 import yaml
 
-EXPERT_MODULES_NOT_CONVERTED = [
+from gptoss_vllm.checkpoints import CheckpointsError
+
+# What an MXFP4 checkpoint keeps in bf16: everything but the experts (the quantization config's key).
+MODULES_NOT_CONVERTED = [
     "model.layers.*.self_attn",
     "model.layers.*.mlp.router",
     "model.embed_tokens",
     "lm_head",
 ]
 
-MXFP4_QUANTIZATION_CONFIG = {"quant_method": "mxfp4", "modules_to_not_convert": EXPERT_MODULES_NOT_CONVERTED}
+MXFP4_QUANTIZATION_CONFIG = {"quant_method": "mxfp4", "modules_to_not_convert": MODULES_NOT_CONVERTED}
 
 GPT_OSS_20B: dict[str, Any] = {
     "architectures": ["GptOssForCausalLM"],
@@ -91,8 +94,9 @@ _FIXED_KEYS = {"architectures", "model_type", "quantization_config", "transforme
 MIN_VOCAB_SIZE = 200013  # room for every named harmony special token (up to <|call|> = 200012)
 
 
-class ConfigError(ValueError):
-    """A gpt-oss configuration value is unknown, mistyped or describes impossible shapes."""
+class ModelConfigError(CheckpointsError, ValueError):
+    """A gpt-oss model configuration (config.json) value is unknown, mistyped or describes impossible shapes.
+    (A serving config's errors are ``serve.config.ConfigError``.)"""
 
 
 def settable_keys() -> set[str]:
@@ -109,11 +113,11 @@ def parse_override(item: str) -> tuple[str, Any]:
     key, sep, raw = item.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise ConfigError(f"--set expects key=value, got {item!r}")
+        raise ModelConfigError(f"--set expects key=value, got {item!r}")
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {exc}") from None
+        raise ModelConfigError(f"--set {key}: cannot parse value {raw!r}: {exc}") from None
     return key, value
 
 
@@ -123,20 +127,20 @@ def _is_int(v: Any) -> bool:
 
 def _require(cond: bool, message: str) -> None:
     if not cond:
-        raise ConfigError(message)
+        raise ModelConfigError(message)
 
 
 def build_config(preset: str = "tiny", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """The HF config dict for ``preset`` with ``overrides`` applied and checked (no quantization_config)."""
     if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
+        raise ModelConfigError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
     config = copy.deepcopy(GPT_OSS_20B)
     config.update(copy.deepcopy(PRESETS[preset]))
     overrides = dict(overrides or {})
     allowed = settable_keys()
     for key in overrides:
         if key not in allowed:
-            raise ConfigError(
+            raise ModelConfigError(
                 f"unknown gpt-oss config key {key!r}; settable keys: {', '.join(sorted(allowed))}"
             )
     # The two spellings of top-k stay equal; setting either sets both.
@@ -157,7 +161,7 @@ def build_config(preset: str = "tiny", overrides: dict[str, Any] | None = None) 
 
 
 def validate_config(c: dict[str, Any]) -> None:
-    """Raise ConfigError naming the key when ``c`` cannot describe a gpt-oss model."""
+    """Raise ModelConfigError naming the key when ``c`` cannot describe a gpt-oss model."""
     for key in (
         "num_hidden_layers",
         "hidden_size",

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from gptoss_vllm.checkpoints import CheckpointsError
 from gptoss_vllm.quant.mxfp4 import packed_shapes
 
 EXPERT_PROJECTIONS = ("gate_up_proj", "down_proj")
@@ -82,7 +83,7 @@ def checkpoint_specs(config: dict[str, Any], dtype: str) -> list[TensorSpec]:
     return specs
 
 
-class CheckpointLayoutError(ValueError):
+class CheckpointLayoutError(CheckpointsError, ValueError):
     """A checkpoint tensor is missing, unexpected or mis-shaped for the model's config.json."""
 
 

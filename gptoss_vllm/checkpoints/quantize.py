@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from gptoss_vllm.checkpoints import CheckpointsError
 from gptoss_vllm.checkpoints.config import MXFP4_QUANTIZATION_CONFIG
 from gptoss_vllm.checkpoints.layout import EXPERT_PROJECTIONS, TensorSpec
 from gptoss_vllm.checkpoints.safetensors_stream import DTYPES_BY_NAME, write_streaming
@@ -26,7 +27,7 @@ from gptoss_vllm.quant import mxfp4
 INDEX_FILE = "model.safetensors.index.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(CheckpointsError, ValueError):
     """The source checkpoint is not a bf16 gpt-oss checkpoint this converter understands."""
 
 

@@ -17,6 +17,7 @@ import torch
 
 from gptoss_vllm import envs
 from gptoss_vllm.cache import cache_root
+from gptoss_vllm.kernels import KernelError
 
 SOURCE = Path(__file__).parent / "csrc" / "mxfp4_moe.cpp"
 CFLAGS = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno"]
@@ -26,7 +27,7 @@ _lock = threading.Lock()
 _loaded = False
 
 
-class KernelBuildError(RuntimeError):
+class KernelBuildError(KernelError, RuntimeError):
     """The C++ kernel could not be compiled or loaded."""
 
 

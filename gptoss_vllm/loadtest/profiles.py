@@ -9,11 +9,13 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from gptoss_vllm.loadtest import LoadTestError
+
 EFFORTS = ("low", "medium", "high")
 PROFILES_DIR = files("gptoss_vllm.loadtest") / "profiles"
 
 
-class ProfileError(ValueError):
+class ProfileError(LoadTestError, ValueError):
     """A profile is unknown or invalid; the message names the file and the key."""
 
 

@@ -8,8 +8,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from gptoss_vllm.loadtest import LoadTestError
 
-class SloError(ValueError):
+
+class SloError(LoadTestError, ValueError):
     """An SLO file is missing or invalid; the message names the file and the key."""
 
 

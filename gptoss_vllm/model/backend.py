@@ -15,6 +15,7 @@ import platform
 from dataclasses import dataclass
 
 from gptoss_vllm import envs
+from gptoss_vllm.model import ModelError
 
 ENV_VAR = envs.MOE_BACKEND.name
 BACKENDS = ("native", "cpu", "reference")
@@ -24,7 +25,7 @@ log = logging.getLogger("vllm." + __name__)  # under vLLM's logger: its handler,
 _announced: set[tuple[str, str]] = set()
 
 
-class BackendUnavailableError(RuntimeError):
+class BackendUnavailableError(ModelError, RuntimeError):
     """The requested MoE backend cannot run on this platform or configuration."""
 
 

@@ -20,13 +20,14 @@ from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMetho
 from vllm.platforms import current_platform
 
 from gptoss_vllm import envs
+from gptoss_vllm.model import ModelError
 
 ENV_VAR = envs.CPU_GEMM.name
 CHOICES = ("packed", "onednn")
 _BLOCK = 32  # the packed layout's row block, and the K granule of its kernel
 
 
-class CpuGemmError(ValueError):
+class CpuGemmError(ModelError, ValueError):
     """An unknown ``GPTOSS_VLLM_CPU_GEMM``; the message names the choices."""
 
 

@@ -4,3 +4,7 @@
 sequences, rendered by vLLM's own harmony code) -> ``train`` (from scratch on CPU, MXFP4-aware) ->
 ``asset`` (the committed weights, expanded into a full checkpoint by ``make-model --preset nano``).
 """
+
+
+class NanoError(Exception):
+    """Every error of ``gptoss_vllm.nano``: the nano model's asset, training state or tools cannot be used."""

@@ -18,13 +18,14 @@ import torch
 
 from gptoss_vllm.checkpoints.config import build_config
 from gptoss_vllm.checkpoints.layout import checkpoint_specs
+from gptoss_vllm.nano import NanoError
 from gptoss_vllm.quant import mxfp4
 
 ASSET_PATH = Path(__file__).with_name("assets") / "nano.safetensors"
 _VOCAB_ROWS = ("model.embed_tokens.weight", "lm_head.weight")
 
 
-class AssetError(RuntimeError):
+class AssetError(NanoError, RuntimeError):
     """The nano asset is missing or does not fit the nano preset."""
 
 

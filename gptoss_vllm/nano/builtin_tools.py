@@ -24,6 +24,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from gptoss_vllm.nano import NanoError
 from gptoss_vllm.nano.tasks import (
     SEARCH_TOPN,
     Found,
@@ -40,7 +41,7 @@ from gptoss_vllm.nano.tasks import (
 TOOL_NAMES = ("python", "browser")
 
 
-class ToolDeclarationError(RuntimeError):
+class ToolDeclarationError(NanoError, RuntimeError):
     """The tool servers could not be started or read (names the tool and why)."""
 
 
@@ -219,7 +220,7 @@ def _message(text: str, channel: str, recipient: str | None = None, content_type
     return message
 
 
-class RenderingError(RuntimeError):
+class RenderingError(NanoError, RuntimeError):
     """vLLM rendered a conversation's history differently from the tokens the model wrote in it."""
 
 

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from gptoss_vllm.kernels.swiglu import gpt_oss_swiglu
+
 
 def _rms_norm(x: torch.Tensor, norm: Any) -> torch.Tensor:
     x = x.float()
@@ -72,11 +74,7 @@ def _experts(mlp: Any, x: torch.Tensor) -> torch.Tensor:
             for e, rows in enumerate(flat[token].split(counts))
         ]
     )
-    gate, up = (
-        gate_up[..., ::2].clamp(max=experts.limit),
-        gate_up[..., 1::2].clamp(-experts.limit, experts.limit),
-    )
-    hidden = (up + 1) * gate * torch.sigmoid(gate * experts.alpha)
+    hidden = gpt_oss_swiglu(gate_up, experts.alpha, experts.limit)
     out = torch.cat(
         [
             rows @ experts.down_proj[e] + experts.down_proj_bias[e]

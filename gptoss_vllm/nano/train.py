@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from gptoss_vllm.checkpoints.config import build_config
+from gptoss_vllm.nano import NanoError
 from gptoss_vllm.nano.conversations import Example, sample_examples, vocabulary
 from gptoss_vllm.nano.forward import forward_logits
 from gptoss_vllm.quant import mxfp4
@@ -68,7 +69,7 @@ class TrainResult:
         return len(self.losses) == self.settings.steps
 
 
-class CheckpointError(RuntimeError):
+class TrainStateError(NanoError, RuntimeError):
     """A checkpoint that cannot be resumed from; the message names the file and what differs."""
 
 
@@ -280,7 +281,7 @@ class _Run:
         try:
             state = torch.load(path, weights_only=False)
         except Exception as exc:
-            raise CheckpointError(f"{path}: unreadable ({exc}); remove it to start over") from None
+            raise TrainStateError(f"{path}: unreadable ({exc}); remove it to start over") from None
         saved = state["settings"]
         differs = {
             k: (saved.get(k), v)
@@ -289,11 +290,11 @@ class _Run:
         }
         if differs:
             listed = ", ".join(f"{k} {old!r} there, {new!r} now" for k, (old, new) in differs.items())
-            raise CheckpointError(
+            raise TrainStateError(
                 f"{path}: trained with other settings ({listed}); resume with them or remove it"
             )
         if state["vocab"] != self.vocab:
-            raise CheckpointError(f"{path}: trained on another vocabulary (the task families changed)")
+            raise TrainStateError(f"{path}: trained on another vocabulary (the task families changed)")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.rng.setstate(state["rng"])

@@ -17,6 +17,8 @@ from pathlib import Path
 import httpx
 import yaml
 
+from gptoss_vllm.observability import ObservabilityError
+
 SCRAPE_INTERVAL = "5s"
 SD_REFRESH_INTERVAL = "15s"  # new replicas appear within this; each refresh is an access-log line
 DEFAULT_PORT = 9090
@@ -24,7 +26,7 @@ RULES = files("gptoss_vllm.observability") / "prometheus" / "rules.yaml"
 INSTALL_HINT = "run `make venv` (it installs Debian's prometheus package) or `apt-get install prometheus`"
 
 
-class PrometheusError(RuntimeError):
+class PrometheusError(ObservabilityError, RuntimeError):
     """The local Prometheus is missing, failed to start or is not configured correctly."""
 
 

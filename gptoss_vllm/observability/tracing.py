@@ -12,11 +12,13 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from gptoss_vllm.observability import ObservabilityError
+
 SERVICE_NAME = "gptoss-vllm"
 PROTOCOLS = ("grpc", "http/protobuf")
 
 
-class TracingConfigError(ValueError):
+class TracingConfigError(ObservabilityError, ValueError):
     """An ``OTEL_*`` variable has a value the exporters cannot use."""
 
 

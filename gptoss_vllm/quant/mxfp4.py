@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from gptoss_vllm.quant import QuantError
+
 BLOCK_SIZE = 32
 """Elements sharing one E8M0 scale."""
 
@@ -39,7 +41,7 @@ _TIE_ROUNDS_UP = (False, True, False, True, False, True, False)
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-class MXFP4FormatError(ValueError):
+class MXFP4FormatError(QuantError, ValueError):
     """A tensor does not have the shape or dtype the MXFP4 layout requires."""
 
 

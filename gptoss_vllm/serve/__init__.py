@@ -20,3 +20,7 @@ The folders are the processes the code runs in; data flows one way, proxy -> ing
 Helpers that only the benches and tests use (starting a stack or a vLLM server as a process) live in
 :mod:`gptoss_vllm.bench`.
 """
+
+
+class ServeError(Exception):
+    """Every error of ``gptoss_vllm.serve``: the service's configuration, launch or a request's settings cannot be used."""

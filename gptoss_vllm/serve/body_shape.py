@@ -22,6 +22,8 @@ import re
 from dataclasses import dataclass
 from functools import cache
 
+from gptoss_vllm.serve import ServeError
+
 # A string (escapes included, possessive so that a long one is never backtracked) or one structural character.
 _TOKEN = re.compile(rb'"(?:[^"\\]++|\\.)*+"?|[{}\[\],]')
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -40,7 +42,7 @@ class ShapeLimits:
     max_word_bytes: int = 32768  # 0.3 s to encode here
 
 
-class ShapeError(ValueError):
+class ShapeError(ServeError, ValueError):
     """A body over one of its shape bounds; ``bound`` names it, ``path`` is where it was passed."""
 
     def __init__(self, bound: str, limit: int, path: str) -> None:

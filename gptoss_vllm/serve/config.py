@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from gptoss_vllm import envs
 from gptoss_vllm.cache import cache_root
+from gptoss_vllm.serve import ServeError
 from gptoss_vllm.serve.body_shape import ShapeLimits
 
 EFFORTS: tuple[str, ...] = ("low", "medium", "high")
@@ -31,7 +32,7 @@ _POOL_NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
 _S = TypeVar("_S", bound=BaseModel)
 
 
-class ConfigError(ValueError):
+class ConfigError(ServeError, ValueError):
     """A serving configuration that cannot be used; the message names the file and the key."""
 
 

@@ -23,6 +23,7 @@ import httpx
 from tqdm import tqdm
 
 from gptoss_vllm import envs
+from gptoss_vllm.serve import ServeError
 from gptoss_vllm.serve.config import ServeConfig
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ STATES_POLL_S = 2.0  # how often the progress bar asks Serve for the deployments
 READY_LINE = "gptoss-vllm is ready at"  # printed once the app answers; process.start_stack waits for it
 
 
-class LaunchError(RuntimeError):
+class LaunchError(ServeError, RuntimeError):
     """The app could not be started; the message says which pool failed and why."""
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 
 from gptoss_vllm.cache import cache_root
+from gptoss_vllm.serve import ServeError
 from gptoss_vllm.serve.config import ServeConfig, ToolServer
 from gptoss_vllm.tools.search_index import SHIPPED_COLLECTION as COLLECTION
 from gptoss_vllm.tools.search_index import build_index
@@ -28,7 +29,7 @@ log = logging.getLogger("gptoss_vllm.tools")
 READY_TIMEOUT_S = 60.0
 
 
-class ToolStartError(RuntimeError):
+class ToolStartError(ServeError, RuntimeError):
     """A tool server that did not come up; the message has its log's tail."""
 
 

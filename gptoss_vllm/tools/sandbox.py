@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from gptoss_vllm.tools import ToolsError
+
 Reason = Literal["ok", "error", "timeout", "cpu_limit", "memory_limit", "output_limit"]
 SERVER_THREADS = (
     64  # room for the server's own threads under a shared process limit (a server not run as root)
@@ -39,7 +41,7 @@ INSTALL_HINT = (
 )
 
 
-class SandboxUnavailable(RuntimeError):
+class SandboxUnavailable(ToolsError, RuntimeError):
     """bubblewrap is missing, or it cannot make namespaces here; the message says what to do."""
 
 

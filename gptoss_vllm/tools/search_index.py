@@ -25,6 +25,8 @@ from typing import Protocol
 
 from tqdm import tqdm
 
+from gptoss_vllm.tools import ToolsError
+
 SUFFIXES = (".md", ".markdown", ".txt", ".html", ".htm")
 SHIPPED_COLLECTION = Path(__file__).with_name(
     "collection"
@@ -32,7 +34,7 @@ SHIPPED_COLLECTION = Path(__file__).with_name(
 _SCHEMA = "CREATE VIRTUAL TABLE docs USING fts5(url UNINDEXED, title, body, tokenize='porter unicode61')"
 
 
-class SearchIndexError(RuntimeError):
+class SearchIndexError(ToolsError, RuntimeError):
     """An index that cannot be built or read; the message names the path."""
 
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from gptoss_vllm.serve import ServeError
 from gptoss_vllm.serve.config import Budget
 from gptoss_vllm.serve.ingress.effort import Endpoint
 
 
-class BudgetError(ValueError):
+class BudgetError(ServeError, ValueError):
     """A token limit that is malformed or above a rejecting budget; ``param`` names the field."""
 
     def __init__(self, message: str, param: str, code: str) -> None:

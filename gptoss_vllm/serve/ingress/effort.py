@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from gptoss_vllm.serve import ServeError
 from gptoss_vllm.serve.config import EFFORTS
 
 Endpoint = Literal["chat", "completions", "responses"]
@@ -24,7 +25,7 @@ _INSTRUCTION_ROLES = ("system", "developer")
 log = logging.getLogger("ray.serve")
 
 
-class EffortError(ValueError):
+class EffortError(ServeError, ValueError):
     """An effort value outside low/medium/high; ``param`` names where it was given."""
 
     def __init__(self, value: object, param: str) -> None:

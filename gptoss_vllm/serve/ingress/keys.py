@@ -20,13 +20,14 @@ import time
 from collections.abc import Callable
 
 from gptoss_vllm import envs
+from gptoss_vllm.serve import ServeError
 from gptoss_vllm.serve.config import Auth
 
 log = logging.getLogger("ray.serve")
 _KEY_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
-class KeyConfigError(ValueError):
+class KeyConfigError(ServeError, ValueError):
     """Keys that cannot be loaded (missing file, no keys at all)."""
 
 

@@ -10,9 +10,10 @@ import math
 from collections.abc import Mapping
 
 from gptoss_vllm.refusal_reasons import Reason
+from gptoss_vllm.serve import ServeError
 
 
-class Refusal(Exception):
+class Refusal(ServeError):
     """The request is refused with this answer."""
 
     def __init__(

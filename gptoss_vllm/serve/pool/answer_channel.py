@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from gptoss_vllm.observability.request_record import Observation
+from gptoss_vllm.serve import ServeError
 
 log = logging.getLogger("ray.serve")
 
@@ -75,7 +76,7 @@ class AnswerTicket:
     token: str
 
 
-class AnswerLost(ConnectionError):
+class AnswerLost(ServeError, ConnectionError):
     """The answer's connection ended before its :class:`PoolAnswerEnd`."""
 
 

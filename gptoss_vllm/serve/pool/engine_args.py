@@ -11,6 +11,8 @@ import json
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
+from gptoss_vllm.serve import ServeError
+
 if TYPE_CHECKING:
     from gptoss_vllm.serve.config import PoolConfig
 
@@ -32,7 +34,7 @@ _RESERVED = {
 }
 
 
-class EngineArgsError(ValueError):
+class EngineArgsError(ServeError, ValueError):
     """An engine argument vLLM would refuse."""
 
 

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from gptoss_vllm import envs
+from gptoss_vllm.serve import ServeError
 from gptoss_vllm.serve.body_shape import ShapeLimits
 
 CALLBACK = "gptoss_vllm.serve.proxy.callback:middlewares"
@@ -31,7 +32,7 @@ CONTROL_HEADERS = frozenset({b"x-request-timeout-seconds", b"x-request-disconnec
 SESSION_HEADER_ENV = "RAY_SERVE_SESSION_ID_HEADER_KEY"
 
 
-class GateError(ValueError):
+class GateError(ServeError, ValueError):
     """A proxy gate setting that cannot be used; the message names the environment variable."""
 
 

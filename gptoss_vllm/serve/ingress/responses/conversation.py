@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gptoss_vllm.refusal_reasons import Reason
+from gptoss_vllm.serve import ServeError
 from gptoss_vllm.serve.ingress.refusal import Refusal
 from gptoss_vllm.serve.ingress.responses.store import StoredConversation
 
@@ -142,7 +143,7 @@ def deleted(response_id: str) -> dict[str, Any]:
     return {"id": response_id, "object": "response.deleted", "deleted": True}
 
 
-class ListingError(ValueError):
+class ListingError(ServeError, ValueError):
     """A bad ``input_items`` query parameter; ``param`` names it."""
 
     def __init__(self, param: str, message: str) -> None:

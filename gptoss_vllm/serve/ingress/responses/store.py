@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from gptoss_vllm import envs
+from gptoss_vllm.serve import ServeError
 from gptoss_vllm.serve.config import ResponseStoreConfig
 
 log = logging.getLogger("ray.serve")
@@ -36,7 +37,7 @@ log = logging.getLogger("ray.serve")
 EvictionCallback = Callable[[str, int], None]
 
 
-class StoreUnavailable(RuntimeError):
+class StoreUnavailable(ServeError, RuntimeError):
     """The store could not be read or written; the message says which operation and why."""
 
     def __init__(self, operation: str, detail: str) -> None:
