@@ -183,7 +183,7 @@ def _plan_validate(args: argparse.Namespace, parser: argparse.ArgumentParser, cu
             parser.error(f"--against: {exc}")
     if "configs" not in routing:  # written before bench routing recorded its arms' configs: today's
         from gptoss_vllm.bench.routing import arm_configs
-        from gptoss_vllm.serve.config import load_config
+        from gptoss_vllm.serve.config_load import load_config
 
         routing["configs"] = arm_configs(load_config(None))
     report = validate(routing, curve, routing["configs"], overhead_tokens=args.overhead_tokens,
@@ -230,7 +230,8 @@ def _bench_e2e(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
 
 def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from gptoss_vllm.serve.config import ConfigError, load_config
+    from gptoss_vllm.serve.config import ConfigError
+    from gptoss_vllm.serve.config_load import load_config
     from gptoss_vllm.serve.launcher import Listen, port_is_free, run
 
     try:

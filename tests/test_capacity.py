@@ -133,7 +133,8 @@ def _traffic(rate: float, **overrides):
 def test_plan_compares_shared_split_and_spillover_and_writes_a_valid_pools_fragment():
     from gptoss_vllm.capacity.plan import best, evaluate, layouts, serving_fragment
     from gptoss_vllm.loadtest.slo import load_slo
-    from gptoss_vllm.serve.config import ServeConfig, load_config
+    from gptoss_vllm.serve.config import ServeConfig
+    from gptoss_vllm.serve.config_load import load_config
 
     curve = Curve(8, 40000, ((1, 0.02), (8, 0.05)), ((64, 0.1), (256, 0.4)))
     slo = load_slo("loadtests/slo/cpu-nano.yaml")

@@ -24,7 +24,8 @@ import yaml
 from gptoss_vllm.observability import rules as rules_module
 from gptoss_vllm.serve.app_names import APP_NAME, pool_app_name
 from gptoss_vllm.serve.body_shape import ShapeLimits
-from gptoss_vllm.serve.config import EFFORTS, BodyShape, ServeConfig, parse_view
+from gptoss_vllm.serve.config import EFFORTS, BodyShape, ServeConfig
+from gptoss_vllm.serve.config_load import parse_view
 from gptoss_vllm.serve.proxy.settings import shape_limits
 from helm import values_schema
 from tests.support.chart import CHART, EXAMPLES, NAMESPACE, ROOT, by_kind, chart, example, merge, render

@@ -107,7 +107,8 @@ def test_cli_errors_name_the_argument(tmp_path, args, message):
 
 def test_bench_routing_arms_have_the_same_replicas_and_concurrency():
     from gptoss_vllm.bench.routing import arm_configs
-    from gptoss_vllm.serve.config import ServeConfig, load_config
+    from gptoss_vllm.serve.config import ServeConfig
+    from gptoss_vllm.serve.config_load import load_config
 
     arms = {name: ServeConfig.model_validate(c) for name, c in arm_configs(load_config(None)).items()}
     effort, shared = arms["effort-pools"], arms["shared-pool"]

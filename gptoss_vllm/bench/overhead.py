@@ -29,7 +29,8 @@ import yaml
 from tqdm import tqdm
 
 from gptoss_vllm.serve.app_names import APP_NAME, pool_app_name
-from gptoss_vllm.serve.config import PoolConfig, load_config
+from gptoss_vllm.serve.config import PoolConfig
+from gptoss_vllm.serve.config_load import load_config
 from gptoss_vllm.serve.pool.engine_args import server_argv
 
 TARGETS = ("vllm", "stack")

@@ -199,7 +199,7 @@ def run_relay_bench(
     from ray import serve
 
     from gptoss_vllm.serve.app import run_targets
-    from gptoss_vllm.serve.config import parse_config
+    from gptoss_vllm.serve.config_load import parse_config
 
     config = parse_config(
         {

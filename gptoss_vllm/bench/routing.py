@@ -23,7 +23,8 @@ from typing import Any
 import yaml
 
 from gptoss_vllm.observability.rules import SLOS
-from gptoss_vllm.serve.config import ServeConfig, load_config
+from gptoss_vllm.serve.config import ServeConfig
+from gptoss_vllm.serve.config_load import load_config
 
 ARMS = ("effort-pools", "shared-pool")
 WORKLOAD = {

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from gptoss_vllm import envs
 from gptoss_vllm.bench.overhead import machine_info, process_title
 from gptoss_vllm.serve.app_names import APP_NAME, pool_app_name
-from gptoss_vllm.serve.config import load_config
+from gptoss_vllm.serve.config_load import load_config
 
 KEY = "sk-soak"
 CAPPED_KEY = "sk-soak-capped"

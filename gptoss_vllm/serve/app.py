@@ -19,16 +19,8 @@ from ray.serve.config import BackpressureConfig, RequestRouterConfig
 
 from gptoss_vllm.lifetime import EXIT_WITH_PARENT_ENV
 from gptoss_vllm.serve.app_names import APP_NAME, pool_app_name
-from gptoss_vllm.serve.config import (
-    ConfigError,
-    IngressView,
-    PoolConfig,
-    ServeConfig,
-    load_config,
-    parse_config,
-    parse_pool,
-    parse_view,
-)
+from gptoss_vllm.serve.config import ConfigError, IngressView, PoolConfig, ServeConfig
+from gptoss_vllm.serve.config_load import load_config, parse_config, parse_pool, parse_view
 from gptoss_vllm.serve.ingress.deployment import Ingress, app
 from gptoss_vllm.serve.pool.deployment import PoolServer
 from gptoss_vllm.serve.pool.router import router_class_path

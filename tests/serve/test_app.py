@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gptoss_vllm.serve.config import ConfigError, load_config, parse_config
+from gptoss_vllm.serve.config import ConfigError
+from gptoss_vllm.serve.config_load import load_config, parse_config
 from tests.support.serving_config import serving_config
 
 

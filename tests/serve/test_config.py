@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gptoss_vllm.serve.config import ConfigError, load_config, parse_config
+from gptoss_vllm.serve.config import ConfigError
+from gptoss_vllm.serve.config_load import load_config, parse_config
 from gptoss_vllm.serve.pool.engine_args import server_argv
 from tests.support.serving_config import BASE, serving_config
 

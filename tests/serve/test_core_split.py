@@ -8,7 +8,7 @@ import os
 import psutil
 import pytest
 
-from gptoss_vllm.serve.config import parse_config
+from gptoss_vllm.serve.config_load import parse_config
 from gptoss_vllm.serve.core_split import BIND_ENV, split_cores
 from tests.support.serving_config import serving_config
 

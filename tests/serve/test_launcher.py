@@ -8,7 +8,7 @@ import sys
 
 import yaml
 
-from gptoss_vllm.serve.config import parse_config
+from gptoss_vllm.serve.config_load import parse_config
 from tests.support.serving_config import serving_config
 
 
@@ -55,7 +55,7 @@ def test_the_ready_message_shows_a_python_tool_call_where_a_pool_offers_python()
     import json
     import shlex
 
-    from gptoss_vllm.serve.config import load_config
+    from gptoss_vllm.serve.config_load import load_config
     from gptoss_vllm.serve.launcher import curl_examples
 
     default = load_config(None)

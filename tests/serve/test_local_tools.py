@@ -10,7 +10,8 @@ import sys
 import httpx
 import pytest
 
-from gptoss_vllm.serve.config import ConfigError, load_config, parse_config
+from gptoss_vllm.serve.config import ConfigError
+from gptoss_vllm.serve.config_load import load_config, parse_config
 from tests.support.serving_config import serving_config
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from gptoss_vllm.serve.config import load_config
+from gptoss_vllm.serve.config_load import load_config
 from tests.support import http
 from tests.support.admission import HOLD_ENV, HOLD_MAX_MODEL_LEN, HOLD_TOKENS
 from tests.support.redis_server import RunningRedis, start_redis

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gptoss_vllm.serve.config import parse_config
+from gptoss_vllm.serve.config_load import parse_config
 from gptoss_vllm.serve.ingress.admission import Admission
 from gptoss_vllm.serve.ingress.refusal import Refusal
 from tests.support.serving_config import serving_config

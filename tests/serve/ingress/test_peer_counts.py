@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from gptoss_vllm.serve.config import parse_config
+from gptoss_vllm.serve.config_load import parse_config
 from gptoss_vllm.serve.ingress.peer_counts import PEER_TTL_S, Ledger, PeerView
 from gptoss_vllm.serve.ingress.pipeline import Decision, RequestPipeline
 from gptoss_vllm.serve.ingress.refusal import Refusal

@@ -13,7 +13,8 @@ from gptoss_vllm.observability.local_prometheus import RULES
 from gptoss_vllm.observability.metrics import IngressMetrics
 from gptoss_vllm.observability.rules import SERVICE_REJECTION_REASONS
 from gptoss_vllm.refusal_reasons import Reason
-from gptoss_vllm.serve.config import RateLimit, parse_config
+from gptoss_vllm.serve.config import RateLimit
+from gptoss_vllm.serve.config_load import parse_config
 from gptoss_vllm.serve.ingress.admission import Admission
 from gptoss_vllm.serve.ingress.keys import KeyRing
 from gptoss_vllm.serve.ingress.pipeline import MAX_N, Decision, RequestPipeline, client_address

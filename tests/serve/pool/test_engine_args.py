@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gptoss_vllm.serve.config import parse_config
+from gptoss_vllm.serve.config_load import parse_config
 from gptoss_vllm.serve.pool.engine_args import server_argv
 from tests.support.serving_config import serving_config
 

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 from starlette.responses import JSONResponse
 
 from gptoss_vllm.observability.metrics import IngressMetrics
-from gptoss_vllm.serve.config import parse_config
+from gptoss_vllm.serve.config_load import parse_config
 from gptoss_vllm.serve.ingress.pipeline import Decision
 from gptoss_vllm.serve.ingress.refusal import Refusal
 from gptoss_vllm.serve.ingress.responses.service import ResponsesService

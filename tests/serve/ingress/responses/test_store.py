@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from gptoss_vllm.serve.config import ConfigError, ResponseStoreConfig, parse_config
+from gptoss_vllm.serve.config import ConfigError, ResponseStoreConfig
+from gptoss_vllm.serve.config_load import parse_config
 from gptoss_vllm.serve.ingress.responses.store import (
     EmbeddedStore,
     RedisStore,
