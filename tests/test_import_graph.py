@@ -153,7 +153,7 @@ def test_the_graph_sees_imports_the_way_python_runs_them() -> None:
     assert "gptoss_vllm.refusal_reasons" in graph["gptoss_vllm.observability.metrics"]
     assert "gptoss_vllm.refusal_reasons" in graph["gptoss_vllm.serve.ingress.refusal"]
     assert (
-        "gptoss_vllm.serve.pool.engine_args" in graph["gptoss_vllm.serve.config"]
+        "gptoss_vllm.observability.rules" in graph["gptoss_vllm.capacity.validate"]
     )  # a deferred import, counted
     assert "gptoss_vllm.serve.config" not in graph["gptoss_vllm.serve.pool.engine_args"]  # TYPE_CHECKING only
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
