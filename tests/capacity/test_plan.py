@@ -281,7 +281,7 @@ def test_the_shipped_planning_files_give_the_readme_answer(tmp_path):
     SLO, and past the knee it misses them all while a split with spillover keeps low effort served."""
     from gptoss_vllm.capacity.plan import load_traffic
 
-    root = Path(__file__).resolve().parents[1] / "loadtests"
+    root = Path(__file__).resolve().parents[2] / "loadtests"
     curve = Curve.load(root / "curves" / "gpt-oss-120b-h100-tp2.json")
     assert curve.model == "gpt-oss-120b" and "InferenceMAX" in curve.source
     for name in ("chat", "mixed", "reasoning", "cpu-nano"):

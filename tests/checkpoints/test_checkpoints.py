@@ -17,8 +17,7 @@ from gptoss_vllm.checkpoints.config import ModelConfigError, build_config
 from gptoss_vllm.checkpoints.layout import TensorSpec, checkpoint_specs
 from gptoss_vllm.checkpoints.safetensors_stream import write_streaming
 from gptoss_vllm.quant import mxfp4
-
-from .conftest import TINY_SEED
+from tests.conftest import TINY_SEED
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:

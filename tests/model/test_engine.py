@@ -25,8 +25,7 @@ from transformers import AutoModelForCausalLM
 
 from gptoss_vllm.checkpoints.builder import write_checkpoint
 from gptoss_vllm.checkpoints.config import build_config
-
-from .support.engines import run_offline_batch
+from tests.support.engines import run_offline_batch
 
 MAX_LOGPROB_DIFF = 0.35
 MEAN_LOGPROB_DIFF = 0.03

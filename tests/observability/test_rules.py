@@ -15,7 +15,7 @@ from gptoss_vllm.observability import rules
 from gptoss_vllm.observability.metrics import LATENCY_BUCKETS_S
 
 PROMETHEUS_DIR = rules.RULES_PATH.parent
-RUNBOOK = Path(__file__).resolve().parent.parent / "docs" / "runbook.md"
+RUNBOOK = Path(__file__).resolve().parents[2] / "docs" / "runbook.md"
 ALERTS = {
     "GptossErrorBudgetBurnFast",
     "GptossErrorBudgetBurnSlow",
