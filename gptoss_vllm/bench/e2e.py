@@ -39,6 +39,7 @@ from gptoss_vllm.model.backend import ENV_VAR as BACKEND_ENV
 from gptoss_vllm.serve.core_split import BIND_ENV
 
 PHASES = ("convert", "loading", "prefill", "decode")  # convert: llama.cpp's GGUF conversion, when it runs
+SAMPLE_S = 0.2  # seconds between two samples of a child's memory
 MXFP4_BYTES_PER_VALUE = 17 / 32  # 32 4-bit values and one E8M0 scale byte per block
 
 
@@ -258,7 +259,7 @@ def watch(
                 os.killpg(child.pid, 9)
                 child.wait()
                 raise BenchError(f"{what} ran past {timeout_s:.0f} s; its log: {log_path}")
-            time.sleep(0.2)
+            time.sleep(SAMPLE_S)
     for p in PHASES:
         if peaks[p]:
             run.peak_rss_gb[p] = max(run.peak_rss_gb.get(p, 0), round(peaks[p] / 1e9, 2))
@@ -355,6 +356,13 @@ def _child(spec_path: str) -> None:
     s = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["settings"].items()})
     phase = Path(spec["phase"])
     phase.write_text("loading")
+
+    def enter(name: str) -> None:
+        # Held past the parent's sampling period: a phase shorter than it (the tiny preset's prefill) would
+        # otherwise have no sample at all.
+        phase.write_text(name)
+        time.sleep(3 * SAMPLE_S)
+
     from vllm import LLM, SamplingParams
 
     start = time.perf_counter()
@@ -382,12 +390,12 @@ def _child(spec_path: str) -> None:
         return elapsed
 
     try:
-        phase.write_text("prefill")
+        enter("prefill")
         timed(prompts(1, 64), 2)  # first-call costs out of the figures
         for length in s.prefill_lengths:
             best = min(timed(prompts(1, length), 1) for _ in range(2))
             measured[f"prefill{length}_tok_s"] = round(length / best, 2)
-        phase.write_text("decode")
+        enter("decode")
         for batch in s.batches:
             first = timed(prompts(batch, s.prompt_tokens), 1)
             whole = timed(prompts(batch, s.prompt_tokens), s.output_tokens)
