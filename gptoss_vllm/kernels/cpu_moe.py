@@ -39,7 +39,9 @@ def kernel_isa() -> str:
 
 def prepack(blocks: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Checkpoint-layout MXFP4 (``(..., rows, K/32, 16)`` blocks, ``(..., rows, K/32)`` scales) into the
-    kernel's layout: ``(..., rows, Kp/128, 64)`` and ``(..., rows, Kp/32)``, K padded to a multiple of 128."""
+    kernel's layout: ``(..., rows/4, Kp/128, 4, 64)`` codes and ``(..., rows/4, Kp/128, 4, 4)`` scales, K
+    padded to a multiple of 128, rows in groups of 4 (rows must be a multiple of 4), each superblock of a
+    group in the kernel's order (see the kernel source)."""
     load_kernel()
     return tuple(torch.ops.gptoss_vllm_cpu.mxfp4_prepack(blocks, scales))
 
@@ -71,4 +73,4 @@ def mxfp4_moe(
 def _mxfp4_moe_fake(
     x, topk_ids, topk_weights, w13_blocks, w13_scales, w13_bias, w2_blocks, w2_scales, w2_bias, alpha, limit
 ):
-    return x.new_empty((x.shape[0], w2_blocks.shape[1]))
+    return x.new_empty((x.shape[0], 4 * w2_blocks.shape[1]))  # groups of 4 rows

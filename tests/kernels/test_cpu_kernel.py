@@ -117,18 +117,27 @@ def test_extreme_scales(isa: str) -> None:
 
 
 def test_prepack_layout_and_padding() -> None:
-    """Packed rows: superblocks of 128 elements in 64 bytes, byte j = element j | element j + 64 << 4,
-    scales beside them, K padded with zero codes (scale 1.0) to a multiple of 128; 4.25 bits per weight."""
+    """Packed: rows in groups of 4, one step (superblock of 128 elements) of a group after another; a step's
+    codes are 4 vectors of 64 bytes, byte 16 r + m of vector L holding row r's kernel-order positions
+    32 L + m (low nibble) and 32 L + 16 + m (high); kernel position 16 i + 4 j + b is element 32 j + 4 i + b.
+    Scales: 16 bytes per step, row r's block j at 4 r + j. K padded with zero codes (scale 1.0) to a multiple
+    of 128; 4.25 bits per weight."""
     g = torch.Generator().manual_seed(7)
-    blocks = torch.randint(0, 256, (3, 5, 7, 16), generator=g, dtype=torch.uint8)  # K = 224 -> 256
-    scales = torch.randint(0, 256, (3, 5, 7), generator=g, dtype=torch.uint8)
+    blocks = torch.randint(0, 256, (3, 8, 7, 16), generator=g, dtype=torch.uint8)  # K = 224 -> 256
+    scales = torch.randint(0, 256, (3, 8, 7), generator=g, dtype=torch.uint8)
     packed, packed_scales = cpu_moe.prepack(blocks, scales)
-    assert packed.shape == (3, 5, 2, 64) and packed_scales.shape == (3, 5, 8)
-    codes = torch.stack([blocks & 0x0F, blocks >> 4], dim=-1).reshape(3, 5, 224)  # even element low
-    unpacked = torch.cat([packed & 0x0F, packed >> 4], dim=-1).reshape(3, 5, 256)
+    assert packed.shape == (3, 2, 2, 4, 64) and packed_scales.shape == (3, 2, 2, 4, 4)
+    nibbles = torch.stack([packed & 0x0F, packed >> 4], dim=-2)  # (E, G, S, L, h, 64)
+    by_row = nibbles.view(3, 2, 2, 4, 2, 4, 16).permute(0, 1, 5, 2, 3, 4, 6)  # (E, G, r, S, L, h, m)
+    kernel_order = by_row.reshape(3, 8, 2, 8, 4, 4)  # (E, row, S, i, j, b)
+    unpacked = kernel_order.transpose(3, 4).reshape(3, 8, 256)  # (E, row, S, j, i, b): element order
+    codes = torch.stack([blocks & 0x0F, blocks >> 4], dim=-1).reshape(3, 8, 224)  # even element low
     assert torch.equal(unpacked[..., :224], codes) and not unpacked[..., 224:].any()
-    assert torch.equal(packed_scales[..., :7], scales) and (packed_scales[..., 7] == 127).all()
-    assert (packed.numel() + packed_scales.numel()) * 8 / (3 * 5 * 256) == 4.25  # bits per (padded) weight
+    row_scales = packed_scales.permute(0, 1, 3, 2, 4).reshape(3, 8, 8)
+    assert torch.equal(row_scales[..., :7], scales) and (row_scales[..., 7] == 127).all()
+    assert (packed.numel() + packed_scales.numel()) * 8 / (3 * 8 * 256) == 4.25  # bits per (padded) weight
+    with pytest.raises(RuntimeError, match=r"rows \(5\) must be a multiple of 4"):
+        cpu_moe.prepack(blocks[:, :5], scales[:, :5])
 
 
 def test_unpacked_weights_are_refused() -> None:

@@ -192,7 +192,13 @@ def test_cpu_experts_repack_once_loaded_and_refuse_loading_over_it() -> None:
             experts.load_checkpoint_tensor(suffix, tensor)
         experts.pack_for_backend()
     assert cpu.packed and not ref.packed
-    assert cpu.gate_up_blocks.shape == (e, 2 * i, 1, 64) and cpu.down_blocks.shape == (e, h, 1, 64)
+    assert cpu.gate_up_blocks.shape == (e, 2 * i // 4, 1, 4, 64) and cpu.down_blocks.shape == (
+        e,
+        h // 4,
+        1,
+        4,
+        64,
+    )
     assert torch.equal(ref.gate_up_blocks, b13)
     x = torch.randn(5, h)
     ids, weights = _routing(5, e, 2)
