@@ -32,6 +32,18 @@ def test_no_module_but_envs_spells_a_variables_name() -> None:
     assert not offenders, "read these through gptoss_vllm.envs:\n" + "\n".join(offenders)
 
 
+def test_the_cpu_kernel_reads_no_environment() -> None:
+    """The C++ takes its settings as op arguments (read through envs by cpu_moe), not from getenv."""
+    csrc = ROOT / "gptoss_vllm" / "kernels" / "csrc"
+    readers = [
+        f"{path.relative_to(ROOT)}:{n}"
+        for path in sorted(csrc.rglob("*.[ch]*"))
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if "getenv" in line or "environ" in line
+    ]
+    assert len(list(csrc.rglob("*.cpp"))) >= 4 and not readers, readers
+
+
 def test_every_variable_has_the_prefix_a_type_and_a_doc() -> None:
     names = [v.name for v in envs.ALL]
     assert len(names) == len(set(names)) and len(names) >= 20

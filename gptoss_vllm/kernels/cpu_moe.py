@@ -1,10 +1,10 @@
 """The CPU MXFP4 MoE as the torch op ``gptoss_vllm::mxfp4_moe``, backed by the C++ kernel.
 
-The op reads weights pre-packed once at load time by ``prepack`` (still 4.25 bits per weight: superblocks
-of 4 blocks in 64 bytes, see the kernel source). It is opaque to torch.compile (a fake implementation gives
+The op reads weights pre-packed once at load time by ``prepack`` (still 4.25 bits per weight, in row groups
+of 4; see ``csrc/mxfp4_kernels.h``). It is opaque to torch.compile (a fake implementation gives
 the output shape), so vLLM's compiled graph calls it as one node. The kernel picks the best ISA path the CPU
 has (AVX-512 with VNNI and BF16, AVX2, portable); ``GPTOSS_VLLM_CPU_ISA=avx512|avx2|portable`` caps it
-(lower paths for tests and comparisons).
+(lower paths for tests and comparisons); ``isa_names()`` lists the paths as the kernel defines them.
 """
 
 from __future__ import annotations
@@ -15,7 +15,13 @@ from gptoss_vllm import envs
 from gptoss_vllm.kernels.build import load_kernel
 
 ISA_ENV = envs.CPU_ISA.name
-ISAS = {"portable": 0, "avx2": 1, "avx512": 2}  # avx512: F, BW, VNNI and BF16
+
+
+def isa_names() -> list[str]:
+    """The kernel's paths in order of preference, as it names them (the C++ enum is the one definition);
+    builds the kernel on first use."""
+    load_kernel()
+    return list(torch.ops.gptoss_vllm_cpu.isa_names())
 
 
 def requested_isa() -> int:
@@ -23,9 +29,10 @@ def requested_isa() -> int:
     name = envs.CPU_ISA.get().lower()
     if name in ("", "auto"):
         return -1
-    if name not in ISAS:
-        raise ValueError(f"{ISA_ENV}={name!r} is not a kernel ISA; choose auto, {', '.join(ISAS)}")
-    return ISAS[name]
+    names = isa_names()
+    if name not in names:
+        raise ValueError(f"{ISA_ENV}={name!r} is not a kernel ISA; choose auto, {', '.join(names)}")
+    return names.index(name)
 
 
 def kernel_isa() -> str:
@@ -33,8 +40,7 @@ def kernel_isa() -> str:
     load_kernel()
     best = int(torch.ops.gptoss_vllm_cpu.best_isa())
     cap = requested_isa()
-    chosen = best if cap < 0 else min(cap, best)
-    return next(name for name, value in ISAS.items() if value == chosen)
+    return isa_names()[best if cap < 0 else min(cap, best)]
 
 
 def prepack(blocks: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

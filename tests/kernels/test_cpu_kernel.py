@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -26,7 +29,7 @@ BOUNDS = {"portable": 1e-3, "avx2": 1e-3, "avx512": 2**-5}
 
 @functools.cache
 def _best_isa() -> str:
-    """The best path this CPU runs; asked at run time, not while collecting (it compiles the kernel)."""
+    """The best path this CPU runs, whatever the environment caps it to."""
     saved = os.environ.pop(cpu_moe.ISA_ENV, None)
     try:
         return cpu_moe.kernel_isa()
@@ -35,9 +38,13 @@ def _best_isa() -> str:
             os.environ[cpu_moe.ISA_ENV] = saved
 
 
-@pytest.fixture(params=list(cpu_moe.ISAS))
+# The kernel's own list (it is compiled here, while collecting, on the first run against a fresh cache).
+ISAS = cpu_moe.isa_names()
+
+
+@pytest.fixture(params=ISAS)
 def isa(request, monkeypatch) -> str:
-    if cpu_moe.ISAS[request.param] > cpu_moe.ISAS[_best_isa()]:
+    if ISAS.index(request.param) > ISAS.index(_best_isa()):
         pytest.skip(f"this CPU has no {request.param} (its best path is {_best_isa()})")
     monkeypatch.setenv(cpu_moe.ISA_ENV, request.param)
     assert cpu_moe.kernel_isa() == request.param
@@ -165,6 +172,35 @@ def test_missing_compiler_is_reported(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     with pytest.raises(build.KernelBuildError, match="no C\\+\\+ compiler"):
         build.cache_dir()
+
+
+# Each ISA file's entry points, as mxfp4_kernels.h declares them.
+ENTRY_POINTS = {
+    "generic.cpp": {"decode_rows_f32_generic", "dot_f32_generic"},
+    "x86/avx2.cpp": {"decode_rows_f32_avx2", "dot_f32_avx2"},
+    "x86/avx512.cpp": {"decode_rows_bf16_avx512", "quantise_rows_avx512", "project_vnni_avx512"},
+}
+
+
+@pytest.mark.parametrize("source", list(ENTRY_POINTS))
+def test_isa_files_export_only_their_entry_points(source: str) -> None:
+    """Each ISA file is compiled with its own -m flags. Any other symbol it exported (an inline or template
+    function, which the linker may keep from any one file for all of them) could run AVX-512 code on a CPU
+    without it."""
+    from gptoss_vllm.kernels import build
+
+    if source not in build.sources():
+        pytest.skip(f"{source} is not built on {platform.machine()}")
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("no nm (binutils) on PATH to read the symbol table")
+    cpu_moe.load_kernel()
+    listing = subprocess.run(
+        [nm, "-C", "-g", "--defined-only", str(build.object_file(source))],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    exported = {line.split(" ", 2)[2].split("(")[0] for line in listing.splitlines() if line.strip()}
+    assert exported == {f"gptoss_cpu::{name}" for name in ENTRY_POINTS[source]}
 
 
 def test_without_the_gemm_path_results_do_not_depend_on_the_batch(monkeypatch) -> None:

@@ -1,39 +1,24 @@
-// Fused MXFP4 MoE for CPUs: the gpt-oss expert MLP computed straight from MXFP4 weights.
+// Fused MXFP4 MoE for CPUs: the gpt-oss expert MLP computed straight from MXFP4 weights. This file holds
+// the torch ops, the weight packing and the scheduler; the kernels for each ISA are in generic.cpp and
+// x86/, behind the contract in mxfp4_kernels.h (which also describes the packed layout).
 //
 // Per expert, for the tokens routed to it: h = x W13^T + b13, the gpt-oss SwiGLU variant,
 // y = act W2^T + b2, then out[token] += routing_weight * y.
 //
-// Weights are pre-packed once at load time (mxfp4_prepack), still 4.25 bits per weight. Rows are padded
-// with zero blocks to whole superblocks of 4 MXFP4 blocks (128 elements) and taken 4 at a time (a row
-// group). One step of the kernel is one superblock of one row group: 256 bytes of codes and 16 bytes of
-// E8M0 scales (row r's block j at byte 4r + j), each step right after the previous one, so that a thread's
-// rows are two sequential streams the hardware prefetcher follows.
-//
-// Within a superblock the contraction runs in "kernel order", not element order: position
-// p = 16 i + 4 j + b holds element e = 32 j + 4 i + b (block j, 4-element chunk i, b < 4). Activations are
-// put in the same order (kernel_position), which leaves every dot product unchanged. In that order a
-// step's 256 code bytes are 4 vectors of 64 bytes; byte 16 r + 4 j + b of vector L holds row r's position
-// 32 L + 4 j + b in its low nibble and position 32 L + 16 + 4 j + b in its high one. So one 64-byte load,
-// a mask, a shift and a table lookup give two vectors whose 32-bit lane 4 r + j multiplies row r's block j
-// with 16 bytes of activations broadcast to all 4 rows, and the lane keeps that (row, block) for the whole
-// superblock: 8 int8 dot products accumulate into one vector, which is converted and scaled once, by a
-// vector of the step's 16 scales as they lie in memory. That is a third of the instructions the per-row
-// layout needed at batch 1, where the kernel was bound by instructions and not by DRAM.
-//
 // ISA paths, chosen at run time: AVX-512 (int8 VNNI dot products at small batches, BF16 tiles for ATen's
-// GEMM at large ones), AVX2+FMA (fp32), and a portable one. All accumulate in fp32. Threads come from
+// GEMM at large ones), AVX2+FMA (fp32), and the generic one. All accumulate in fp32. Threads come from
 // ATen's pool (torch.get_num_threads()).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstdint>
-#include <climits>
-#include <cstdlib>
 #include <cstring>
-#include <algorithm>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -41,54 +26,17 @@
 #include <sys/mman.h>
 #endif
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define GPTOSS_X86 1
-#endif
+#include "mxfp4_kernels.h"
 
 namespace {
 
-constexpr int kBlock = 32;         // elements per MXFP4 block
-constexpr int kBlockBytes = 16;    // bytes per checkpoint block
-constexpr int kSuper = 128;        // elements per superblock (4 blocks)
-constexpr int kSuperBlocks = kSuper / kBlock;
-constexpr int kGroupRows = 4;      // rows per row group
-constexpr int kStepBytes = kGroupRows * kSuper / 2;        // code bytes per step (a superblock of a row group)
-constexpr int kStepScales = kGroupRows * kSuperBlocks;     // scale bytes per step
-constexpr int kChunkBytes = 64;    // a step's codes are 4 such vectors
+using namespace gptoss_cpu;
+
 constexpr uint8_t kPadScale = 127;  // scale of padding blocks (1.0; their codes are zero)
-constexpr int kPrefetchBytes = 8192;  // software prefetch distance on the code stream, into L2 (past page ends)
-constexpr int kTileRows = 512;     // rows decoded per GEMM tile: oneDNN repacks every tile, so few large calls
+constexpr int kTileRows = 512;      // rows decoded per GEMM tile: oneDNN repacks every tile, so few large calls
 // From this many tokens per expert the kernel decodes tiles and uses ATen's GEMM; the caller passes it
 // (GPTOSS_VLLM_CPU_GEMM_MIN_TOKENS, default 24: the measured crossover). <= 0 turns the GEMM path off, which
 // makes every token's result independent of how many other tokens share its expert (batch invariance).
-
-inline int64_t padded(int64_t k) { return (k + kSuper - 1) / kSuper * kSuper; }
-
-// Where element e of a (padded) row sits in kernel order: p = 16 i + 4 j + b for e = 32 j + 4 i + b.
-inline int64_t kernel_position(int64_t e) {
-  const int64_t w = e % kSuper;
-  return e - w + (w % kBlock) / 4 * 16 + w / kBlock * 4 + w % 4;
-}
-
-const float kFp4[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
-                        -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
-
-// E8M0 byte -> float: 2**(s - 127) built from its bits (s = 0 is the subnormal 2**-127), 0xFF -> NaN.
-struct E8M0Table {
-  float value[256];
-  E8M0Table() {
-    for (int s = 0; s < 256; ++s) {
-      const uint32_t bits = s == 0 ? 0x00400000u : s == 255 ? 0x7FC00000u : static_cast<uint32_t>(s) << 23;
-      std::memcpy(&value[s], &bits, sizeof(float));
-    }
-  }
-};
-const E8M0Table kE8M0;
-
-inline float e8m0(uint8_t s) { return kE8M0.value[s]; }
-
-enum Isa : int64_t { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
 
 // Weights are streamed start to end on every call: 2 MB pages spare a page walk and a restart of the
 // hardware prefetcher (which stops at 4 KB boundaries) every 4 KB. Only a hint: without transparent huge
@@ -106,7 +54,7 @@ void advise_huge_pages(void* data, size_t nbytes) {
 }
 
 // Checkpoint layout (rows, K/32, 16) + (rows, K/32) -> packed codes (rows/4, Kp/128, 4, 64) and scales
-// (rows/4, Kp/128, 4, 4): see the top of this file.
+// (rows/4, Kp/128, 4, 4): see mxfp4_kernels.h.
 std::tuple<at::Tensor, at::Tensor> mxfp4_prepack(const at::Tensor& blocks, const at::Tensor& scales) {
   TORCH_CHECK(blocks.scalar_type() == at::kByte && scales.scalar_type() == at::kByte,
               "mxfp4_prepack: blocks and scales must be uint8");
@@ -153,53 +101,6 @@ std::tuple<at::Tensor, at::Tensor> mxfp4_prepack(const at::Tensor& blocks, const
   return {packed, packed_scales};
 }
 
-// One projection for a group of tokens: out[t][r] = sum_k w[r][k] * act[t][k] + bias[r], for rows
-// [row_begin, row_end), whole row groups. K is padded to whole superblocks; activations are zero past the
-// real K and in kernel order.
-struct Projection {
-  const uint8_t* blocks;  // (rows/4, K/128, 4, 64) packed codes
-  const uint8_t* scales;  // (rows/4, K/128, 4, 4)
-  const float* bias;      // (rows)
-  int64_t k;              // padded contraction length
-  const void* act;        // (n, K): fp32 (portable/AVX2), bf16 (AVX-512 GEMM) or int8 (AVX-512 VNNI)
-  const float* act_scale;     // VNNI: (n, K/32) each block's scale (x 0.5, the codes' factor)
-  const int32_t* act_offset;  // VNNI: (n, K/32) -12 * sum of each block's int8 codes
-  int64_t n;              // tokens
-  float* out;             // (n, rows)
-  int64_t rows;
-  bool gemm;              // decode tiles + ATen GEMM (many tokens) instead of the register kernel
-
-  int64_t supers() const { return k / kSuper; }
-  const uint8_t* step_codes(int64_t group, int64_t sb) const { return blocks + (group * supers() + sb) * kStepBytes; }
-  const uint8_t* step_scales(int64_t group, int64_t sb) const { return scales + (group * supers() + sb) * kStepScales; }
-};
-
-// ------------------------------------------------------------------------------------------ portable
-// Decode rows [r0, r0 + nr) (whole row groups) to fp32, in kernel order, scales applied.
-void decode_rows_f32_portable(const Projection& p, int64_t r0, int64_t nr, float* scratch) {
-  for (int64_t row = r0; row < r0 + nr; ++row) {
-    const int64_t group = row / kGroupRows, r = row % kGroupRows;
-    float* dst = scratch + (row - r0) * p.k;
-    for (int64_t sb = 0; sb < p.supers(); ++sb) {
-      const uint8_t* c = p.step_codes(group, sb) + 16 * r;
-      const uint8_t* s = p.step_scales(group, sb) + 4 * r;
-      for (int chunk = 0; chunk < kStepBytes / kChunkBytes; ++chunk)
-        for (int i = 0; i < 16; ++i) {  // byte 4j + b: positions 32 chunk + i (low nibble) and + 16 (high)
-          const uint8_t byte = c[chunk * kChunkBytes + i];
-          const float scale = e8m0(s[i / 4]);
-          dst[sb * kSuper + 32 * chunk + i] = kFp4[byte & 0x0F] * scale;
-          dst[sb * kSuper + 32 * chunk + 16 + i] = kFp4[byte >> 4] * scale;
-        }
-    }
-  }
-}
-
-float dot_portable(const float* w, const float* x, int64_t k) {
-  float acc = 0.0f;
-  for (int64_t i = 0; i < k; ++i) acc += w[i] * x[i];
-  return acc;
-}
-
 using DecodeF32 = void (*)(const Projection&, int64_t, int64_t, float*);
 using DotF32 = float (*)(const float*, const float*, int64_t);
 
@@ -215,191 +116,11 @@ void project_f32(const Projection& p, int64_t row_begin, int64_t row_end, Decode
   }
 }
 
-#ifdef GPTOSS_X86
-// ---------------------------------------------------------------------------------------------- AVX2
-__attribute__((target("avx2,fma"))) void decode_rows_f32_avx2(const Projection& p, int64_t r0, int64_t nr,
-                                                              float* scratch) {
-  const __m256 mag = _mm256_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f);
-  const __m256i low3 = _mm256_set1_epi32(7);
-  for (int64_t row = r0; row < r0 + nr; ++row) {
-    const int64_t group = row / kGroupRows, r = row % kGroupRows;
-    float* dst = scratch + (row - r0) * p.k;
-    for (int64_t sb = 0; sb < p.supers(); ++sb) {
-      const uint8_t* c = p.step_codes(group, sb) + 16 * r;
-      const uint8_t* s = p.step_scales(group, sb) + 4 * r;
-      for (int chunk = 0; chunk < kStepBytes / kChunkBytes; ++chunk)
-        for (int half = 0; half < 2; ++half) {  // bytes 8 half..: blocks 2 half and 2 half + 1
-          const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + chunk * kChunkBytes + 8 * half));
-          const __m256i v = _mm256_cvtepu8_epi32(bytes);
-          const __m256i lo = _mm256_and_si256(v, _mm256_set1_epi32(0x0F));
-          const __m256i hi = _mm256_srli_epi32(v, 4);
-          // Magnitude from the low 3 bits, sign from bit 3 moved to the float sign bit.
-          __m256 wl = _mm256_permutevar8x32_ps(mag, _mm256_and_si256(lo, low3));
-          __m256 wh = _mm256_permutevar8x32_ps(mag, _mm256_and_si256(hi, low3));
-          wl = _mm256_xor_ps(wl, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_srli_epi32(lo, 3), 31)));
-          wh = _mm256_xor_ps(wh, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_srli_epi32(hi, 3), 31)));
-          const float s0 = e8m0(s[2 * half]), s1 = e8m0(s[2 * half + 1]);
-          const __m256 scale = _mm256_setr_ps(s0, s0, s0, s0, s1, s1, s1, s1);
-          float* o = dst + sb * kSuper + 32 * chunk + 8 * half;
-          _mm256_storeu_ps(o, _mm256_mul_ps(wl, scale));
-          _mm256_storeu_ps(o + 16, _mm256_mul_ps(wh, scale));
-        }
-    }
-  }
-}
-
-__attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
-}
-
-__attribute__((target("avx2,fma"))) float dot_avx2(const float* w, const float* x, int64_t k) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-  for (int64_t i = 0; i < k; i += 16) {  // k is a multiple of 128
-    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a0);
-    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
-  }
-  return hsum256(_mm256_add_ps(a0, a1));
-}
-
-// ------------------------------------------------------------------------------------------- AVX-512
-// Small batches (up to 23 tokens per expert): int8 dot products (vpdpbusd). A code c becomes the unsigned
-// byte 2 * E2M1(c) + 12 (0..24, one vpshufb); activations are quantised per 32-element block to int8 with
-// an fp32 scale. Each superblock's dot products start from -12 * (sum of the block's int8 activations),
-// which removes the +12 offset, and give 2 * dot per (row, block) lane; the block scales carry the 1/2.
-// Large batches: tiles decoded to bf16 for ATen's GEMM (oneDNN: AMX or AVX-512 BF16 where present).
-#define GPTOSS_AVX512 "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni"
-
-// 16 E8M0 bytes as 16 fp32 lanes: 2**(s - 127) from the exponent bits (0 flushes 2**-127 to zero), 0xFF NaN.
-__attribute__((target(GPTOSS_AVX512))) inline __m512 e8m0_lanes(__m128i bytes) {
-  const __m512i e = _mm512_cvtepu8_epi32(bytes);
-  const __m512 f = _mm512_castsi512_ps(_mm512_slli_epi32(e, 23));
-  const __mmask16 nan = _mm512_cmpeq_epi32_mask(e, _mm512_set1_epi32(255));  // the shift made it +inf
-  return __builtin_expect(nan != 0, 0) ? _mm512_mask_mov_ps(f, nan, _mm512_set1_ps(NAN)) : f;
-}
-
-// Decode rows into bf16 in kernel order, scales applied (for the GEMM path).
-__attribute__((target(GPTOSS_AVX512))) void decode_rows_bf16_avx512(const Projection& p, int64_t r0, int64_t nr,
-                                                                     uint16_t* dst) {
-  const __m512 lut = _mm512_loadu_ps(kFp4);
-  const __m512i nibble = _mm512_set1_epi32(0x0F);
-  const __m128i by_block = _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-  for (int64_t row = r0; row < r0 + nr; ++row) {
-    const int64_t group = row / kGroupRows, r = row % kGroupRows;
-    for (int64_t sb = 0; sb < p.supers(); ++sb) {
-      const uint8_t* c = p.step_codes(group, sb) + 16 * r;
-      int32_t word;
-      std::memcpy(&word, p.step_scales(group, sb) + 4 * r, sizeof(word));
-      const __m512 scale = e8m0_lanes(_mm_shuffle_epi8(_mm_cvtsi32_si128(word), by_block));  // lane 4j + b: block j
-      for (int chunk = 0; chunk < kStepBytes / kChunkBytes; ++chunk) {
-        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + chunk * kChunkBytes)));
-        const __m512 lo = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(v, nibble), lut), scale);
-        const __m512 hi = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut), scale);
-        // cvtne2ps puts its second operand in the low half: positions 32 chunk.. (low nibbles), then + 16.
-        _mm512_storeu_si512(dst + (row - r0) * p.k + sb * kSuper + 32 * chunk, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-      }
-    }
-  }
-}
-
-// Quantise fp32 rows (real length k_real, zero-padded to k) for the VNNI kernel: int8 codes in kernel
-// order, each block's scale (x 0.5) and -12 * the sum of its codes.
-__attribute__((target(GPTOSS_AVX512))) void quantise_rows_avx512(const float* const* src, int64_t n, int64_t k_real,
-                                                                  int64_t k, int8_t* q, float* scale,
-                                                                  int32_t* offset) {
-  const int64_t blocks = k / kBlock;
-  for (int64_t t = 0; t < n; ++t)
-    for (int64_t g = 0; g < blocks; ++g) {
-      const int64_t e0 = g * kBlock;
-      __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
-      if (e0 < k_real) {  // k_real is a multiple of 32
-        a = _mm512_loadu_ps(src[t] + e0);
-        b = _mm512_loadu_ps(src[t] + e0 + 16);
-      }
-      const bool finite = (_mm512_fpclass_ps_mask(a, 0x99) | _mm512_fpclass_ps_mask(b, 0x99)) == 0;
-      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
-      const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-      const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, _mm512_set1_ps(inv)));
-      const __m512i qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, _mm512_set1_ps(inv)));
-      alignas(16) int8_t codes[kBlock];
-      _mm_store_si128(reinterpret_cast<__m128i*>(codes), _mm512_cvtsepi32_epi8(qa));
-      _mm_store_si128(reinterpret_cast<__m128i*>(codes + 16), _mm512_cvtsepi32_epi8(qb));
-      int8_t* dst = q + t * k + kernel_position(e0);  // chunk i of the block goes 16 bytes after chunk i - 1
-      for (int i = 0; i < kBlock / 4; ++i) std::memcpy(dst + 16 * i, codes + 4 * i, 4);
-      scale[t * blocks + g] = finite ? amax / 127.0f * 0.5f : NAN;
-      offset[t * blocks + g] = -12 * _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
-    }
-}
-
-// 16 bytes repeated in each 128-bit lane: a chunk of activations (or 4 ints) for all 4 rows of a group.
-__attribute__((target(GPTOSS_AVX512))) inline __m512i chunk16(const void* a) {
-  return _mm512_broadcast_i32x4(_mm_loadu_si128(static_cast<const __m128i*>(a)));
-}
-
-// T tokens share each decoded step: the step's 8 code vectors and T accumulators stay in registers.
-template <int T>
-__attribute__((target(GPTOSS_AVX512))) void project_vnni_t(const Projection& p, int64_t row_begin,
-                                                            int64_t row_end) {
-  const int64_t supers = p.supers(), blocks = p.k / kBlock;
-  const __m512i lut = _mm512_broadcast_i32x4(_mm_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0));
-  const __m512i nibble = _mm512_set1_epi8(0x0F);
-  const int8_t* q = static_cast<const int8_t*>(p.act);
-  for (int64_t group = row_begin / kGroupRows; group < row_end / kGroupRows; ++group) {
-    for (int64_t t0 = 0; t0 < p.n; t0 += T) {
-      const int64_t nt = std::min<int64_t>(T, p.n - t0);
-      int64_t tok[T];
-      for (int t = 0; t < T; ++t) tok[t] = t0 + (t < nt ? t : 0);  // missing tokens repeat the first
-      __m512 acc[T];
-      for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
-      for (int64_t sb = 0; sb < supers; ++sb) {
-        const uint8_t* c = p.step_codes(group, sb);
-        __m512i w[8];  // w[i]: chunk i of kernel order, lane 4r + j = row r's block j
-        for (int chunk = 0; chunk < 4; ++chunk) {
-          _mm_prefetch(reinterpret_cast<const char*>(c + chunk * kChunkBytes + kPrefetchBytes), _MM_HINT_T2);
-          const __m512i v = _mm512_loadu_si512(c + chunk * kChunkBytes);
-          w[2 * chunk] = _mm512_shuffle_epi8(lut, _mm512_and_si512(v, nibble));
-          w[2 * chunk + 1] = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble));
-        }
-        const __m512 wscale = e8m0_lanes(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.step_scales(group, sb))));
-        for (int t = 0; t < T; ++t) {
-          const int8_t* x = q + tok[t] * p.k + sb * kSuper;
-          const int64_t blk = tok[t] * blocks + sb * kSuperBlocks;
-          __m512i d0 = chunk16(p.act_offset + blk), d1 = _mm512_setzero_si512();  // two chains for latency
-          for (int i = 0; i < 8; i += 2) {
-            d0 = _mm512_dpbusd_epi32(d0, w[i], chunk16(x + 16 * i));
-            d1 = _mm512_dpbusd_epi32(d1, w[i + 1], chunk16(x + 16 * (i + 1)));
-          }
-          const __m512 scale = _mm512_mul_ps(wscale, _mm512_broadcast_f32x4(_mm_loadu_ps(p.act_scale + blk)));
-          acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(d0, d1)), scale, acc[t]);
-        }
-      }
-      for (int64_t t = 0; t < nt; ++t) {
-        alignas(64) float lanes[16];
-        _mm512_store_ps(lanes, acc[t]);
-        for (int r = 0; r < kGroupRows; ++r) {
-          const int64_t row = group * kGroupRows + r;
-          const float* l = lanes + 4 * r;
-          p.out[(t0 + t) * p.rows + row] = l[0] + l[1] + l[2] + l[3] + p.bias[row];
-        }
-      }
-    }
-  }
-}
-
-void project_avx512(const Projection& p, int64_t row_begin, int64_t row_end) {
-  if (p.n == 1) return project_vnni_t<1>(p, row_begin, row_end);
-  if (p.n == 2) return project_vnni_t<2>(p, row_begin, row_end);
-  return project_vnni_t<4>(p, row_begin, row_end);
-}
-#endif  // GPTOSS_X86
-
 DecodeF32 f32_decoder(Isa isa) {
 #ifdef GPTOSS_X86
   if (isa == kAvx2) return decode_rows_f32_avx2;
 #endif
-  return decode_rows_f32_portable;
+  return decode_rows_f32_generic;
 }
 
 // Many tokens: decode a tile of rows (L2-sized) and multiply with ATen's GEMM (oneDNN/MKL: AMX or
@@ -435,10 +156,10 @@ void project(const Projection& p, Isa isa) {
   at::parallel_for(0, p.rows / kGroupRows, 1, [&](int64_t g0, int64_t g1) {
     const int64_t r0 = g0 * kGroupRows, r1 = g1 * kGroupRows;
 #ifdef GPTOSS_X86
-    if (isa == kAvx512) return project_avx512(p, r0, r1);
-    if (isa == kAvx2) return project_f32(p, r0, r1, decode_rows_f32_avx2, dot_avx2);
+    if (isa == kAvx512) return project_vnni_avx512(p, r0, r1);
+    if (isa == kAvx2) return project_f32(p, r0, r1, decode_rows_f32_avx2, dot_f32_avx2);
 #endif
-    project_f32(p, r0, r1, decode_rows_f32_portable, dot_portable);
+    project_f32(p, r0, r1, decode_rows_f32_generic, dot_f32_generic);
   });
 }
 
@@ -488,13 +209,16 @@ struct Activations {
 int64_t best_isa() {
 #ifdef GPTOSS_X86
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bf16"))
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vnni") &&
+      __builtin_cpu_supports("avx512bf16"))
     return kAvx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
 #endif
   return kPortable;
 }
+
+std::vector<std::string> isa_names() { return {std::begin(kIsaNames), std::end(kIsaNames)}; }
 
 at::Tensor mxfp4_moe(const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
                      const at::Tensor& w13_blocks, const at::Tensor& w13_scales, const at::Tensor& w13_bias,
@@ -622,6 +346,7 @@ TORCH_LIBRARY(gptoss_vllm_cpu, m) {
       "int isa, int gemm_min_tokens) -> Tensor");
   m.def("mxfp4_prepack(Tensor blocks, Tensor scales) -> (Tensor, Tensor)");
   m.def("best_isa() -> int", &best_isa);
+  m.def("isa_names() -> str[]", &isa_names);
 }
 
 TORCH_LIBRARY_IMPL(gptoss_vllm_cpu, CPU, m) {
