@@ -711,7 +711,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lt.add_argument("--max-requests", type=_positive_int, metavar="N", help="also stop after N requests")
     lt.add_argument(
-        "--slo", metavar="FILE", help="SLO YAML (per effort p50/p95 TTFT and TPOT, error rate, goodput)"
+        "--slo",
+        metavar="NAME|FILE",
+        help="SLOs (per effort p50/p95 TTFT and TPOT, error rate, goodput): a shipped file's name or a YAML file",
     )
     lt.add_argument("--report", required=True, metavar="DIR", help="where summary.json, CSVs and HTML go")
     lt.add_argument("--api-key", help="bearer key (default: $OPENAI_API_KEY)")
@@ -740,8 +742,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--hidden-tokens", type=_non_negative_int, default=3,
                       help="validate: tokens a chat stream makes before its first visible delta (harmony's "
                       "<|channel|>analysis<|message|>; default 3)")  # fmt: skip
-    plan.add_argument("--slo", metavar="FILE", default="loadtests/slo/gpu-20b.yaml",
-                      help="per-effort SLOs (default loadtests/slo/gpu-20b.yaml)")  # fmt: skip
+    plan.add_argument("--slo", metavar="NAME|FILE", default="gpu-20b",
+                      help="per-effort SLOs: a shipped file's name (gpu-20b, cpu-nano; in "
+                      "gptoss_vllm/loadtest/slos/) or a YAML file (default gpu-20b)")  # fmt: skip
     plan.add_argument("--replicas", type=_positive_ints, default=[4, 16, 64], metavar="N,N",
                       help="totals of replicas to plan for (default 4,16,64)")  # fmt: skip
     plan.add_argument("--spill-queue-above", type=int, default=2, metavar="N",

@@ -167,9 +167,19 @@ RESPONSE_STORE_PASSWORD = _var(
 
 # ---------------------------------------------------------------------------------------------- load tests
 PROFILE = _var(
-    "PROFILE", str, "interactive", "loadtests/locustfile.py: the workload profile", "GPTOSS_PROFILE"
+    "PROFILE",
+    str,
+    "interactive",
+    "gptoss_vllm/loadtest/locustfile.py: the workload profile",
+    "GPTOSS_PROFILE",
 )
-MODEL = _var("MODEL", str, "gpt-oss-nano", "loadtests/locustfile.py: the served model's name", "GPTOSS_MODEL")
+MODEL = _var(
+    "MODEL",
+    str,
+    "gpt-oss-nano",
+    "gptoss_vllm/loadtest/locustfile.py: the served model's name",
+    "GPTOSS_MODEL",
+)
 
 ALL: tuple[EnvVar, ...] = tuple(v for v in globals().values() if isinstance(v, EnvVar))
 _BY_NAME = {v.name: v for v in ALL} | {old: v for v in ALL for old in v.old}

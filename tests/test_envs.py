@@ -17,7 +17,7 @@ NAME = re.compile(r"^GPTOSS_[A-Z0-9_]+$")
 
 
 def _python_files() -> list[Path]:
-    return [*sorted((ROOT / "gptoss_vllm").rglob("*.py")), ROOT / "loadtests" / "locustfile.py"]
+    return sorted((ROOT / "gptoss_vllm").rglob("*.py"))
 
 
 def test_no_module_but_envs_spells_a_variables_name() -> None:

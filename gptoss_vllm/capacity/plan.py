@@ -11,7 +11,7 @@ A traffic description (YAML)::
     output_tokens: {low: 300, medium: 1200, high: 4000}                     # mean (exponential), reasoning included
 
 A request meets its SLO when its TTFT is within its effort's ``ttft_p95_s`` and its TPOT within ``tpot_p95_s``
-(the ``loadtests/slo`` files); attainment is the share that do, goodput their number per second.
+(the ``gptoss_vllm/loadtest/slos`` files); attainment is the share that do, goodput their number per second.
 """
 
 from __future__ import annotations

@@ -31,8 +31,22 @@ class Slo(BaseModel):
     efforts: dict[Literal["low", "medium", "high"], EffortSlo]
 
 
-def load_slo(path: str | Path) -> Slo:
-    path = Path(path)
+SLOS_DIR = Path(__file__).parent / "slos"
+
+
+def builtin_slos() -> list[str]:
+    return sorted(p.stem for p in SLOS_DIR.glob("*.yaml"))
+
+
+def load_slo(name_or_path: str | Path) -> Slo:
+    """A shipped SLO file by name (``gpu-20b``, ``cpu-nano``), or a YAML file."""
+    path = Path(name_or_path)
+    if str(name_or_path) in builtin_slos():
+        path = SLOS_DIR / f"{name_or_path}.yaml"
+    elif path.suffix not in (".yaml", ".yml"):
+        raise SloError(
+            f"unknown SLO {str(name_or_path)!r}: use one of {', '.join(builtin_slos())} or a YAML file"
+        )
     try:
         return Slo.model_validate(yaml.safe_load(path.read_text()))
     except OSError as exc:

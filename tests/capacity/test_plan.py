@@ -137,7 +137,7 @@ def test_plan_compares_shared_split_and_spillover_and_writes_a_valid_pools_fragm
     from gptoss_vllm.serve.config_load import load_config
 
     curve = Curve(8, 40000, ((1, 0.02), (8, 0.05)), ((64, 0.1), (256, 0.4)))
-    slo = load_slo("loadtests/slo/cpu-nano.yaml")
+    slo = load_slo("cpu-nano")  # a shipped file, by name
     quiet = [evaluate(_traffic(0.05), curve, slo, layout) for layout in layouts(_traffic(0.05), curve, 4, 2)]
     names = [r["layout"] for r in quiet]
     assert names[0] == "shared" and sum(n.startswith("split") for n in names) == 3 == sum(
@@ -281,7 +281,7 @@ def test_the_shipped_planning_files_give_the_readme_answer(tmp_path):
     SLO, and past the knee it misses them all while a split with spillover keeps low effort served."""
     from gptoss_vllm.capacity.plan import load_traffic
 
-    root = Path(__file__).resolve().parents[2] / "loadtests"
+    root = Path(__file__).resolve().parents[2] / "gptoss_vllm" / "capacity"
     curve = Curve.load(root / "curves" / "gpt-oss-120b-h100-tp2.json")
     assert curve.model == "gpt-oss-120b" and "InferenceMAX" in curve.source
     for name in ("chat", "mixed", "reasoning", "cpu-nano"):

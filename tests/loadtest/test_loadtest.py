@@ -5,6 +5,8 @@ are in ``serve/test_observability.py``, which has one."""
 from __future__ import annotations
 
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -74,6 +76,8 @@ def test_figures_goodput_and_violations():
 
 
 def test_bad_slo_files(tmp_path):
+    with pytest.raises(SloError, match=r"unknown SLO 'gpu-21b': use one of cpu-nano, gpu-20b or a YAML file"):
+        load_slo("gpu-21b")
     with pytest.raises(SloError, match="cannot read"):
         load_slo(tmp_path / "missing.yaml")
     bad = tmp_path / "slo.yaml"
@@ -145,3 +149,14 @@ def test_users_draw_the_same_requests_in_every_run_and_differ_from_each_other():
     for effort, text, think in sequence(0, 3):
         words = len(text.split(": ", 1)[1].split())
         assert effort in WORKLOAD["efforts"] and 8 <= words <= 40 and 0.0 <= think <= 0.2
+
+
+def test_the_shipped_locustfile_loads_under_locusts_own_cli():
+    import gptoss_vllm.loadtest
+
+    locustfile = Path(gptoss_vllm.loadtest.__file__).parent / "locustfile.py"
+    locust = Path(sys.executable).parent / "locust"
+    done = subprocess.run(
+        [str(locust), "-f", str(locustfile), "--list"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and "ProfileUser" in done.stdout, done.stderr[-2000:]

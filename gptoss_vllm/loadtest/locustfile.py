@@ -1,6 +1,6 @@
 """Run a workload profile with Locust's own CLI (web UI, distributed workers):
 
-    GPTOSS_VLLM_PROFILE=interactive locust -f loadtests/locustfile.py --host http://127.0.0.1:8000
+    GPTOSS_VLLM_PROFILE=interactive locust -f gptoss_vllm/loadtest/locustfile.py --host http://127.0.0.1:8000
 
 ``gptoss-vllm loadtest`` runs the same user headless, bounded, with the SLO check and the report.
 """
