@@ -5,21 +5,15 @@
 namespace gptoss_cpu {
 
 void decode_rows_f32_generic(const Projection& p, int64_t r0, int64_t nr, float* dst) {
-  for (int64_t row = r0; row < r0 + nr; ++row) {
-    const int64_t group = row / kGroupRows, r = row % kGroupRows;
-    float* out = dst + (row - r0) * p.k;
-    for (int64_t sb = 0; sb < p.k / kSuper; ++sb) {
-      const uint8_t* c = step_codes(p, group, sb) + 16 * r;
-      const uint8_t* s = step_scales(p, group, sb) + 4 * r;
-      for (int chunk = 0; chunk < kStepBytes / kChunkBytes; ++chunk)
-        for (int i = 0; i < 16; ++i) {  // byte 4j + b: positions 32 chunk + i (low nibble) and + 16 (high)
-          const uint8_t byte = c[chunk * kChunkBytes + i];
-          const float scale = e8m0(s[i / 4]);
-          out[sb * kSuper + 32 * chunk + i] = kFp4[byte & 0x0F] * scale;
-          out[sb * kSuper + 32 * chunk + 16 + i] = kFp4[byte >> 4] * scale;
-        }
-    }
-  }
+  for_each_row_superblock(p, r0, nr, dst, [](float* out, const uint8_t* c, const uint8_t* s) {
+    for (int chunk = 0; chunk < kStepBytes / kChunkBytes; ++chunk)
+      for (int i = 0; i < 16; ++i) {  // byte 4j + b: positions 32 chunk + i (low nibble) and + 16 (high)
+        const uint8_t byte = c[chunk * kChunkBytes + i];
+        const float scale = e8m0(s[i / 4]);
+        out[32 * chunk + i] = kFp4[byte & 0x0F] * scale;
+        out[32 * chunk + 16 + i] = kFp4[byte >> 4] * scale;
+      }
+  });
 }
 
 float dot_f32_generic(const float* w, const float* x, int64_t k) {

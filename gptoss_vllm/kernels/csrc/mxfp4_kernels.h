@@ -87,6 +87,18 @@ static inline const uint8_t* step_scales(const Projection& p, int64_t group, int
   return p.scales + (group * (p.k / kSuper) + sb) * kStepScales;
 }
 
+// The decoders' walk: for each of rows [r0, r0 + nr) (whole row groups) and each superblock, calls
+// visit(out, codes, scales): out is where the superblock's 128 values go in dst (row-major, p.k per row),
+// codes the row's 16 bytes of chunk 0 (chunk c is c * kChunkBytes on), scales its 4 block scales.
+template <typename T, typename Visit>
+static inline void for_each_row_superblock(const Projection& p, int64_t r0, int64_t nr, T* dst, Visit&& visit) {
+  for (int64_t row = r0; row < r0 + nr; ++row) {
+    const int64_t group = row / kGroupRows, r = row % kGroupRows;
+    for (int64_t sb = 0; sb < p.k / kSuper; ++sb)
+      visit(dst + (row - r0) * p.k + sb * kSuper, step_codes(p, group, sb) + 16 * r, step_scales(p, group, sb) + 4 * r);
+  }
+}
+
 // generic.cpp: any CPU.
 // Decode rows [r0, r0 + nr) (whole row groups) to fp32 in kernel order, scales applied.
 void decode_rows_f32_generic(const Projection& p, int64_t r0, int64_t nr, float* dst);

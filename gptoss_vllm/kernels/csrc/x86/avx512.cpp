@@ -31,22 +31,18 @@ void decode_rows_bf16_avx512(const Projection& p, int64_t r0, int64_t nr, uint16
   const __m512 lut = _mm512_loadu_ps(kFp4);
   const __m512i nibble = _mm512_set1_epi32(0x0F);
   const __m128i by_block = _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-  for (int64_t row = r0; row < r0 + nr; ++row) {
-    const int64_t group = row / kGroupRows, r = row % kGroupRows;
-    for (int64_t sb = 0; sb < p.k / kSuper; ++sb) {
-      const uint8_t* c = step_codes(p, group, sb) + 16 * r;
-      int32_t word;
-      std::memcpy(&word, step_scales(p, group, sb) + 4 * r, sizeof(word));
-      const __m512 scale = e8m0_lanes(_mm_shuffle_epi8(_mm_cvtsi32_si128(word), by_block));  // lane 4j + b: block j
-      for (int chunk = 0; chunk < kStepBytes / kChunkBytes; ++chunk) {
-        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + chunk * kChunkBytes)));
-        const __m512 lo = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(v, nibble), lut), scale);
-        const __m512 hi = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut), scale);
-        // cvtne2ps puts its second operand in the low half: positions 32 chunk.. (low nibbles), then + 16.
-        _mm512_storeu_si512(dst + (row - r0) * p.k + sb * kSuper + 32 * chunk, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-      }
+  for_each_row_superblock(p, r0, nr, dst, [&](uint16_t* out, const uint8_t* c, const uint8_t* s) {
+    int32_t word;
+    std::memcpy(&word, s, sizeof(word));
+    const __m512 scale = e8m0_lanes(_mm_shuffle_epi8(_mm_cvtsi32_si128(word), by_block));  // lane 4j + b: block j
+    for (int chunk = 0; chunk < kStepBytes / kChunkBytes; ++chunk) {
+      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + chunk * kChunkBytes)));
+      const __m512 lo = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(v, nibble), lut), scale);
+      const __m512 hi = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut), scale);
+      // cvtne2ps puts its second operand in the low half: positions 32 chunk.. (low nibbles), then + 16.
+      _mm512_storeu_si512(out + 32 * chunk, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
     }
-  }
+  });
 }
 
 // The scale carries x 0.5 (the codes are 2 * E2M1) and the offset is -12 * the sum of the block's codes.
