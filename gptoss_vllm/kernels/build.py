@@ -99,39 +99,51 @@ def _build(build_dir: Path) -> Path:
     torch_compile, torch_link = _torch_flags()
     work = build_dir / f"tmp-{os.getpid()}-{threading.get_ident()}"
     work.mkdir(parents=True, exist_ok=True)
-    jobs = []
-    for name, flags in sources().items():
-        obj = work / object_file_name(name)
-        command = [cxx, *CFLAGS, *flags, f"-I{CSRC}", *torch_compile, "-c", str(CSRC / name), "-o", str(obj)]
-        jobs.append(
-            (
-                name,
-                obj,
-                subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
+    try:
+        jobs = []
+        for name, flags in sources().items():
+            obj = work / object_file_name(name)
+            command = [
+                cxx,
+                *CFLAGS,
+                *flags,
+                f"-I{CSRC}",
+                *torch_compile,
+                "-c",
+                str(CSRC / name),
+                "-o",
+                str(obj),
+            ]
+            jobs.append(
+                (
+                    name,
+                    obj,
+                    subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
+                )
             )
+        failed = []
+        for name, _, proc in jobs:
+            output, _ = proc.communicate()
+            if proc.returncode != 0:
+                failed.append(f"{name}:\n{output[-4000:]}")
+        if failed:
+            raise KernelBuildError("compiling " + "\n".join(failed))
+        library = work / LIBRARY
+        link = subprocess.run(
+            [cxx, *[str(obj) for _, obj, _ in jobs], *LDFLAGS, *torch_link, "-o", str(library)],
+            capture_output=True,
+            text=True,
+            check=False,
         )
-    failed = []
-    for name, _, proc in jobs:
-        output, _ = proc.communicate()
-        if proc.returncode != 0:
-            failed.append(f"{name}:\n{output[-4000:]}")
-    if failed:
-        raise KernelBuildError("compiling " + "\n".join(failed))
-    library = work / LIBRARY
-    link = subprocess.run(
-        [cxx, *[str(obj) for _, obj, _ in jobs], *LDFLAGS, *torch_link, "-o", str(library)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if link.returncode != 0:
-        raise KernelBuildError(f"linking {library}: {link.stdout[-2000:]}{link.stderr[-4000:]}")
-    for _, obj, _ in jobs:  # kept beside the library: tests read their symbol tables
-        os.replace(obj, build_dir / obj.name)
-    target = build_dir / LIBRARY
-    os.replace(library, target)
-    shutil.rmtree(work, ignore_errors=True)
-    return target
+        if link.returncode != 0:
+            raise KernelBuildError(f"linking {library}: {link.stdout[-2000:]}{link.stderr[-4000:]}")
+        for _, obj, _ in jobs:  # kept beside the library: tests read their symbol tables
+            os.replace(obj, build_dir / obj.name)
+        target = build_dir / LIBRARY
+        os.replace(library, target)
+        return target
+    finally:  # also after a failed compile or link
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def object_file(source: str) -> Path:

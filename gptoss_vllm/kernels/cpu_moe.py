@@ -9,6 +9,8 @@ has (AVX-512 with VNNI and BF16, AVX2, portable); ``GPTOSS_VLLM_CPU_ISA=avx512|a
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from gptoss_vllm import envs
@@ -17,11 +19,16 @@ from gptoss_vllm.kernels.build import load_kernel
 ISA_ENV = envs.CPU_ISA.name
 
 
+@functools.cache
+def _isa_names() -> tuple[str, ...]:
+    load_kernel()
+    return tuple(torch.ops.gptoss_vllm_cpu.isa_names())
+
+
 def isa_names() -> list[str]:
     """The kernel's paths in order of preference, as it names them (the C++ enum is the one definition);
-    builds the kernel on first use."""
-    load_kernel()
-    return list(torch.ops.gptoss_vllm_cpu.isa_names())
+    builds the kernel on first use. Asked once per process: requested_isa runs on every MoE call."""
+    return list(_isa_names())
 
 
 def requested_isa() -> int:
