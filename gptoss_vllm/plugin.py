@@ -17,6 +17,7 @@ def register() -> None:
     from vllm import ModelRegistry
 
     from gptoss_vllm.lifetime import exit_with_parent_if_requested
+    from gptoss_vllm.model import cpu_eager  # noqa: F401  (its norm provider must exist before vLLM sets priorities)
 
     ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
     exit_with_parent_if_requested()

@@ -23,7 +23,9 @@ from vllm.model_executor.models.utils import maybe_prefix
 from gptoss_vllm.checkpoints.config import LAYER_TYPES
 from gptoss_vllm.checkpoints.layout import CheckpointLayoutError, LayoutChecker, checkpoint_specs
 from gptoss_vllm.model.backend import announce, resolve_for_vllm
+from gptoss_vllm.model.cpu_eager import skip_compile_dispatch
 from gptoss_vllm.model.cpu_gemm import pack_linears
+from gptoss_vllm.model.huge_pages import process_huge_bytes
 from gptoss_vllm.model.moe import MXFP4MoEBlock
 from gptoss_vllm.model.resident import no_second_copies, released_as_consumed
 
@@ -94,6 +96,7 @@ class GptOssForCausalLM(vllm_gpt_oss.GptOssForCausalLM):
         packed = pack_linears(self)
         if packed:
             log.info("gpt-oss: %d bf16 linears on vLLM's packed CPU kernel (model/cpu_gemm.py)", packed)
+        skip_compile_dispatch(self, vllm_config)
 
     # ----------------------------------------------------------------- weights
     def _layout_checker(self) -> LayoutChecker:
@@ -156,9 +159,11 @@ class GptOssForCausalLM(vllm_gpt_oss.GptOssForCausalLM):
         nbytes = self.expert_resident_bytes()
         fmt = "MXFP4" if (self.moe_backend != "native" or self._mxfp4_checkpoint) else "bf16"
         log.info(
-            "gpt-oss expert weights resident: %.1f MiB (%d bytes, %s, backend %s)",
+            "gpt-oss expert weights resident: %.1f MiB (%d bytes, %s, backend %s); this process holds %.1f GiB "
+            "on 2 MB pages",
             nbytes / 2**20,
             nbytes,
             fmt,
             self.moe_backend,
+            process_huge_bytes() / 2**30,
         )

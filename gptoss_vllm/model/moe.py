@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from gptoss_vllm.kernels import cpu_moe, reference  # noqa: F401  (registers the torch ops)
+from gptoss_vllm.model.huge_pages import back_with_huge_pages
 from gptoss_vllm.quant import mxfp4
 
 # Checkpoint suffixes of the expert tensors, after ``mlp.experts.``.
@@ -80,6 +81,8 @@ class MXFP4Experts(nn.Module):
             (self.down_blocks, self.down_scales),
         ):
             blocks.data, scales.data = cpu_moe.prepack(blocks.data, scales.data)
+            # The kernel asked for 2 MB pages before writing; what a fragmented memory did not give then, now.
+            back_with_huge_pages(blocks.data)
         self.packed = True
 
     def resident_bytes(self) -> int:

@@ -250,6 +250,13 @@ def _assert_parity(name: str, diffs: torch.Tensor, baseline: torch.Tensor | None
 def test_cpu_backend_is_chosen_and_logged(cpu_tiny_run) -> None:
     assert "gpt-oss MoE backend: cpu" in cpu_tiny_run.log
     assert "No MXFP4 MoE backend" not in cpu_tiny_run.log
+    # Eager on CPU (model/cpu_eager.py): these runs' outputs (checked against transformers below) come from the
+    # fused norms and the directly called attention.
+    layers = build_config("tiny")["num_hidden_layers"]
+    assert (
+        f"gpt-oss on CPU, eager: RMSNorm on vLLM's fused CPU kernels, {layers} attention layers called directly"
+        in cpu_tiny_run.log
+    )
 
 
 def test_cpu_backend_matches_transformers(cpu_tiny_run, native_bf16_run, tiny_checkpoint_dirs) -> None:
@@ -308,6 +315,9 @@ def test_bf16_checkpoint_with_more_experts_compiled(plugin_runs, stock_runs, wid
         )
     assert diffs.mean() <= 2 * MEAN_LOGPROB_DIFF and diffs.quantile(0.95) <= MAX_LOGPROB_DIFF
     assert diffs.max() <= 2 * baseline.max() + 0.05
+    assert (
+        "gpt-oss on CPU, eager" not in plugin.log
+    )  # compiled: Inductor fuses the norms, attention stays opaque
 
 
 def test_resident_expert_memory_is_about_a_quarter_of_bf16(cpu_tiny_run, native_bf16_run) -> None:

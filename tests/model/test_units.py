@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+from pathlib import Path
 
 import pytest
 import torch
@@ -304,3 +305,87 @@ def test_bf16_linears_take_vllms_packed_kernel_on_this_cpu(tokens: int, monkeypa
     monkeypatch.setenv("GPTOSS_VLLM_CPU_GEMM", "fast")
     with pytest.raises(CpuGemmError, match="GPTOSS_VLLM_CPU_GEMM='fast': use one of packed, onednn"):
         pack_for_cpu(layer(96, 128))
+
+
+def _thp_mode() -> str:
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "absent"
+    return text[text.index("[") + 1 : text.index("]")]
+
+
+def _vma_huge_bytes(address: int) -> int:
+    """AnonHugePages of the mapping holding ``address``, from /proc/self/smaps."""
+    inside = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(part, 16) for part in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "AnonHugePages:":
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def test_streamed_weights_move_onto_huge_pages_unchanged() -> None:
+    """model/huge_pages.py: a written tensor is moved onto 2 MB pages in place (MADV_COLLAPSE) with its contents
+    kept; a tensor holding no whole huge page is left alone."""
+    import platform
+
+    from gptoss_vllm.model.huge_pages import HUGE_PAGE, back_with_huge_pages, huge_span, process_huge_bytes
+
+    weight = torch.randn(4 * HUGE_PAGE // 2, dtype=torch.bfloat16)  # 8 MB: at least 3 whole huge pages
+    before = weight.clone()
+    begin, end = huge_span(weight)
+    assert end - begin >= 3 * HUGE_PAGE and begin % HUGE_PAGE == 0
+    moved = back_with_huge_pages(weight)
+    assert torch.equal(weight, before)
+    assert back_with_huge_pages(torch.ones(1000)) == 0  # no whole 2 MB page inside
+    kernel = tuple(int(p) for p in platform.release().split(".")[:2] if p.isdigit())
+    if _thp_mode() in ("absent", "never") or kernel < (6, 1):
+        pytest.skip(
+            f"transparent huge pages {_thp_mode()}, Linux {platform.release()}: MADV_COLLAPSE unavailable"
+        )
+    assert moved == end - begin
+    assert _vma_huge_bytes(begin) >= moved and process_huge_bytes() >= moved
+
+
+def test_cpu_norm_provider_matches_vllms_native_norms_and_takes_only_the_default_priority() -> None:
+    """model/cpu_eager.py: the gptoss_cpu RMSNorm (vLLM's fused CPU kernels) computes what vLLM's native one
+    does (to bf16 rounding), declines what it cannot take, and is put first where vLLM's CPU default stands."""
+    import vllm._custom_ops  # noqa: F401  (loads vLLM's kernels, as its worker does)
+    from vllm import ir
+
+    from gptoss_vllm.model import cpu_eager
+
+    if not cpu_eager._kernels_loaded():
+        pytest.skip("vLLM's CPU kernels (torch.ops._C.rms_norm) are not in this vLLM build")
+    g = torch.Generator().manual_seed(3)
+    x, residual = (torch.randn(5, 2880, generator=g).bfloat16() for _ in range(2))
+    weight = (1 + 0.1 * torch.randn(2880, generator=g)).bfloat16()
+    rms, fused = ir.ops.rms_norm, ir.ops.fused_add_rms_norm
+    want = rms.impls["native"].impl_fn(x, weight, 1e-5)
+    got = rms.impls[cpu_eager.PROVIDER].impl_fn(x, weight, 1e-5)
+    torch.testing.assert_close(got.float(), want.float(), rtol=1.6e-2, atol=1e-2)
+    want_out, want_res = fused.impls["native"].impl_fn(x, residual, weight, 1e-5)
+    got_out, got_res = fused.impls[cpu_eager.PROVIDER].func_impl_fn(x, residual, weight, 1e-5)
+    torch.testing.assert_close(got_res, want_res, rtol=0, atol=0)  # the sum, rounded once to bf16
+    torch.testing.assert_close(got_out.float(), want_out.float(), rtol=1.6e-2, atol=1e-2)
+    supports = rms.impls[cpu_eager.PROVIDER].supports_args
+    assert supports(x, weight, 1e-5)
+    assert not supports(x.t(), weight[:5], 1e-5)  # not contiguous
+    assert not supports(x, weight.float(), 1e-5) and not supports(x, None, 1e-5)
+    assert not supports(x, weight, 1e-5, 64)  # a variance over part of the row
+    saved = {op: op.get_priority() for op in (rms, fused)}
+    try:
+        for op in (rms, fused):
+            op.set_default(["native"])
+        assert cpu_eager.prefer_fused_norms()
+        assert rms.get_priority() == fused.get_priority() == [cpu_eager.PROVIDER, "native"]
+        assert not cpu_eager.prefer_fused_norms()  # nothing left to change
+        torch.testing.assert_close(rms(x, weight, 1e-5), got, rtol=0, atol=0)  # vLLM's dispatch picks it
+    finally:
+        for op, priority in saved.items():
+            op.set_default(priority) if priority else op._priority_impls.clear()
