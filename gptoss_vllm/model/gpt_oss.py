@@ -159,8 +159,8 @@ class GptOssForCausalLM(vllm_gpt_oss.GptOssForCausalLM):
         nbytes = self.expert_resident_bytes()
         fmt = "MXFP4" if (self.moe_backend != "native" or self._mxfp4_checkpoint) else "bf16"
         log.info(
-            "gpt-oss expert weights resident: %.1f MiB (%d bytes, %s, backend %s); this process holds %.1f GiB "
-            "on 2 MB pages",
+            "gpt-oss expert weights resident: %.1f MiB (%d bytes, %s, backend %s); %.1f GiB of this process on "
+            "2 MB pages (the bf16 linears move there next, as they are packed)",
             nbytes / 2**20,
             nbytes,
             fmt,
