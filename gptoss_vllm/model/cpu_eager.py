@@ -101,9 +101,8 @@ def prefer_fused_norms() -> bool:
 
 def call_attention_directly(model: nn.Module) -> int:
     """Every vLLM attention layer of ``model`` calls its kernels without the dispatcher; returns how many."""
-    from vllm.model_executor.layers.attention.attention import (
-        Attention,
-    )  # model code: not in the plugin's import
+    # vLLM's model code: imported here, not when the plugin imports this module in every process.
+    from vllm.model_executor.layers.attention.attention import Attention
 
     layers = [m for m in model.modules() if isinstance(m, Attention)]
     for layer in layers:

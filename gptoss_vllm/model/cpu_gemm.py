@@ -62,7 +62,7 @@ def pack_for_cpu(layer: nn.Module) -> bool:
 
     n = layer.weight.shape[0]
     packed = torch.ops._C.convert_weight_packed(layer.weight)
-    layer.huge_page_bytes = back_with_huge_pages(packed)  # streamed whole on every decode step
+    back_with_huge_pages(packed)  # streamed whole on every decode step
     bias = getattr(layer, "bias", None)
     if bias is not None:
         bias.data = bias.data.to(torch.float32)  # the kernel adds an fp32 bias
