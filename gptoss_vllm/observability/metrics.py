@@ -139,6 +139,12 @@ class IngressMetrics:
             "gptoss_ingress_peers", "Other live ingress replicas this replica shares its counts with",
             registry=registry,
         )  # fmt: skip
+        self.ingress_peers_lost = Counter(
+            "gptoss_ingress_peers_lost",
+            "Other ingress replicas this replica stopped hearing of (stopped, scaled down, or their exchange or "
+            "this one's stalled past the peers' TTL): until heard again, bounds count without them",
+            registry=registry,
+        )
         self.min_replicas = Gauge(
             "gptoss_pool_min_replicas",
             "The pool's floor: replicas, or autoscaling.min_replicas (0: it scales to zero when idle)",

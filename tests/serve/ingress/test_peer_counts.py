@@ -5,6 +5,9 @@ two-ingress stack test runs it as the actor."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
 
 from gptoss_vllm.serve.config_load import parse_config
@@ -123,3 +126,56 @@ def test_requests_and_tokens_per_minute_hold_for_both_replicas(replicas):
     # Charged once: a second exchange with nothing new spent changes nothing.
     b.exchange(), b.exchange()
     assert b.view.update(b.ledger.exchange("b", b.pipeline.own_counts().as_dict())) == ({}, {})
+
+
+class _LedgerHandle:
+    """The ledger's actor handle as the exchange loop calls it (``exchange.remote(...)``, awaited), over the real
+    :class:`Ledger`, with a clock the test moves (the stack test runs the real actor)."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger, self.exchange, self.skew_s = ledger, self, 0.0
+
+    def remote(self, replica: str, counts: dict):
+        async def call():
+            return self.ledger.exchange(replica, counts, now=time.monotonic() + self.skew_s)
+
+        return call()
+
+
+def test_a_replica_counts_the_peers_it_stops_hearing_of():
+    from prometheus_client import CollectorRegistry
+
+    from gptoss_vllm.observability.metrics import IngressMetrics
+    from gptoss_vllm.serve.ingress.peer_exchange import PeerExchanger
+
+    def value(registry: CollectorRegistry, name: str) -> float | None:
+        return registry.get_sample_value(name)
+
+    async def scenario() -> tuple[list[float | None], list[float | None]]:
+        handle = _LedgerHandle(Ledger())
+        registries = {name: CollectorRegistry() for name in ("a", "b")}
+        exchangers = {
+            name: PeerExchanger(
+                Replica(name, handle.ledger).pipeline, IngressMetrics(registry), "app", name, lambda: handle
+            )
+            for name, registry in registries.items()
+        }
+        b = registries["b"]
+        await _until(lambda: value(b, "gptoss_ingress_peers") == 1)
+        heard = [value(b, "gptoss_ingress_peers"), value(b, "gptoss_ingress_peers_lost_total")]
+        exchangers["a"].stop()
+        handle.skew_s = PEER_TTL_S + 1  # a's last report is now older than the TTL: the ledger forgets it
+        await _until(lambda: value(b, "gptoss_ingress_peers") == 0)
+        lost = [value(b, "gptoss_ingress_peers"), value(b, "gptoss_ingress_peers_lost_total")]
+        exchangers["b"].stop()
+        return heard, lost
+
+    heard, lost = asyncio.run(scenario())
+    assert heard == [1, 0] and lost == [0, 1]
+
+
+async def _until(condition, timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "the exchange loop never got there"
+        await asyncio.sleep(0.05)
