@@ -351,6 +351,22 @@ def pools_and_capacity() -> dashboard_builders.Dashboard:
                 [target(f"sum by (pool) (gptoss:in_flight_requests:sum{{{NS_POOL}}})", "{{pool}}")],
             )
         )
+        .with_panel(
+            panel(
+                "Ingress replicas: peers heard and lost",
+                "With several ingress replicas, each bounds with the others' counts: the peers each hears now, and "
+                "those it stopped hearing of in the last hour. Outside a rollout, a loss means bounds held per "
+                "replica for a while (an exchange stalled past the peers' TTL).",
+                "short",
+                [
+                    target(f"min by (replica) (gptoss_ingress_peers{{{NS}}})", "{{replica}} peers heard"),
+                    target(
+                        f"sum by (replica) (increase(gptoss_ingress_peers_lost_total{{{NS}}}[1h]))",
+                        "{{replica}} peers lost (1 h)",
+                    ),
+                ],
+            )
+        )
         .with_row(dashboard_builders.Row("Engines"))
         .with_panel(
             panel(

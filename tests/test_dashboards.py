@@ -57,11 +57,16 @@ def test_every_panel_queries_prometheus_with_the_filters(name):
             assert 'namespace=~"$namespace"' in expr, f"{name}: {panel['title']!r}: {expr}"
             if "rate(" in expr:
                 assert "[$__rate_interval]" in expr, f"{name}: {panel['title']!r}: {expr}"
-            # Every series but the budget clamps (a counter by effort only) and the conversation store (shared by
-            # every pool) has a pool label to filter on.
+            # Every series but the budget clamps (a counter by effort only), the conversation store (shared by
+            # every pool) and the ingress replicas' peers has a pool label to filter on.
             if not any(
                 s in expr
-                for s in ("gptoss_budget_clamps_total", "gptoss:budget_clamps", "gptoss_response_store_")
+                for s in (
+                    "gptoss_budget_clamps_total",
+                    "gptoss:budget_clamps",
+                    "gptoss_response_store_",
+                    "gptoss_ingress_peers",
+                )
             ):
                 assert '=~"$pool"' in expr, f"{name}: {panel['title']!r}: {expr}"
 

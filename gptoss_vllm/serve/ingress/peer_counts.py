@@ -12,10 +12,11 @@ A replica that stops reporting (stopped, or lost with its node) is forgotten aft
 ended with it. Forgetting a peer loosens the bounds (each replica then bounds alone), so the TTL is long enough
 that a busy node, whose actor calls stall for seconds, does not lose its peers: a dead replica's sequences
 rather hold their slots a little longer (Ray Serve takes longer than that to replace it anyway). Each replica
-counts the peers it lost (``gptoss_ingress_peers_lost_total``). The view of the peers lags by at most one exchange, so replicas admitting at the same instant can
-each take the last slot (at most one request per replica per ``EXCHANGE_S`` beyond a bound); Ray Serve's
-``max_queued_requests`` on each pool handle stays the hard backstop. The failed-authentication limit per client
-address stays per replica (a client that spreads its failures over replicas gets replicas x the limit).
+counts the peers it lost (``gptoss_ingress_peers_lost_total``). The view of the peers lags by at most one
+exchange, so replicas admitting at the same instant can each take the last slot (at most one request per
+replica per ``EXCHANGE_S`` beyond a bound); Ray Serve's ``max_queued_requests`` on each pool handle stays the
+hard backstop. The failed-authentication limit per client address stays per replica (a client that spreads its
+failures over replicas gets replicas x the limit).
 """
 
 from __future__ import annotations
