@@ -18,6 +18,7 @@ from gptoss_vllm.bench import step_profile
 from gptoss_vllm.bench.e2e import decode_bytes_per_token
 from gptoss_vllm.bench.step_profile import PARTS
 from gptoss_vllm.checkpoints.config import build_config
+from tests.support.stack import fresh_cache
 
 
 def test_a_decode_token_of_gpt_oss_20b_reads_its_published_bytes():
@@ -30,7 +31,9 @@ def test_a_decode_token_of_gpt_oss_20b_reads_its_published_bytes():
 
 
 def _bench(tmp_path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "GPTOSS_VLLM_CACHE": str(tmp_path / "cache")}  # not the user's cache
+    # Not the user's cache (the tiny checkpoint is built afresh), but the session's compiled kernel: this test
+    # runs first in the suite, and compiled it a second time into its own cache (a minute on 2 cores).
+    env = {**os.environ, "GPTOSS_VLLM_CACHE": str(fresh_cache(tmp_path / "cache"))}
     return subprocess.run(
         [sys.executable, "-m", "gptoss_vllm.cli", "bench", "e2e", *args],
         capture_output=True, text=True, env=env, timeout=900,
