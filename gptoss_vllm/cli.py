@@ -211,7 +211,12 @@ def _bench_e2e(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         context=args.context,
         stock=not args.no_stock,
         llama_cpp=not args.no_llama_cpp,
+        rounds=args.rounds,
+        blocks=args.blocks,
+        full_runs=not args.only_head_to_head,
     )
+    if args.only_head_to_head and (args.no_llama_cpp or not args.rounds):
+        parser.error("--only-head-to-head: needs llama.cpp and at least one of --rounds")
     if settings.output_tokens < 2:
         parser.error("--output-tokens: must be >= 2 (decode is timed after the first token)")
     try:
@@ -792,6 +797,13 @@ def build_parser() -> argparse.ArgumentParser:
     e2e.add_argument("--no-stock", action="store_true", help="skip stock vLLM's run")
     e2e.add_argument("--no-llama-cpp", action="store_true",
                      help="skip llama.cpp's run (its first run builds it and converts the checkpoint to GGUF)")  # fmt: skip
+    e2e.add_argument("--rounds", type=_non_negative_int, default=2,
+                     help="rounds of the batch-1 head-to-head after the full runs: our engine, then llama.cpp's "
+                     "tg, alternating so that both meet the machine in the same state (default 2; 0: none)")  # fmt: skip
+    e2e.add_argument("--blocks", type=_positive_int, default=3,
+                     help="timed batch-1 decodes of ours, and llama-bench repetitions, per round (default 3)")  # fmt: skip
+    e2e.add_argument("--only-head-to-head", action="store_true",
+                     help="run the batch-1 head-to-head alone, without the full runs (needs llama.cpp)")  # fmt: skip
     e2e.set_defaults(handler=_bench_e2e, subparser=e2e)
     curves = bench_sub.add_parser(
         "curves",

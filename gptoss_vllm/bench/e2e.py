@@ -10,6 +10,9 @@ RSS of the child's whole tree (the engine core and its worker included) and keep
 - Decode: ``batch`` prompts of ``prompt_tokens``, ``output_tokens`` each with ``ignore_eos``; the decode
   time is the time of the whole outputs minus the time of their first tokens, in output tokens/s.
 - Stock vLLM (plugins off) runs the same checkpoint and is recorded as what it does: its refusal or its figures.
+- The batch-1 head-to-head with llama.cpp (``run_head_to_head``): after the full runs, rounds of our engine's
+  batch-1 decode and llama-bench's tg, alternating, each side after a read probe. The ratio the issue's target
+  names is taken there, not between full runs a quarter of an hour apart.
 - The roofline: the bytes a batch-1 decode token reads (the active experts in MXFP4, attention, router and
   lm_head in bf16), over a memory-read probe run in this process.
 """
@@ -22,6 +25,7 @@ import math
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -59,6 +63,9 @@ class Settings:
     stock: bool = True  # also run stock vLLM (plugins off) on the same checkpoint
     llama_cpp: bool = True  # also run llama.cpp on the same weights (built and converted into the cache once)
     profile_tokens: int = 32  # batch-1 decode steps the step profile averages over (0: no profile)
+    rounds: int = 2  # the batch-1 head-to-head: rounds of ours then llama.cpp, alternating (0: none)
+    blocks: int = 3  # per round and side: timed batch-1 decodes of ours, llama-bench repetitions of its tg
+    full_runs: bool = True  # False: the head-to-head alone
     timeout_s: float = 1800.0  # per child
 
     @property
@@ -275,12 +282,16 @@ def watch(
     return child.returncode
 
 
-def run_child(impl: str, backend: str, checkpoint: Path, settings: Settings, work: Path) -> Run:
-    """One vLLM implementation in a child process, its tree's RSS sampled per phase."""
-    spec = work / f"{impl}-{backend}.spec.json"
-    result, phase_file, log_path = (work / f"{impl}-{backend}.{s}" for s in ("result.json", "phase", "log"))
+def run_child(
+    impl: str, backend: str, checkpoint: Path, settings: Settings, work: Path, mode: str = "full"
+) -> Run:
+    """One vLLM implementation in a child process, its tree's RSS sampled per phase. ``mode``: ``full`` (prefill,
+    decode at every batch, the step profile) or ``h2h<round>`` (batch-1 decode blocks only)."""
+    name = f"{impl}-{backend}" + ("" if mode == "full" else f".{mode}")
+    spec = work / f"{name}.spec.json"
+    result, phase_file, log_path = (work / f"{name}.{s}" for s in ("result.json", "phase", "log"))
     spec.write_text(json.dumps({"checkpoint": str(checkpoint), "settings": asdict(settings), "result": str(result),
-                                "phase": str(phase_file)}))  # fmt: skip
+                                "phase": str(phase_file), "mode": mode}))  # fmt: skip
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_gib), BIND_ENV: omp_threads_bind()}
     if impl == "stock_vllm":
         env["VLLM_PLUGINS"] = "__none__"  # vLLM loads only the plugins named here: none of ours
@@ -309,14 +320,10 @@ def run_child(impl: str, backend: str, checkpoint: Path, settings: Settings, wor
     raise BenchError(f"{impl} ({backend}) failed (exit {returncode}): {_refusal(text)}; its log: {log_path}")
 
 
-def run_llama_cpp(checkpoint: Path, settings: Settings, work: Path) -> Run:
-    """llama.cpp on the same checkpoint (converted once to GGUF, MXFP4 experts): prefill and tg with
-    ``llama-bench``, decode per batch with ``llama-batched-bench``, at the worker's thread count."""
+def llama_cpp_gguf(checkpoint: Path, settings: Settings, run: Run, log_path: Path) -> Path:
+    """llama.cpp built and ``checkpoint`` converted to GGUF, each into the cache unless it is there."""
     from gptoss_vllm.bench import llama_cpp
 
-    run = Run("llama_cpp", "ggml-cpu")
-    log_path = work / "llama_cpp.log"
-    log_path.write_text("")
     try:
         llama_cpp.build()
         gguf = llama_cpp.gguf_path(checkpoint)
@@ -332,6 +339,18 @@ def run_llama_cpp(checkpoint: Path, settings: Settings, work: Path) -> Run:
             partial.rename(gguf)
     except llama_cpp.LlamaCppError as exc:
         raise BenchError(str(exc)) from exc
+    return gguf
+
+
+def run_llama_cpp(checkpoint: Path, settings: Settings, work: Path) -> Run:
+    """llama.cpp on the same checkpoint (converted once to GGUF, MXFP4 experts): prefill and tg with
+    ``llama-bench``, decode per batch with ``llama-batched-bench``, at the worker's thread count."""
+    from gptoss_vllm.bench import llama_cpp
+
+    run = Run("llama_cpp", "ggml-cpu")
+    log_path = work / "llama_cpp.log"
+    log_path.write_text("")
+    gguf = llama_cpp_gguf(checkpoint, settings, run, log_path)
     threads = len(omp_threads_bind().split(","))
     commands = llama_cpp.bench_commands(gguf, threads, settings)
     start = time.perf_counter()
@@ -346,6 +365,50 @@ def run_llama_cpp(checkpoint: Path, settings: Settings, work: Path) -> Run:
     run.measured["bench_s"] = round(time.perf_counter() - start, 1)
     run.measured["threads"] = threads
     return run
+
+
+def run_head_to_head(checkpoint: Path, backend: str, settings: Settings, work: Path) -> dict[str, Any]:
+    """Batch-1 decode of ours and llama.cpp's tg, alternating: ``settings.rounds`` rounds of our engine (loaded
+    afresh, ``blocks`` timed decodes) then llama-bench (``blocks`` repetitions), a read probe before each side.
+
+    The two cannot be resident together (each holds the whole model), and this machine's read rate drifts over
+    minutes: one implementation's figures taken long after the other's measure the machine as much as the code.
+    Alternating keeps each pair minutes apart, and the probes show what the machine did meanwhile."""
+    from gptoss_vllm.bench import llama_cpp
+    from gptoss_vllm.bench.moe import probe_read_gbps
+
+    llama = Run("llama_cpp", "ggml-cpu")
+    log_path = work / "llama_cpp.h2h.log"
+    log_path.write_text("")
+    gguf = llama_cpp_gguf(checkpoint, settings, llama, log_path)
+    threads = len(omp_threads_bind().split(","))
+    rounds = []
+    for r in tqdm(range(settings.rounds), desc="batch-1 head-to-head", unit="round"):
+        entry: dict[str, Any] = {"ours_read_gbps": round(probe_read_gbps(), 1)}
+        ours = run_child("gptoss_vllm", backend, checkpoint, settings, work, mode=f"h2h{r}")
+        entry["ours_tok_s"] = ours.measured["decode_b1_blocks_tok_s"]
+        entry["llama_cpp_read_gbps"] = round(probe_read_gbps(), 1)
+        out = work / f"llama_cpp.h2h{r}.out"
+        command = llama_cpp.tg_command(gguf, threads, settings.output_tokens, settings.blocks)
+        if watch(llama, command, log_path, lambda: "decode", settings.timeout_s, stdout=out):
+            raise BenchError(f"llama.cpp's llama-bench (tg) failed: see {log_path} and {out}")
+        entry["llama_cpp_tg_tok_s"] = llama_cpp.parse_tg_samples(out.read_text())
+        if not entry["llama_cpp_tg_tok_s"]:
+            raise BenchError(f"llama-bench printed no tg samples: see {out}")
+        entry["ratio"] = round(
+            statistics.median(entry["ours_tok_s"]) / statistics.median(entry["llama_cpp_tg_tok_s"]), 3
+        )
+        rounds.append(entry)
+    ours_all = [x for entry in rounds for x in entry["ours_tok_s"]]
+    llama_all = [x for entry in rounds for x in entry["llama_cpp_tg_tok_s"]]
+    return {
+        "backend": backend,
+        "tokens": settings.output_tokens,
+        "rounds": rounds,
+        "ours_median_tok_s": round(statistics.median(ours_all), 3),
+        "llama_cpp_tg_median_tok_s": round(statistics.median(llama_all), 3),
+        "ratio": round(statistics.median(ours_all) / statistics.median(llama_all), 3),
+    }
 
 
 def _child(spec_path: str) -> None:
@@ -390,24 +453,40 @@ def _child(spec_path: str) -> None:
         return elapsed
 
     try:
-        enter("prefill")
-        timed(prompts(1, 64), 2)  # first-call costs out of the figures
-        for length in s.prefill_lengths:
-            best = min(timed(prompts(1, length), 1) for _ in range(2))
-            measured[f"prefill{length}_tok_s"] = round(length / best, 2)
-        enter("decode")
-        for batch in s.batches:
-            first = timed(prompts(batch, s.prompt_tokens), 1)
-            whole = timed(prompts(batch, s.prompt_tokens), s.output_tokens)
-            decode_s = max(whole - first, 1e-9)
-            measured[f"decode_b{batch}_tok_s"] = round(batch * (s.output_tokens - 1) / decode_s, 3)
-        if s.profile_tokens:
-            measured["decode_profile_b1"] = _profile_decode(
-                llm, prompts(1, s.prompt_tokens), s.profile_tokens
-            )
+        if spec["mode"] == "full":
+            _measure_all(llm, s, timed, prompts, enter, measured)
+        else:  # a head-to-head round: batch-1 decode alone
+            enter("decode")
+            timed(prompts(1, 64), 2)  # first-call costs out of the figures
+            measured["decode_b1_blocks_tok_s"] = [
+                _decode_tok_s(timed, prompts, 1, s) for _ in range(s.blocks)
+            ]
     finally:
         llm.llm_engine.engine_core.shutdown()  # its worker would outlive us with the whole model
     Path(spec["result"]).write_text(json.dumps(measured))
+
+
+def _measure_all(
+    llm: Any, s: Settings, timed: Callable, prompts: Callable, enter: Callable, measured: dict[str, Any]
+) -> None:
+    """Prefill at each length, decode at each batch, and the batch-1 step profile, into ``measured``."""
+    enter("prefill")
+    timed(prompts(1, 64), 2)  # first-call costs out of the figures
+    for length in s.prefill_lengths:
+        best = min(timed(prompts(1, length), 1) for _ in range(2))
+        measured[f"prefill{length}_tok_s"] = round(length / best, 2)
+    enter("decode")
+    for batch in s.batches:
+        measured[f"decode_b{batch}_tok_s"] = _decode_tok_s(timed, prompts, batch, s)
+    if s.profile_tokens:
+        measured["decode_profile_b1"] = _profile_decode(llm, prompts(1, s.prompt_tokens), s.profile_tokens)
+
+
+def _decode_tok_s(timed: Callable, prompts: Callable, batch: int, s: Settings) -> float:
+    """Output tokens/s of ``batch`` sequences' decode: the whole outputs' time less their first tokens'."""
+    first = timed(prompts(batch, s.prompt_tokens), 1)
+    whole = timed(prompts(batch, s.prompt_tokens), s.output_tokens)
+    return round(batch * (s.output_tokens - 1) / max(whole - first, 1e-9), 3)
 
 
 def _profile_decode(llm: Any, prompt: list[dict[str, list[int]]], tokens: int) -> dict[str, float]:
@@ -468,12 +547,18 @@ def run_bench(settings: Settings, json_path: str | None = None, keep: Path | Non
     plan = [("gptoss_vllm", backend) for backend in backends]
     plan += [("stock_vllm", "native")] if settings.stock else []
     plan += [("llama_cpp", "ggml-cpu")] if settings.llama_cpp else []
+    plan = plan if settings.full_runs else []
     runs = []
     for impl, backend in tqdm(plan, desc="bench e2e", unit="engine"):
         if impl == "llama_cpp":
             runs.append(run_llama_cpp(checkpoint, settings, work))
         else:
             runs.append(run_child(impl, backend, checkpoint, settings, work))
+    head_to_head = None
+    if settings.llama_cpp and settings.rounds:
+        head_to_head = run_head_to_head(
+            checkpoint, backends[-1], settings, work
+        )  # auto's pick: native on AMX
     stock = next((run for run in runs if run.impl == "stock_vllm"), None)
     report = {
         "machine": {
@@ -491,6 +576,7 @@ def run_bench(settings: Settings, json_path: str | None = None, keep: Path | Non
             for run in runs
             if "decode_profile_b1" in run.measured
         },
+        "head_to_head_b1": head_to_head,
         "stock_vllm": "not run"
         if stock is None
         else (f"refused: {stock.refused}" if stock.refused else "ran"),
@@ -552,6 +638,18 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(
             f"batch-1 decode step, {engine}: {profile['step_ms']} ms = {parts}; qkv/o linears "
             f"{profile['attention_linears_ms']} ms of attention"
+        )
+    h2h = report.get("head_to_head_b1")
+    if h2h:
+        each = "; ".join(
+            f"round {i + 1}: ours {r['ours_tok_s']} (read {r['ours_read_gbps']} GB/s), llama.cpp "
+            f"{r['llama_cpp_tg_tok_s']} (read {r['llama_cpp_read_gbps']} GB/s), {r['ratio']}x"
+            for i, r in enumerate(h2h["rounds"])
+        )
+        lines.append(
+            f"batch-1 head-to-head, alternating ({h2h['backend']} against llama-bench tg{h2h['tokens']}): ours "
+            f"{h2h['ours_median_tok_s']} tok/s, llama.cpp {h2h['llama_cpp_tg_median_tok_s']} (medians), "
+            f"{h2h['ratio']}x; {each}"
         )
     lines.append(f"stock vLLM: {report['stock_vllm']}")
     lines.append(f"{report['preset']} on {report['machine']['cpu']} ({report['machine']['cores']} cores)")

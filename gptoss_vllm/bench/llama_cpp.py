@@ -163,6 +163,19 @@ def bench_commands(gguf: Path, threads: int, settings: Any) -> dict[str, list[st
     }  # fmt: skip
 
 
+def tg_command(gguf: Path, threads: int, tokens: int, repetitions: int) -> list[str]:
+    """``llama-bench`` timing only token generation (tg``tokens``) from an empty context, ``repetitions`` times."""
+    return [str(bin_dir() / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-r", str(repetitions), "-o",
+            "json", "-p", "0", "-n", str(tokens)]  # fmt: skip
+
+
+def parse_tg_samples(text: str) -> list[float]:
+    """Each repetition's tokens/s of llama-bench's tg test, from its JSON."""
+    start = text.find("[")
+    records = json.loads(text[start : text.rindex("]") + 1]) if start >= 0 else []
+    return [round(ts, 3) for record in records if record.get("n_gen") for ts in record.get("samples_ts", [])]
+
+
 def parse_llama_bench(text: str) -> dict[str, float]:
     """``prefill{N}_tok_s`` and ``tg{N}_tok_s`` from llama-bench's JSON."""
     start = text.find("[")

@@ -50,6 +50,10 @@ def _bench(tmp_path, *args: str) -> subprocess.CompletedProcess:
         (["--kv-cache-gib", "1.5"], "--kv-cache-gib"),  # vLLM reads whole GiB
         (["--context", "200000"], "--context"),  # past gpt-oss-20b's 131072 positions
         (["--preset", "tiny", "--context", "64"], "--context"),  # shorter than the prompts
+        (["--rounds", "-1"], "--rounds"),
+        (["--blocks", "0"], "--blocks"),
+        (["--only-head-to-head", "--no-llama-cpp"], "--only-head-to-head"),
+        (["--only-head-to-head", "--rounds", "0"], "--only-head-to-head"),
     ],
 )
 def test_bad_arguments_are_named(tmp_path, args, named):
@@ -97,6 +101,7 @@ def test_tiny_run_writes_every_field(tmp_path):
         assert parts["experts"]["ms"] > 0 and parts["attention"]["ms"] > 0 and parts["lm_head"]["ms"] > 0
         assert all(p["ms"] >= 0 for p in parts.values())
         assert sum(p["share"] for p in parts.values()) == pytest.approx(1, abs=0.02)
+    assert report["head_to_head_b1"] is None  # it needs llama.cpp
     assert (keep / "gptoss_vllm-cpu.log").exists()  # each engine's log stays with --keep
     assert "roofline" in done.stdout and "stock vLLM" in done.stdout
 
@@ -193,7 +198,7 @@ def test_llama_cpp_rows_on_the_tiny_shape(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "gptoss_vllm.cli", "bench", "e2e", "--preset", "tiny", "--prefill", "32,64",
          "--batches", "1,3", "--prompt-tokens", "16", "--output-tokens", "6", "--no-stock", "--json", str(path),
-         "--keep", str(tmp_path / "keep")],
+         "--keep", str(tmp_path / "keep"), "--rounds", "1", "--blocks", "2"],
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -210,6 +215,18 @@ def test_llama_cpp_rows_on_the_tiny_shape(tmp_path):
         llama_cpp.home().parent.parent / "models" / "tiny"
     ).exists()  # kept for next time
     assert "llama_cpp" in done.stdout
+    # The head-to-head: a round of our engine loaded afresh, then llama-bench's tg, each side its blocks.
+    h2h = report["head_to_head_b1"]
+    assert h2h["tokens"] == 6 and len(h2h["rounds"]) == 1
+    (round_,) = h2h["rounds"]
+    assert len(round_["ours_tok_s"]) == 2 and len(round_["llama_cpp_tg_tok_s"]) == 2
+    assert all(x > 0 for x in round_["ours_tok_s"] + round_["llama_cpp_tg_tok_s"])
+    assert round_["ours_read_gbps"] > 0 and round_["llama_cpp_read_gbps"] > 0
+    assert h2h["ratio"] == pytest.approx(
+        h2h["ours_median_tok_s"] / h2h["llama_cpp_tg_median_tok_s"], rel=0.01
+    )
+    assert (tmp_path / "keep" / f"gptoss_vllm-{h2h['backend']}.h2h0.log").exists()
+    assert "batch-1 head-to-head" in done.stdout
 
 
 def test_a_full_disk_names_the_folder_and_the_variable(tmp_path):
