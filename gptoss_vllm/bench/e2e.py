@@ -283,16 +283,25 @@ def watch(
 
 
 def run_child(
-    impl: str, backend: str, checkpoint: Path, settings: Settings, work: Path, mode: str = "full"
+    impl: str,
+    backend: str,
+    checkpoint: Path,
+    settings: Settings,
+    work: Path,
+    mode: str = "full",
+    one_process: bool = False,
 ) -> Run:
     """One vLLM implementation in a child process, its tree's RSS sampled per phase. ``mode``: ``full`` (prefill,
-    decode at every batch, the step profile) or ``h2h<round>`` (batch-1 decode blocks only)."""
-    name = f"{impl}-{backend}" + ("" if mode == "full" else f".{mode}")
+    decode at every batch, the step profile) or ``h2h<round>`` (batch-1 decode blocks only). ``one_process``:
+    the engine core and worker in the ``LLM`` process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), not vLLM's
+    default of three processes."""
+    name = f"{impl}-{backend}" + ("" if mode == "full" else f".{mode}") + ("-1proc" if one_process else "")
     spec = work / f"{name}.spec.json"
     result, phase_file, log_path = (work / f"{name}.{s}" for s in ("result.json", "phase", "log"))
     spec.write_text(json.dumps({"checkpoint": str(checkpoint), "settings": asdict(settings), "result": str(result),
                                 "phase": str(phase_file), "mode": mode}))  # fmt: skip
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_gib), BIND_ENV: omp_threads_bind()}
+    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if one_process else "1"
     if impl == "stock_vllm":
         env["VLLM_PLUGINS"] = "__none__"  # vLLM loads only the plugins named here: none of ours
         env.pop(BACKEND_ENV, None)
@@ -367,13 +376,22 @@ def run_llama_cpp(checkpoint: Path, settings: Settings, work: Path) -> Run:
     return run
 
 
-def run_head_to_head(checkpoint: Path, backend: str, settings: Settings, work: Path) -> dict[str, Any]:
-    """Batch-1 decode of ours and llama.cpp's tg, alternating: ``settings.rounds`` rounds of our engine (loaded
-    afresh, ``blocks`` timed decodes) then llama-bench (``blocks`` repetitions), a read probe before each side.
+H2H_SIDES = ("ours", "ours_one_process", "llama_cpp")
 
-    The two cannot be resident together (each holds the whole model), and this machine's read rate drifts over
-    minutes: one implementation's figures taken long after the other's measure the machine as much as the code.
-    Alternating keeps each pair minutes apart, and the probes show what the machine did meanwhile."""
+
+def run_head_to_head(checkpoint: Path, backend: str, settings: Settings, work: Path) -> dict[str, Any]:
+    """Batch-1 decode of ours and llama.cpp's tg, alternating: ``settings.rounds`` rounds of three sides, each
+    after a read probe, in the order of ``H2H_SIDES`` and reversed in every other round (so that a steady drift
+    of the machine favours neither):
+
+    - ``ours``: our engine as ``vllm serve`` runs it, in vLLM's three processes (front end, engine core, worker),
+      loaded afresh, ``blocks`` timed decodes;
+    - ``ours_one_process``: the same in one process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), as llama-bench runs;
+      the difference is what vLLM's process split costs a token on this machine;
+    - ``llama_cpp``: llama-bench's tg, ``blocks`` repetitions.
+
+    The sides cannot be resident together (each holds the whole model), and this machine's read rate drifts over
+    minutes: figures taken a quarter of an hour apart measure the machine as much as the code."""
     from gptoss_vllm.bench import llama_cpp
     from gptoss_vllm.bench.moe import probe_read_gbps
 
@@ -382,32 +400,46 @@ def run_head_to_head(checkpoint: Path, backend: str, settings: Settings, work: P
     log_path.write_text("")
     gguf = llama_cpp_gguf(checkpoint, settings, llama, log_path)
     threads = len(omp_threads_bind().split(","))
-    rounds = []
-    for r in tqdm(range(settings.rounds), desc="batch-1 head-to-head", unit="round"):
-        entry: dict[str, Any] = {"ours_read_gbps": round(probe_read_gbps(), 1)}
-        ours = run_child("gptoss_vllm", backend, checkpoint, settings, work, mode=f"h2h{r}")
-        entry["ours_tok_s"] = ours.measured["decode_b1_blocks_tok_s"]
-        entry["llama_cpp_read_gbps"] = round(probe_read_gbps(), 1)
+
+    def measure(side: str, r: int) -> list[float]:
+        if side != "llama_cpp":
+            run = run_child("gptoss_vllm", backend, checkpoint, settings, work, f"h2h{r}", side != "ours")
+            return run.measured["decode_b1_blocks_tok_s"]
         out = work / f"llama_cpp.h2h{r}.out"
         command = llama_cpp.tg_command(gguf, threads, settings.output_tokens, settings.blocks)
         if watch(llama, command, log_path, lambda: "decode", settings.timeout_s, stdout=out):
             raise BenchError(f"llama.cpp's llama-bench (tg) failed: see {log_path} and {out}")
-        entry["llama_cpp_tg_tok_s"] = llama_cpp.parse_tg_samples(out.read_text())
-        if not entry["llama_cpp_tg_tok_s"]:
+        samples = llama_cpp.parse_tg_samples(out.read_text())
+        if not samples:
             raise BenchError(f"llama-bench printed no tg samples: see {out}")
-        entry["ratio"] = round(
-            statistics.median(entry["ours_tok_s"]) / statistics.median(entry["llama_cpp_tg_tok_s"]), 3
-        )
-        rounds.append(entry)
-    ours_all = [x for entry in rounds for x in entry["ours_tok_s"]]
-    llama_all = [x for entry in rounds for x in entry["llama_cpp_tg_tok_s"]]
+        return samples
+
+    rounds = []
+    for r in tqdm(range(settings.rounds), desc="batch-1 head-to-head", unit="round"):
+        order = H2H_SIDES if r % 2 == 0 else H2H_SIDES[::-1]
+        sides = {}
+        for side in order:
+            read = round(probe_read_gbps(), 1)
+            sides[side] = {"read_gbps": read, "tok_s": measure(side, r)}
+        rounds.append({"order": list(order), "sides": sides, **_ratios(sides)})
+    pooled = {
+        side: {"tok_s": [x for entry in rounds for x in entry["sides"][side]["tok_s"]]} for side in H2H_SIDES
+    }
     return {
         "backend": backend,
         "tokens": settings.output_tokens,
         "rounds": rounds,
-        "ours_median_tok_s": round(statistics.median(ours_all), 3),
-        "llama_cpp_tg_median_tok_s": round(statistics.median(llama_all), 3),
-        "ratio": round(statistics.median(ours_all) / statistics.median(llama_all), 3),
+        "median_tok_s": {side: round(statistics.median(p["tok_s"]), 3) for side, p in pooled.items()},
+        **_ratios(pooled),
+    }
+
+
+def _ratios(sides: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Each of our sides' median over llama.cpp's median."""
+    llama = statistics.median(sides["llama_cpp"]["tok_s"])
+    return {
+        "ratio": round(statistics.median(sides["ours"]["tok_s"]) / llama, 3),
+        "ratio_one_process": round(statistics.median(sides["ours_one_process"]["tok_s"]) / llama, 3),
     }
 
 
@@ -641,16 +673,21 @@ def format_table(report: dict[str, Any]) -> str:
         )
     h2h = report.get("head_to_head_b1")
     if h2h:
-        each = "; ".join(
-            f"round {i + 1}: ours {r['ours_tok_s']} (read {r['ours_read_gbps']} GB/s), llama.cpp "
-            f"{r['llama_cpp_tg_tok_s']} (read {r['llama_cpp_read_gbps']} GB/s), {r['ratio']}x"
-            for i, r in enumerate(h2h["rounds"])
-        )
+        median = h2h["median_tok_s"]
         lines.append(
-            f"batch-1 head-to-head, alternating ({h2h['backend']} against llama-bench tg{h2h['tokens']}): ours "
-            f"{h2h['ours_median_tok_s']} tok/s, llama.cpp {h2h['llama_cpp_tg_median_tok_s']} (medians), "
-            f"{h2h['ratio']}x; {each}"
+            f"batch-1 head-to-head, alternating ({h2h['backend']} against llama-bench tg{h2h['tokens']}, medians "
+            f"over {len(h2h['rounds'])} rounds): ours {median['ours']} tok/s in vLLM's three processes "
+            f"({h2h['ratio']}x llama.cpp), {median['ours_one_process']} in one ({h2h['ratio_one_process']}x), "
+            f"llama.cpp {median['llama_cpp']}"
         )
+        for i, entry in enumerate(h2h["rounds"]):
+            each = ", ".join(
+                f"{side} {entry['sides'][side]['tok_s']} (read {entry['sides'][side]['read_gbps']} GB/s)"
+                for side in entry["order"]
+            )
+            lines.append(
+                f"  round {i + 1}: {each}; {entry['ratio']}x, one process {entry['ratio_one_process']}x"
+            )
     lines.append(f"stock vLLM: {report['stock_vllm']}")
     lines.append(f"{report['preset']} on {report['machine']['cpu']} ({report['machine']['cores']} cores)")
     return "\n".join(lines)
