@@ -246,3 +246,21 @@ def test_a_full_disk_names_the_folder_and_the_variable(tmp_path):
     assert str(tmp_path / "gguf") in str(failed.value) and "converting gpt-oss-20b to GGUF" in str(
         failed.value
     )
+
+
+def test_llama_bench_figures_are_read_from_its_own_json():
+    """A real llama-bench output (gpt-oss-20b, 2 repetitions of pp512, pp2048 and tg128, recorded on the AMD EPYC
+    of the README): what CI can check of the parsers, where llama.cpp is not built."""
+    from pathlib import Path
+
+    from gptoss_vllm.bench import llama_cpp
+
+    text = (Path(__file__).parents[1] / "data" / "llama_bench_gpt-oss-20b.json").read_text()
+    records = json.loads(text)
+    figures = llama_cpp.parse_llama_bench(text)
+    assert set(figures) == {"prefill512_tok_s", "prefill2048_tok_s", "tg128_tok_s"}
+    tg = next(r for r in records if r["n_gen"])
+    assert figures["tg128_tok_s"] == pytest.approx(tg["avg_ts"], abs=1e-3)
+    samples = llama_cpp.parse_tg_samples(text)  # each repetition, for the head-to-head's medians
+    assert samples == pytest.approx(tg["samples_ts"], abs=1e-3) and len(samples) == len(tg["samples_ns"]) == 2
+    assert llama_cpp.parse_tg_samples("llama-bench: error: no model\n") == []
