@@ -11,8 +11,8 @@ RSS of the child's whole tree (the engine core and its worker included) and keep
   time is the time of the whole outputs minus the time of their first tokens, in output tokens/s.
 - Stock vLLM (plugins off) runs the same checkpoint and is recorded as what it does: its refusal or its figures.
 - The batch-1 head-to-head with llama.cpp (``run_head_to_head``): after the full runs, rounds of our engine's
-  batch-1 decode and llama-bench's tg, alternating, each side after a read probe. The ratio the issue's target
-  names is taken there, not between full runs a quarter of an hour apart.
+  batch-1 decode and llama-bench's tg, alternating, each side after a read probe. The batch-1 ratio is taken
+  there, not between full runs a quarter of an hour apart.
 - The roofline: the bytes a batch-1 decode token reads (the active experts in MXFP4, attention, router and
   lm_head in bf16), over a memory-read probe run in this process.
 """
@@ -63,7 +63,7 @@ class Settings:
     stock: bool = True  # also run stock vLLM (plugins off) on the same checkpoint
     llama_cpp: bool = True  # also run llama.cpp on the same weights (built and converted into the cache once)
     profile_tokens: int = 32  # batch-1 decode steps the step profile averages over (0: no profile)
-    rounds: int = 2  # the batch-1 head-to-head: rounds of ours then llama.cpp, alternating (0: none)
+    rounds: int = 2  # the batch-1 head-to-head's rounds (``run_head_to_head``; 0: none)
     blocks: int = 3  # per round and side: timed batch-1 decodes of ours, llama-bench repetitions of its tg
     full_runs: bool = True  # False: the head-to-head alone
     timeout_s: float = 1800.0  # per child
@@ -588,9 +588,8 @@ def run_bench(settings: Settings, json_path: str | None = None, keep: Path | Non
             runs.append(run_child(impl, backend, checkpoint, settings, work))
     head_to_head = None
     if settings.llama_cpp and settings.rounds:
-        head_to_head = run_head_to_head(
-            checkpoint, backends[-1], settings, work
-        )  # auto's pick: native on AMX
+        auto = backends[-1]  # what ``auto`` picks: native on AMX, else cpu
+        head_to_head = run_head_to_head(checkpoint, auto, settings, work)
     stock = next((run for run in runs if run.impl == "stock_vllm"), None)
     report = {
         "machine": {
