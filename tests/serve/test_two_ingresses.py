@@ -167,6 +167,10 @@ def test_a_keys_concurrency_bound_holds_for_both_ingress_replicas_together(stack
     }
     for _ in range(TRIES):
         held = []
+        # From nothing in flight, as both replicas see it: a view lags by an exchange, and one still holding the
+        # last test's or try's streams (another key's, say) would pass for these at the pool but not at the key.
+        _wait_for(stack, "gptoss_in_flight_requests", [0, 0])
+        _wait_for(stack, "gptoss_peer_in_flight_requests", [0, 0])
         try:
             # One held stream on each replica (the proxy gives the second to the replica without one, mostly).
             for count in (1, 2):
