@@ -302,6 +302,11 @@ def _settled(apps: dict[str, Any]) -> bool:
     return True
 
 
+def _stopping(cluster: Cluster, deployment: str) -> bool:
+    """A replica of ``deployment`` is draining."""
+    return any(r.get("state") == "STOPPING" for r in cluster.replicas(deployment))
+
+
 def _one_replica(cluster: Cluster, deployment: str) -> bool:
     """Exactly one replica, running: none starting, none stopping."""
     return [r.get("state") for r in cluster.replicas(deployment)] == ["RUNNING"]
@@ -386,16 +391,26 @@ def scale(cluster: Cluster, policy: str, settings: Settings) -> dict[str, Any]:
             _step_load(cluster.serve_url, settings.step_users, settings.step_seconds, settings.output_tokens)
         )
         step_end = time.monotonic()
-        # The scale-down comes while a long stream runs: it must finish on its replica or keep running.
+        # The scale-down comes while a long stream runs: it must finish on its replica or keep running. Serve
+        # picks the replica to stop without looking at its requests, so the stream may be on the one draining:
+        # it is judged while the drain runs (a stream outlasting ``drain_timeout_s`` is cut by design after it).
         long = LongStream(cluster.serve_url, "low")
-        down_s = None
+        down_s = through_scale_down = None
         with contextlib.suppress(ClusterError):
+            wait_for(
+                lambda: _stopping(cluster, "fast") or _one_replica(cluster, "fast"),
+                settings.idle_timeout_s,
+                "fast scaling down",
+                cluster,
+            )
+            time.sleep(3)  # a stream cut by the scale-down has ended by now
+            through_scale_down = long.hang_up()
             wait_for(
                 lambda: _one_replica(cluster, "fast"), settings.idle_timeout_s, "fast back to 1", cluster
             )
             down_s = time.monotonic() - step_end
-        time.sleep(3)  # a stream cut by the scale-down has ended by now
-        through_scale_down = long.hang_up()
+        if through_scale_down is None:  # no scale-down came
+            through_scale_down = long.hang_up()
     ttfts = [o.ttft_s for o in outcomes if o.ttft_s is not None]
     p95 = percentile(ttfts, 95)
     return {
