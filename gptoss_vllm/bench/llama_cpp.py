@@ -150,10 +150,9 @@ def bench_commands(gguf: Path, threads: int, settings: Any) -> dict[str, list[st
     tools = bin_dir()
     context = max(settings.batches) * (settings.prompt_tokens + settings.output_tokens)
     return {
-        "llama_bench": [
-            str(tools / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-r", "2", "-o", "json",
-            "-p", ",".join(map(str, settings.prefill_lengths)), "-n", str(settings.output_tokens),
-        ],
+        "llama_bench": llama_bench_command(
+            gguf, threads, 2, ",".join(map(str, settings.prefill_lengths)), settings.output_tokens
+        ),
         "batched_bench": [
             str(tools / "llama-batched-bench"), "-m", str(gguf), "-t", str(threads), "-tb", str(threads),
             "-c", str(context), "-b", "2048", "-ub", "512", "-npp", str(settings.prompt_tokens),
@@ -163,25 +162,38 @@ def bench_commands(gguf: Path, threads: int, settings: Any) -> dict[str, list[st
     }  # fmt: skip
 
 
-def tg_command(gguf: Path, threads: int, tokens: int, repetitions: int) -> list[str]:
-    """``llama-bench`` timing only token generation (tg``tokens``) from an empty context, ``repetitions`` times."""
+def llama_bench_command(gguf: Path, threads: int, repetitions: int, prompts: str, tokens: int) -> list[str]:
+    """``llama-bench`` with JSON output: prefill at each of ``prompts`` ("0": none), then tg``tokens`` from an
+    empty context, ``repetitions`` times each."""
     return [str(bin_dir() / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-r", str(repetitions), "-o",
-            "json", "-p", "0", "-n", str(tokens)]  # fmt: skip
+            "json", "-p", prompts, "-n", str(tokens)]  # fmt: skip
+
+
+def tg_command(gguf: Path, threads: int, tokens: int, repetitions: int) -> list[str]:
+    """``llama-bench`` timing only token generation (tg``tokens``), ``repetitions`` times."""
+    return llama_bench_command(gguf, threads, repetitions, "0", tokens)
+
+
+def _records(text: str) -> list[dict[str, Any]]:
+    """The records of llama-bench's JSON output (it may print other lines around them)."""
+    start = text.find("[")
+    return json.loads(text[start : text.rindex("]") + 1]) if start >= 0 else []
 
 
 def parse_tg_samples(text: str) -> list[float]:
     """Each repetition's tokens/s of llama-bench's tg test, from its JSON."""
-    start = text.find("[")
-    records = json.loads(text[start : text.rindex("]") + 1]) if start >= 0 else []
-    return [round(ts, 3) for record in records if record.get("n_gen") for ts in record.get("samples_ts", [])]
+    return [
+        round(ts, 3)
+        for record in _records(text)
+        if record.get("n_gen")
+        for ts in record.get("samples_ts", [])
+    ]
 
 
 def parse_llama_bench(text: str) -> dict[str, float]:
     """``prefill{N}_tok_s`` and ``tg{N}_tok_s`` from llama-bench's JSON."""
-    start = text.find("[")
-    records = json.loads(text[start : text.rindex("]") + 1]) if start >= 0 else []
     out: dict[str, float] = {}
-    for record in records:
+    for record in _records(text):
         if record.get("n_gen"):
             out[f"tg{record['n_gen']}_tok_s"] = round(record["avg_ts"], 3)
         elif record.get("n_prompt"):
