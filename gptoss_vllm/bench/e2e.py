@@ -186,6 +186,11 @@ def omp_threads_bind() -> str:
     return os.environ.get(BIND_ENV) or ",".join(map(str, sorted(os.sched_getaffinity(0))))
 
 
+def worker_threads() -> int:
+    """How many cores each engine's worker computes on (llama.cpp gets as many threads)."""
+    return len(omp_threads_bind().split(","))
+
+
 def backends_here() -> list[str]:
     """The plugin's backends this CPU runs: ``cpu`` everywhere, ``native`` where ``auto`` picks it (AMX)."""
     from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUExpertsMxfp4
@@ -360,7 +365,7 @@ def run_llama_cpp(checkpoint: Path, settings: Settings, work: Path) -> Run:
     log_path = work / "llama_cpp.log"
     log_path.write_text("")
     gguf = llama_cpp_gguf(checkpoint, settings, run, log_path)
-    threads = len(omp_threads_bind().split(","))
+    threads = worker_threads()
     commands = llama_cpp.bench_commands(gguf, threads, settings)
     start = time.perf_counter()
     for name, phase, parse in (
@@ -399,7 +404,7 @@ def run_head_to_head(checkpoint: Path, backend: str, settings: Settings, work: P
     log_path = work / "llama_cpp.h2h.log"
     log_path.write_text("")
     gguf = llama_cpp_gguf(checkpoint, settings, llama, log_path)
-    threads = len(omp_threads_bind().split(","))
+    threads = worker_threads()
 
     def measure(side: str, r: int) -> list[float]:
         if side != "llama_cpp":
